@@ -1,0 +1,2737 @@
+"""pagi_ref -- the reference server of the PAGI protocol.
+
+PAGI is an asynchronous gateway interface in the spirit of ASGI: the server
+turns every connection into a ``scope`` and the application talks to it only
+through ``receive()`` and ``send(event)``.  This module serves PAGI ``http``
+applications over HTTP/1.1 and is written to be read from top to bottom as an
+executable specification (the protocol itself: ``docs/spec.md``).
+
+Standard library only, CPython 3.9+.  One file: copy it anywhere.
+
+Contents (each section uses only the sections above it):
+
+     1. Configuration          -- every limit, watermark and timeout
+     2. Reactor                -- a selectors loop: ready queue, timers, self-pipe
+     3. Futures and tasks      -- Future, Task, sleep, spawn, wait_any, wait_all
+     4. HTTP/1.1 wire format   -- sans-I/O request parser, response serializer
+     5. Outgoing buffer        -- counted bytes, watermarks, pagi.transport
+     6. Connections            -- the http scope, receive/send, pagi.connection
+     7. Server                 -- listeners, accept, admission, sweep, shutdown
+     8. Command line           -- python pagi_ref.py module:app
+
+Principles:
+
+  1. Honest async.  No thread per connection and no hidden buffer: a response
+     goes out as the application produces it, and the only buffer is the
+     counted outgoing buffer, whose size ``send()`` respects.
+  2. Bounded everything.  Every buffer, queue and length has a limit in
+     ``Config`` and a defined answer when it is crossed.
+  3. Fail loudly, lose nothing.  Bad input gets its status; an application
+     bug gets a 500 (or a visibly truncated response) and a traceback in the
+     error log; a client that leaves is an event, not an error.
+  4. Fast on the common path.  A keep-alive GET is parsed with bytes.find and
+     split, answered with one write, and never bounces through the ready
+     queue when nothing has to wait.
+  5. Fair.  A task that never has to wait is resumed inline only for a
+     bounded number of steps, then goes back through the ready queue.
+"""
+
+import collections
+import errno
+import heapq
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import resource
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from email.utils import formatdate
+from http import HTTPStatus
+from urllib.parse import unquote_to_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "ConfigError",
+    "Loop", "get_loop",
+    "Future", "Task", "CancelledError", "sleep", "spawn", "wait_any", "wait_all", "to_thread",
+    "HTTPError", "EventError", "RequestParser", "RequestHead", "EndOfMessage",
+    "Transport", "ConnectionState",
+    "Server", "run", "main",
+]
+
+PAGI_VERSION = "0.3"        # scope["pagi"]["version"]: the core spec
+PAGI_SPEC_VERSION = "0.3"   # scope["pagi"]["spec_version"]: the HTTP sub-spec
+
+
+# ============================================================================
+# 1. Configuration
+#
+# One table holds every knob: its name, default, type, unit and help.  The
+# Config class, the command line (section 8) and docs/server.md draw on it,
+# so a limit is added in exactly one place.
+# ============================================================================
+
+def _default_max_connections():
+    """Leave headroom under RLIMIT_NOFILE for the process's own files
+    (listeners, self-pipe, log files, files being served)."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ValueError, OSError):
+        return 1000
+    if soft == resource.RLIM_INFINITY:
+        return 10000
+    return max(8, soft - max(32, soft // 16))
+
+
+# name, default, type, help (with unit).  A default of None with a factory
+# below means "computed at start-up".
+_CONFIG_FIELDS = [
+    ("host", "127.0.0.1", str, "interface to bind"),
+    ("port", 8000, int, "TCP port to bind (0: the OS picks one)"),
+    ("backlog", 1024, int, "listen() backlog (connections)"),
+    ("root_path", "", str, "scope['root_path']: the application's mount point"),
+    ("max_header_size", 8192, int,
+     "bytes; the request line and the header block each (414 / 431 past it)"),
+    ("max_header_count", 100, int, "header fields per request (431 past it)"),
+    ("max_body_size", 10 * 1024 * 1024, int,
+     "bytes of request body, declared or chunked (413 past it; 0: no limit)"),
+    ("max_receive_queue", 16, int,
+     "request-body events queued for the application before reading pauses"),
+    ("write_high_watermark", 65536, int,
+     "bytes buffered for a client at which send() suspends"),
+    ("write_low_watermark", 16384, int,
+     "bytes buffered for a client below which a suspended send() resumes"),
+    ("max_connections", None, int,
+     "open client connections; past it new ones get 503 (default: from RLIMIT_NOFILE)"),
+    ("header_timeout", 10.0, float,
+     "seconds for the request line and headers to arrive (408)"),
+    ("keepalive_timeout", 5.0, float, "seconds an idle keep-alive connection is kept"),
+    ("client_timeout", 60.0, float,
+     "seconds a request may go with no byte moving either way"),
+    ("write_timeout", 60.0, float,
+     "seconds the client may leave a full outgoing buffer unread"),
+    ("shutdown_timeout", 30.0, float,
+     "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
+    ("log_level", "info", str, "error log level: error, warning, info, debug"),
+]
+
+_CONFIG_FACTORIES = {"max_connections": _default_max_connections}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field."""
+
+
+class Config:
+    """Every limit, watermark and timeout of one server, with its default.
+
+    >>> Config(port=0).max_header_size
+    8192
+    """
+
+    __slots__ = tuple(f[0] for f in _CONFIG_FIELDS)
+
+    def __init__(self, **fields):
+        for name, default, kind, _help in _CONFIG_FIELDS:
+            value = fields.pop(name, default)
+            if value is None and name in _CONFIG_FACTORIES:
+                value = _CONFIG_FACTORIES[name]()
+            if value is not None and kind is float and isinstance(value, int):
+                value = float(value)
+            if value is not None and not isinstance(value, kind):
+                raise ConfigError("%s must be %s, got %r" % (name, kind.__name__, value))
+            setattr(self, name, value)
+        if fields:
+            raise ConfigError("unknown configuration field(s): %s" % ", ".join(sorted(fields)))
+        self._check()
+
+    def _check(self):
+        for name, _d, kind, _h in _CONFIG_FIELDS:
+            value = getattr(self, name)
+            if kind in (int, float) and name != "port" and value < 0:
+                raise ConfigError("%s must not be negative, got %r" % (name, value))
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port must be in 0..65535, got %r" % self.port)
+        # As asyncio's _FlowControlMixin: high >= low >= 0, and say both.
+        if self.write_low_watermark > self.write_high_watermark:
+            raise ConfigError(
+                "write_low_watermark (%d) must not be above write_high_watermark (%d)"
+                % (self.write_low_watermark, self.write_high_watermark))
+        if self.max_receive_queue < 1:
+            raise ConfigError("max_receive_queue must be at least 1")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be at least 1")
+        if self.log_level not in _LOG_LEVELS:
+            raise ConfigError("log_level must be one of %s, got %r"
+                              % (", ".join(_LOG_LEVELS), self.log_level))
+
+    def __repr__(self):
+        return "Config(%s)" % ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.__slots__)
+
+
+_LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING,
+               "info": logging.INFO, "debug": logging.DEBUG}
+
+
+# ============================================================================
+# 2. Reactor
+#
+# A selectors loop in the curio tradition: one block of state, a run loop in
+# three labelled phases (poll I/O, fire timers, run ready callbacks), and a
+# self-pipe so that signal handlers and other threads can wake it.  The loop
+# running in a thread is found with get_loop(), as asyncio does; two loops in
+# two threads share nothing.
+# ============================================================================
+
+_running = threading.local()   # .loop: the Loop running in this thread
+
+
+def get_loop():
+    """The Loop running in this thread; RuntimeError if there is none."""
+    loop = getattr(_running, "loop", None)
+    if loop is None:
+        raise RuntimeError("no pagi_ref loop is running in this thread")
+    return loop
+
+
+class Timer:
+    """A callback due at a time on the loop's clock; cancel() unschedules."""
+
+    __slots__ = ("when", "seq", "callback", "args", "cancelled")
+
+    def __init__(self, when, seq, callback, args):
+        self.when = when
+        self.seq = seq
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+        self.callback = self.args = None   # let go of what it referenced
+
+    def __lt__(self, other):
+        return (self.when, self.seq) < (other.when, other.seq)
+
+
+class Loop:
+    """The reactor: I/O readiness, timers and a ready queue, on one thread.
+
+    Collaborators are parameters so tests can drive it: ``selector`` (any
+    selectors.BaseSelector) and ``clock`` (a monotonic float function).
+    """
+
+    def __init__(self, selector=None, clock=time.monotonic, logger=None):
+        self._selector = selector or selectors.DefaultSelector()
+        self._clock = clock                 # monotonic seconds
+        self.log = logger or logging.getLogger("pagi_ref")
+        self._ready = collections.deque()   # (callback, args) to run this turn
+        self._timers = []                   # heap of Timer
+        self._timer_seq = 0                 # tie-breaker: equal times run in order
+        self._handlers = {}                 # fd -> [reader, writer] (the key's data)
+        self._threadsafe = collections.deque()  # (callback, args) from other threads
+        self._stopping = False              # run_forever returns at the turn's end
+        self.now = clock()                  # the clock, read once per turn
+        # The self-pipe: a byte written to _wake_w makes select() return.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.add_reader(self._wake_r.fileno(), self._drain_wakeups)
+
+    def __repr__(self):
+        return "<Loop fds=%d ready=%d timers=%d>" % (
+            len(self._handlers), len(self._ready), len(self._timers))
+
+    def time(self):
+        return self._clock()
+
+    # -- scheduling -----------------------------------------------------------
+
+    def call_soon(self, callback, *args):
+        self._ready.append((callback, args))
+
+    def call_later(self, delay, callback, *args):
+        self._timer_seq += 1
+        timer = Timer(self._clock() + delay, self._timer_seq, callback, args)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_soon_threadsafe(self, callback, *args):
+        """Schedule from any thread (or a signal handler) and wake the loop."""
+        self._threadsafe.append((callback, args))
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass   # the pipe is full: the loop is awake anyway
+        except OSError:
+            pass   # the loop has closed
+
+    def _drain_wakeups(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while self._threadsafe:
+            self._ready.append(self._threadsafe.popleft())
+
+    # -- I/O callbacks --------------------------------------------------------
+
+    def _update(self, fd, handler):
+        events = (selectors.EVENT_READ if handler[0] else 0) | \
+                 (selectors.EVENT_WRITE if handler[1] else 0)
+        registered = fd in self._handlers
+        if events and registered:
+            self._selector.modify(fd, events, handler)
+        elif events:
+            self._selector.register(fd, events, handler)
+            self._handlers[fd] = handler
+        elif registered:
+            self._selector.unregister(fd)
+            del self._handlers[fd]
+
+    def add_reader(self, fd, callback):
+        handler = self._handlers.get(fd) or [None, None]
+        handler[0] = callback
+        self._update(fd, handler)
+
+    def remove_reader(self, fd):
+        handler = self._handlers.get(fd)
+        if handler is not None and handler[0] is not None:
+            handler[0] = None
+            self._update(fd, handler)
+
+    def add_writer(self, fd, callback):
+        handler = self._handlers.get(fd) or [None, None]
+        handler[1] = callback
+        self._update(fd, handler)
+
+    def remove_writer(self, fd):
+        handler = self._handlers.get(fd)
+        if handler is not None and handler[1] is not None:
+            handler[1] = None
+            self._update(fd, handler)
+
+    def forget(self, fd):
+        """Drop both callbacks of fd (before it is closed)."""
+        handler = self._handlers.pop(fd, None)
+        if handler is not None:
+            handler[0] = handler[1] = None   # a batch already polled skips it
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    # -- running --------------------------------------------------------------
+
+    def stop(self):
+        """Return from run_forever at the end of this turn (any thread)."""
+        self._stopping = True
+        self.call_soon_threadsafe(lambda: None)
+
+    def run_forever(self):
+        if getattr(_running, "loop", None) is not None:
+            raise RuntimeError("a pagi_ref loop is already running in this thread")
+        _running.loop = self
+        self._stopping = False
+        try:
+            while not self._stopping:
+                self._run_once()
+        finally:
+            _running.loop = None
+
+    def _run_once(self):
+        ready = self._ready
+        timers = self._timers
+        # Phase 1: poll I/O.  Wait only if nothing is ready to run.
+        if ready:
+            timeout = 0
+        elif timers:
+            timeout = max(0.0, timers[0].when - self._clock())
+        else:
+            timeout = None
+        events = self._selector.select(timeout)
+        self.now = now = self._clock()
+        for key, mask in events:
+            handler = key.data
+            if mask & selectors.EVENT_READ and handler[0] is not None:
+                self._run_callback(handler[0], ())
+            if mask & selectors.EVENT_WRITE and handler[1] is not None:
+                self._run_callback(handler[1], ())
+        # Phase 2: move due timers to the ready queue.
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                ready.append((timer.callback, timer.args))
+        # Phase 3: run what was ready at the start of this phase; what those
+        # callbacks schedule waits for the next turn, after another poll.
+        for _ in range(len(ready)):
+            callback, args = ready.popleft()
+            self._run_callback(callback, args)
+
+    def _run_callback(self, callback, args):
+        try:
+            callback(*args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException:
+            self.log.error("unexpected error in loop callback %r\n%s",
+                           callback, traceback.format_exc().rstrip())
+
+    def close(self):
+        for fd in list(self._handlers):
+            self.forget(fd)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# ============================================================================
+# 3. Futures and tasks
+#
+# One door into the scheduler: an application yields only Futures.  A Task
+# drives a generator (``event = yield receive()``) or a native coroutine
+# (``event = await receive()``) with the same step function.  A Future that
+# is already done when yielded resumes the task at once, without a trip
+# through the loop -- but only MAX_INLINE_STEPS times in a row, after which
+# the task goes back through the ready queue so that one connection that
+# never has to wait cannot starve the others.
+# ============================================================================
+
+MAX_INLINE_STEPS = 64   # inline resumptions before a task yields the loop
+
+_PENDING, _DONE, _CANCELLED = "pending", "done", "cancelled"
+
+
+class CancelledError(Exception):
+    """Raised at the ``yield`` of a Task that was cancelled."""
+
+
+class Future:
+    """The result of an operation that completes later.
+
+    A generator application yields it; an ``async def`` application awaits
+    it.  A Future that failed raises its exception at that ``yield``/``await``.
+    Done-callbacks run through the loop the Future belongs to (the loop
+    running when it was created), never inside set_result().
+    """
+
+    __slots__ = ("_state", "_result", "_exception", "_callbacks", "_loop")
+
+    def __init__(self, loop=None):
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._callbacks = None
+        self._loop = loop if loop is not None else getattr(_running, "loop", None)
+
+    def __repr__(self):
+        if self._state == _DONE:
+            what = ("exception=%r" % self._exception) if self._exception else \
+                   ("result=%r" % (self._result,))
+            return "<Future done %s>" % what[:80]
+        return "<Future %s>" % self._state
+
+    def done(self):
+        return self._state != _PENDING
+
+    def cancelled(self):
+        return self._state == _CANCELLED
+
+    def result(self):
+        if self._state == _CANCELLED:
+            raise CancelledError()
+        if self._state == _PENDING:
+            raise RuntimeError("Future is not done yet")
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self):
+        if self._state == _CANCELLED:
+            raise CancelledError()
+        if self._state == _PENDING:
+            raise RuntimeError("Future is not done yet")
+        return self._exception
+
+    def set_result(self, result):
+        if self._state != _PENDING:
+            raise RuntimeError("Future is already done: %r" % self)
+        self._result = result
+        self._state = _DONE
+        self._schedule_callbacks()
+
+    def set_exception(self, exception):
+        if self._state != _PENDING:
+            raise RuntimeError("Future is already done: %r" % self)
+        if isinstance(exception, type):
+            exception = exception()
+        self._exception = exception
+        self._state = _DONE
+        self._schedule_callbacks()
+
+    def cancel(self):
+        if self._state != _PENDING:
+            return False
+        self._state = _CANCELLED
+        self._schedule_callbacks()
+        return True
+
+    def add_done_callback(self, callback):
+        """callback(future) runs once the Future is done (soon, if it is)."""
+        if self._state != _PENDING:
+            self._call(callback)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def remove_done_callback(self, callback):
+        if self._callbacks and callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+    def _schedule_callbacks(self):
+        callbacks, self._callbacks = self._callbacks, None
+        if callbacks:
+            for callback in callbacks:
+                self._call(callback)
+
+    def _call(self, callback):
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon(callback, self)
+        else:
+            callback(self)
+
+    def __await__(self):
+        if self._state == _PENDING:
+            yield self
+        return self.result()
+
+    __iter__ = __await__   # so that ``yield from future`` works in generators
+
+
+def _resolved(result=None):
+    future = Future.__new__(Future)
+    future._state = _DONE
+    future._result = result
+    future._exception = None
+    future._callbacks = None
+    future._loop = getattr(_running, "loop", None)
+    return future
+
+
+def _failed(exception):
+    future = _resolved()
+    future._exception = exception
+    return future
+
+
+class Task(Future):
+    """Drives a generator or coroutine; done with its return value.
+
+    The first step runs at once, in the caller's turn (an application starts
+    as soon as its request is parsed).  ``on_exit`` (optional) is called with
+    the task right after the coroutine finishes, before done-callbacks: the
+    connection uses it to finish a request without a trip through the loop.
+    """
+
+    __slots__ = ("_coro", "_waiting", "on_exit", "name")
+
+    def __init__(self, coro, loop=None, name=None, on_exit=None):
+        Future.__init__(self, loop if loop is not None else get_loop())
+        if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+            raise TypeError("Task needs a generator or a coroutine, got %s"
+                            % type(coro).__name__)
+        self._coro = coro
+        self._waiting = None    # the Future this task is suspended on
+        self.on_exit = on_exit
+        self.name = name
+        self._step(None, None)
+
+    def __repr__(self):
+        return "<Task %s %s>" % (self.name or getattr(self._coro, "__qualname__", "?"),
+                                 self._state)
+
+    def cancel(self):
+        """Throw CancelledError into the coroutine at its current yield."""
+        if self._state != _PENDING:
+            return False
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.remove_done_callback(self._wakeup)
+        self._loop.call_soon(self._step, None, CancelledError())
+        return True
+
+    def _wakeup(self, future):
+        if self._waiting is not future:
+            return    # cancelled meanwhile
+        self._waiting = None
+        if future._state == _CANCELLED:
+            self._step(None, CancelledError())
+        else:
+            self._step(future._result, future._exception)
+
+    def _step(self, value, exception):
+        if self._state != _PENDING:
+            return
+        coro = self._coro
+        budget = MAX_INLINE_STEPS
+        while True:
+            try:
+                if exception is None:
+                    yielded = coro.send(value)
+                else:
+                    yielded, exception = coro.throw(exception), None
+            except StopIteration as stop:
+                self._finish(stop.value, None)
+                return
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._finish(None, exc)
+                return
+            if not isinstance(yielded, Future):
+                value, exception = None, TypeError(
+                    "a pagi_ref task may only yield a Future (receive(), send(...), "
+                    "sleep(...)); it yielded %r" % (yielded,))
+                continue
+            if yielded._state == _PENDING:
+                self._waiting = yielded
+                yielded.add_done_callback(self._wakeup)
+                return
+            if budget == 0:
+                # Fairness: the task has run long enough without waiting.
+                self._waiting = yielded
+                self._loop.call_soon(self._wakeup, yielded)
+                return
+            budget -= 1
+            if yielded._state == _CANCELLED:
+                value, exception = None, CancelledError()
+            else:
+                value, exception = yielded._result, yielded._exception
+
+    def _finish(self, result, exception):
+        self._coro = None
+        if exception is None:
+            self._result = result
+        else:
+            self._exception = exception
+        self._state = _DONE
+        if self.on_exit is not None:
+            self.on_exit(self)
+        self._schedule_callbacks()
+
+
+def _as_future(obj):
+    if isinstance(obj, Future):
+        return obj
+    return Task(obj)
+
+
+def sleep(seconds, result=None):
+    """A Future that resolves to ``result`` after ``seconds``."""
+    loop = get_loop()
+    future = Future(loop)
+    timer = loop.call_later(seconds, _resolve_if_pending, future, result)
+    future.add_done_callback(lambda _f: timer.cancel())
+    return future
+
+
+def _resolve_if_pending(future, result):
+    if not future.done():
+        future.set_result(result)
+
+
+def spawn(coro, name=None):
+    """Run a generator or coroutine concurrently; returns its Task."""
+    return Task(coro, name=name)
+
+
+def wait_any(*futures):
+    """A Future resolving to the first of ``futures`` (Futures or coroutines)
+    to finish; the others keep running."""
+    futures = [_as_future(f) for f in futures]
+    if not futures:
+        raise ValueError("wait_any needs at least one future")
+    outer = Future()
+
+    def settle(inner):
+        if not outer.done():
+            outer.set_result(inner)
+    for f in futures:
+        f.add_done_callback(settle)
+    return outer
+
+
+def wait_all(*futures):
+    """A Future resolving to the list of results, in order; it fails with the
+    first exception among them."""
+    futures = [_as_future(f) for f in futures]
+    outer = Future()
+    remaining = [len(futures)]
+
+    def settle(inner):
+        if outer.done():
+            return
+        if inner.cancelled():
+            outer.set_exception(CancelledError())
+        elif inner.exception() is not None:
+            outer.set_exception(inner.exception())
+        else:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                outer.set_result([f.result() for f in futures])
+    if not futures:
+        outer.set_result([])
+    for f in futures:
+        f.add_done_callback(settle)
+    return outer
+
+
+def to_thread(function, *args):
+    """Run ``function(*args)`` in a new thread; the Future resolves on the
+    loop with its result (or fails with its exception).  The way to hand a
+    blocking call's result back to the loop."""
+    loop = get_loop()
+    future = Future(loop)
+
+    def settle(result, exception):
+        if future.done():
+            return
+        if exception is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exception)
+
+    def worker():
+        try:
+            result = function(*args)
+        except BaseException as exc:   # handed back, not swallowed
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+    threading.Thread(target=worker, name="pagi_ref.to_thread", daemon=True).start()
+    return future
+
+
+# ============================================================================
+# 4. HTTP/1.1 wire format (RFC 9112, RFC 9110)
+#
+# Sans-I/O: RequestParser.feed(bytes) takes what arrived; next_event()
+# returns a RequestHead, a piece of body (bytes), an EndOfMessage, or None
+# for "need more bytes", and raises HTTPError -- which carries the status to
+# answer with -- for input that breaks the grammar or a limit.  No socket is
+# touched here, so every rule is tested with bytes alone.
+#
+# Before you edit: the head is parsed in one pass over a complete header
+# block (found with bytes.find), because that is the common case; the
+# grammar checks are regular expressions over whole lines.
+# ============================================================================
+
+class HTTPError(Exception):
+    """Input the server answers with an error status (and then closes).
+
+    ``status`` is the status to answer with; ``reason`` the disconnect
+    reason reported on pagi.connection when a request was in progress.
+    """
+
+    def __init__(self, status, message, reason="protocol_error"):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+# RFC 9110 §5.6.2: token = 1*tchar; tchar = "!" / "#" / "$" / "%" / "&" / "'"
+#   / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TOKEN = re.compile(rb"[%s]+" % _TCHAR)
+# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS.  No white
+# space is allowed between the name and the colon (§5.1: reject with 400).
+# RFC 9110 §5.5: field-value is VCHAR / obs-text / SP / HTAB inside; CR, LF,
+# NUL and the other controls are invalid (we reject them all).
+_FIELD_LINE = re.compile(
+    rb"([%s]+):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*" % _TCHAR)
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version
+_HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
+# RFC 9112 §7.1: chunk-size = 1*HEXDIG, then chunk-ext (ignored, but its
+# bytes must be visible characters, SP or HTAB).
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_MAX_CHUNK_LINE = 4096      # bytes in a chunk-size line, extensions included
+
+# The transfer codings of RFC 9112 §7 and RFC 9110 §8.4.1; we decode only
+# chunked.  A known coding we do not implement is 501; an unknown one too.
+_KNOWN_CODINGS = {b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"}
+
+
+class RequestHead:
+    """A parsed request line and header block."""
+
+    __slots__ = ("method", "target", "http_version", "path", "query_string",
+                 "headers", "keep_alive", "expect_continue", "content_length",
+                 "chunked", "host_count")
+
+    def __init__(self, method, target, http_version, headers):
+        self.method = method                # str, e.g. "GET"
+        self.target = target                # bytes, the request-target as sent
+        self.http_version = http_version    # "1.1" or "1.0"
+        self.path = b"/"                    # bytes: raw path of the target
+        self.query_string = b""             # bytes: after "?", still encoded
+        self.headers = headers              # [(lower-case name, value)], bytes
+        self.keep_alive = http_version == "1.1"
+        self.expect_continue = False        # "Expect: 100-continue" was sent
+        self.content_length = 0             # bytes of body (when not chunked)
+        self.chunked = False                # body framed by chunked coding
+
+    def __repr__(self):
+        return "<RequestHead %s %r HTTP/%s>" % (self.method, self.target, self.http_version)
+
+
+class EndOfMessage:
+    """The request body is complete; ``trailers`` from a chunked body."""
+
+    __slots__ = ("trailers",)
+
+    def __init__(self, trailers=()):
+        self.trailers = trailers
+
+    def __repr__(self):
+        return "<EndOfMessage trailers=%r>" % (self.trailers,)
+
+
+# Parser states.
+_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS = range(6)
+
+
+class RequestParser:
+    """Turns the bytes of one connection into request events.
+
+    After an EndOfMessage the parser goes back to reading a head, so the
+    bytes of pipelined requests are simply kept until asked for.
+    """
+
+    def __init__(self, config):
+        self.max_header_size = config.max_header_size
+        self.max_header_count = config.max_header_count
+        self.max_body_size = config.max_body_size
+        self._buf = b""           # bytes received, not yet parsed
+        self._state = _HEAD
+        self._remaining = 0       # body or chunk bytes still expected
+        self._body_seen = 0       # body bytes of this message so far
+        self.messages = 0         # requests whose head has been parsed
+
+    def __repr__(self):
+        return "<RequestParser state=%d buffered=%d>" % (self._state, len(self._buf))
+
+    def feed(self, data):
+        if self._buf:
+            self._buf += data
+        else:
+            self._buf = data
+
+    @property
+    def buffered(self):
+        return len(self._buf)
+
+    @property
+    def in_head(self):
+        """Waiting for (part of) a request head."""
+        return self._state == _HEAD
+
+    def next_event(self):
+        state = self._state
+        if state == _HEAD:
+            return self._parse_head()
+        if state == _BODY:
+            return self._parse_body()
+        return self._parse_chunked()
+
+    # -- the head -------------------------------------------------------------
+
+    def _parse_head(self):
+        buf = self._buf
+        # RFC 9112 §2.2: a server SHOULD ignore at least one empty line
+        # (CRLF) received prior to the request-line.
+        if buf[:2] == b"\r\n":
+            buf = self._buf = buf.lstrip(b"\r\n")
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self._check_partial_head(buf)
+            return None
+        line_end = buf.find(b"\r\n")
+        if line_end > self.max_header_size:
+            raise HTTPError(414, "request line too long")
+        if end + 4 > self.max_header_size + line_end + 2:
+            raise HTTPError(431, "header block too large")
+        head = buf[:end]
+        self._buf = buf[end + 4:]
+        lines = head.split(b"\r\n")
+        request = self._parse_request_line(lines[0])
+        self._parse_fields(request, lines, 1)
+        self._frame(request)
+        self.messages += 1
+        return request
+
+    def _check_partial_head(self, buf):
+        line_end = buf.find(b"\r\n")
+        if line_end < 0:
+            if len(buf) > self.max_header_size:
+                raise HTTPError(414, "request line too long")
+        elif len(buf) - line_end - 2 > self.max_header_size:
+            raise HTTPError(431, "header block too large")
+        # A lone LF (or CR) as a line end: RFC 9112 §2.2 lets us reject it.
+        if b"\n" in buf.replace(b"\r\n", b""):
+            raise HTTPError(400, "bare LF in request head")
+
+    def _parse_request_line(self, line):
+        parts = line.split(b" ")
+        if len(parts) != 3:
+            raise HTTPError(400, "malformed request line")
+        method, target, version = parts
+        if not _TOKEN.fullmatch(method):
+            raise HTTPError(400, "malformed method")
+        match = _HTTP_VERSION.fullmatch(version)
+        if match is None:
+            raise HTTPError(400, "malformed HTTP version")
+        if match.group(1) != b"1" or match.group(2) not in (b"0", b"1"):
+            raise HTTPError(505, "HTTP version not supported")
+        if not target or _TARGET_BAD.search(target):
+            raise HTTPError(400, "malformed request target")
+        request = RequestHead(method.decode("ascii"), target,
+                              "1.1" if match.group(2) == b"1" else "1.0", [])
+        # RFC 9112 §3.2: origin-form, absolute-form, authority-form (CONNECT
+        # only) and asterisk-form (OPTIONS only).
+        if target[0] == 47:   # "/"
+            path, _, query = target.partition(b"?")
+        elif target == b"*":
+            if request.method != "OPTIONS":
+                raise HTTPError(400, "asterisk-form is for OPTIONS only")
+            path, query = b"*", b""
+        elif request.method == "CONNECT":
+            raise HTTPError(501, "CONNECT is not implemented")
+        else:
+            scheme, sep, rest = target.partition(b"://")
+            if not sep or scheme.lower() not in (b"http", b"https"):
+                raise HTTPError(400, "malformed request target")
+            slash = rest.find(b"/")
+            question = rest.find(b"?")
+            cut = min(i for i in (slash, question, len(rest)) if i >= 0)
+            path_query = rest[cut:]
+            if path_query[:1] != b"/":
+                path_query = b"/" + path_query
+            path, _, query = path_query.partition(b"?")
+        request.path = path
+        request.query_string = query
+        return request
+
+    def _parse_fields(self, request, lines, start):
+        """Header fields (or trailer fields) of lines[start:]."""
+        if len(lines) - start > self.max_header_count:
+            raise HTTPError(431, "too many header fields")
+        headers = request.headers if request is not None else []
+        match = _FIELD_LINE.fullmatch
+        for i in range(start, len(lines)):
+            m = match(lines[i])
+            if m is None:
+                line = lines[i]
+                if line[:1] in (b" ", b"\t"):
+                    # RFC 9112 §5.2: obs-fold; a server MUST reject it or
+                    # unfold it.  We reject it.
+                    raise HTTPError(400, "obsolete line folding in header field")
+                raise HTTPError(400, "malformed header field")
+            headers.append((m.group(1).lower(), m.group(2)))
+        return headers
+
+    def _frame(self, request):
+        """Decide connection and body framing from the header fields."""
+        host_count = 0
+        content_length = None
+        transfer_encoding = None
+        cookies = 0
+        for name, value in request.headers:
+            if name == b"host":
+                host_count += 1
+            elif name == b"content-length":
+                # RFC 9110 §8.6: Content-Length = 1*DIGIT.  We take exactly
+                # one field with one value (a list "5, 5" or a second field
+                # is 400), the strict reading of RFC 9112 §6.3 rule 5.
+                if content_length is not None or not value.isdigit():
+                    raise HTTPError(400, "invalid or repeated Content-Length")
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                transfer_encoding = value if transfer_encoding is None \
+                    else transfer_encoding + b"," + value
+            elif name == b"connection":
+                for option in value.lower().split(b","):
+                    option = option.strip()
+                    if option == b"close":
+                        request.keep_alive = False
+                    elif option == b"keep-alive" and request.http_version == "1.0":
+                        # RFC 9112 §9.3: HTTP/1.0 persistence is opt-in.
+                        request.keep_alive = True
+            elif name == b"expect":
+                # RFC 9110 §10.1.1; other expectations are ignored.
+                if value.lower() == b"100-continue" and request.http_version == "1.1":
+                    request.expect_continue = True
+            elif name == b"cookie":
+                cookies += 1
+        # RFC 9112 §3.2: a server MUST respond 400 to an HTTP/1.1 request
+        # that lacks a Host field or has more than one.
+        if request.http_version == "1.1" and host_count != 1:
+            raise HTTPError(400, "HTTP/1.1 requires exactly one Host header")
+        if host_count > 1:
+            raise HTTPError(400, "more than one Host header")
+        if transfer_encoding is not None:
+            # RFC 9112 §6.1: a server MAY reject a request with both
+            # Content-Length and Transfer-Encoding (we do); Transfer-Encoding
+            # in HTTP/1.0 cannot be trusted (§6.1, last paragraph).
+            if content_length is not None:
+                raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+            if request.http_version == "1.0":
+                raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+            codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
+            codings = [c for c in codings if c]
+            # RFC 9112 §6.3 rule 4: final coding not chunked -> 400.
+            if not codings or codings[-1] != b"chunked":
+                raise HTTPError(400, "final transfer coding is not chunked")
+            # RFC 9112 §7: chunked MUST NOT be applied more than once.
+            if codings.count(b"chunked") > 1:
+                raise HTTPError(400, "chunked applied more than once")
+            # RFC 9112 §6.1: a coding we do not understand -> 501.
+            if len(codings) > 1:
+                raise HTTPError(501, "transfer coding not implemented: %s"
+                                % codings[0].decode("latin-1"))
+            request.chunked = True
+            self._state = _CHUNK_SIZE_LINE
+        elif content_length:
+            if self.max_body_size and content_length > self.max_body_size:
+                raise HTTPError(413, "request body too large", "body_too_large")
+            request.content_length = content_length
+            self._state = _BODY
+            self._remaining = content_length
+        else:
+            self._state = _BODY
+            self._remaining = 0
+        self._body_seen = 0
+        if cookies > 1:
+            # PAGI HTTP "Cookie Header Normalization": one cookie header,
+            # the values joined with "; " (RFC 6265 §5.4 sends one).
+            joined = b"; ".join(v for n, v in request.headers if n == b"cookie")
+            rest = [(n, v) for n, v in request.headers if n != b"cookie"]
+            rest.append((b"cookie", joined))
+            request.headers = rest
+
+    # -- the body -------------------------------------------------------------
+
+    def _parse_body(self):
+        remaining = self._remaining
+        if remaining == 0:
+            self._state = _HEAD
+            return EndOfMessage()
+        buf = self._buf
+        if not buf:
+            return None
+        if len(buf) <= remaining:
+            self._buf = b""
+            self._remaining = remaining - len(buf)
+            return buf
+        self._buf = buf[remaining:]
+        self._remaining = 0
+        return buf[:remaining]
+
+    def _parse_chunked(self):
+        # RFC 9112 §7.1: chunked-body = *chunk last-chunk trailer-section CRLF
+        while True:
+            state = self._state
+            buf = self._buf
+            if state == _CHUNK_SIZE_LINE:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > _MAX_CHUNK_LINE:
+                        raise HTTPError(400, "chunk size line too long")
+                    return None
+                m = _CHUNK_SIZE.fullmatch(buf[:end])
+                if m is None or end > _MAX_CHUNK_LINE:
+                    raise HTTPError(400, "malformed chunk size line")
+                size = int(m.group(1), 16)
+                self._buf = buf[end + 2:]
+                if size == 0:
+                    self._state = _TRAILERS
+                    continue
+                self._body_seen += size
+                if self.max_body_size and self._body_seen > self.max_body_size:
+                    raise HTTPError(413, "request body too large", "body_too_large")
+                self._remaining = size
+                self._state = _CHUNK_DATA
+            elif state == _CHUNK_DATA:
+                if not buf:
+                    return None
+                remaining = self._remaining
+                if len(buf) <= remaining:
+                    data, self._buf = buf, b""
+                else:
+                    data, self._buf = buf[:remaining], buf[remaining:]
+                self._remaining = remaining - len(data)
+                if self._remaining == 0:
+                    self._state = _CHUNK_CRLF
+                return data
+            elif state == _CHUNK_CRLF:
+                if len(buf) < 2:
+                    return None
+                if buf[:2] != b"\r\n":
+                    raise HTTPError(400, "chunk data not followed by CRLF")
+                self._buf = buf[2:]
+                self._state = _CHUNK_SIZE_LINE
+            else:   # _TRAILERS: trailer-section = *( field-line CRLF ) CRLF
+                if buf[:2] == b"\r\n":
+                    self._buf = buf[2:]
+                    self._state = _HEAD
+                    return EndOfMessage()
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > self.max_header_size:
+                        raise HTTPError(431, "trailer section too large")
+                    return None
+                if end > self.max_header_size:
+                    raise HTTPError(431, "trailer section too large")
+                lines = buf[:end].split(b"\r\n")
+                self._buf = buf[end + 4:]
+                trailers = self._parse_fields(None, lines, 0)
+                self._state = _HEAD
+                return EndOfMessage(trailers)
+
+
+# -- the response side --------------------------------------------------------
+
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_STATUS_LINES = {}   # (status, version) -> b"HTTP/1.1 200 OK\r\n"
+
+
+def status_line(status, version=b"1.1"):
+    key = (status, version)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/%s %d %s\r\n" % (version, status, _REASONS.get(status, b""))
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[key] = line
+    return line
+
+
+class _DateCache:
+    """RFC 9110 §6.6.1: the Date header, formatted once per second."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self):
+        self.second = -1
+        self.value = b""
+
+    def get(self):
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.value = formatdate(now, usegmt=True).encode("ascii")
+        return self.value
+
+
+_date = _DateCache()
+
+
+def chunk(data):
+    """One chunk of a chunked body (RFC 9112 §7.1); never for empty data."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def trailer_section(headers):
+    return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
+
+
+def error_response(status, message, extra_headers=()):
+    """A server-generated response: short text/plain body, Connection: close."""
+    body = message.encode("utf-8") + b"\n"
+    head = [status_line(status),
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n",
+            b"date: " + _date.get() + b"\r\n"]
+    for name, value in extra_headers:
+        head.append(name + b": " + value + b"\r\n")
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+def decode_path(raw_path):
+    """PAGI "path": percent-decode raw_path, then UTF-8; bytes that are not
+    UTF-8 fall back to the percent-decoded bytes read as latin-1 (one
+    character per byte), never replaced or rejected."""
+    data = unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+# ============================================================================
+# 5. Outgoing buffer and flow control (PAGI "Transport Flow Control")
+#
+# Every byte accepted for a client and not yet written to its socket is
+# counted in Transport.buffered_amount().  A write goes straight to the
+# socket while the buffer is empty and queues only what the kernel did not
+# take.  The watermarks work as asyncio's _FlowControlMixin: crossing up to
+# the high mark fires on_high_water and makes send() suspend; falling below
+# the low mark fires on_drain and resumes the suspended sends.  File bodies
+# queue as (file, offset, length) slices and go out with os.sendfile, or by
+# positional reads where sendfile cannot be used: a file is never read whole
+# into memory, and its bytes count against the same watermarks.
+# ============================================================================
+
+_SENDFILE_MAX = 1 << 21    # bytes per os.sendfile call
+_READ_CHUNK = 1 << 16      # bytes per read when sendfile is not available
+_IOV_MAX = 64              # buffers per sendmsg call
+
+
+class _FileSlice:
+    """``remaining`` bytes of ``file`` from ``offset``, queued for the socket."""
+
+    __slots__ = ("file", "fd", "offset", "remaining", "owned", "future")
+
+    def __init__(self, file, offset, remaining, owned):
+        self.file = file            # a binary file object
+        self.fd = None              # its descriptor, if it has one
+        try:
+            self.fd = file.fileno()
+        except (AttributeError, OSError, ValueError):
+            pass
+        self.offset = offset
+        self.remaining = remaining
+        self.owned = owned          # True for "file" (we close it), not "fh"
+        self.future = None          # resolved when the slice has been written
+
+    def __len__(self):
+        return self.remaining
+
+    def finish(self):
+        if self.owned:
+            self.file.close()
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
+
+    def read(self, size):
+        if self.fd is not None:
+            return os.pread(self.fd, size, self.offset)
+        self.file.seek(self.offset)
+        return self.file.read(size)
+
+
+class Transport:
+    """``scope["pagi.transport"]``: the counted outgoing buffer of a socket.
+
+    The spec's methods are buffered_amount, high_water_mark, low_water_mark,
+    on_high_water and on_drain; the rest is the server's side of it.
+    """
+
+    def __init__(self, sock, loop, high, low, on_error):
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = loop
+        self._high = high                 # bytes: the high-water mark
+        self._low = low                   # bytes: the low-water mark
+        self._queue = collections.deque()  # bytes, memoryview or _FileSlice
+        self._buffered = 0                # bytes in _queue
+        self._above = False               # high edge seen, drain edge not yet
+        self._high_callbacks = []         # on_high_water registrations
+        self._drain_callbacks = []        # on_drain registrations
+        self._drain_waiters = []          # send() Futures waiting for the drain
+        self._flush_waiters = []          # callbacks for "buffer empty"
+        self._on_error = on_error         # on_error(OSError) when a write fails
+        self._sendfile = hasattr(os, "sendfile")
+        self.closed = False               # nothing more will be written
+        self.last_progress = loop.now     # when bytes last left the buffer
+        self.high_water_events = 0        # times the high edge was crossed
+
+    def __repr__(self):
+        return "<Transport fd=%d buffered=%d%s%s>" % (
+            self._fd, self._buffered, " above-high" if self._above else "",
+            " closed" if self.closed else "")
+
+    # -- the spec's interface --------------------------------------------------
+
+    def buffered_amount(self):
+        return self._buffered
+
+    def high_water_mark(self):
+        return self._high
+
+    def low_water_mark(self):
+        return self._low
+
+    def on_high_water(self, callback):
+        self._high_callbacks.append(callback)
+        if self._buffered >= self._high:
+            self._call(callback)
+
+    def on_drain(self, callback):
+        self._drain_callbacks.append(callback)
+
+    # -- writing ----------------------------------------------------------------
+
+    def write(self, data):
+        """Queue bytes for the socket, writing at once what the kernel takes."""
+        if self.closed or not data:
+            return
+        if not self._queue:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if sent == len(data):
+                return
+            if sent:
+                self.last_progress = self._loop.now
+            data = memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._on_writable)
+        self._queue.append(data)
+        self._grew(len(data))
+
+    def write_file(self, file, offset, length, owned):
+        """Queue a file slice; the returned Future resolves once it is sent."""
+        item = _FileSlice(file, offset, length, owned)
+        item.future = Future(self._loop)
+        if self.closed or length == 0:
+            item.finish()
+            return item.future
+        was_empty = not self._queue
+        self._queue.append(item)
+        self._grew(length)
+        if was_empty:
+            self._loop.add_writer(self._fd, self._on_writable)
+            self._on_writable()
+        return item.future
+
+    def suspend(self):
+        """What send() returns: done, or pending until the drain edge."""
+        if not self._above or self.closed:
+            return _resolved()
+        waiter = Future(self._loop)
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def when_flushed(self, callback):
+        """callback() once every queued byte has been written (now, if so)."""
+        if not self._queue:
+            callback()
+        else:
+            self._flush_waiters.append(callback)
+
+    def _grew(self, size):
+        self._buffered += size
+        if not self._above and self._buffered >= self._high:
+            self._above = True
+            self.high_water_events += 1
+            for callback in list(self._high_callbacks):
+                self._call(callback)
+
+    def _shrank(self, size):
+        self._buffered -= size
+        if self._above and self._buffered < self._low:
+            self._above = False
+            for callback in list(self._drain_callbacks):
+                self._call(callback)
+            self._wake_waiters()
+
+    def _wake_waiters(self):
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _call(self, callback):
+        try:
+            callback()
+        except Exception:
+            self._loop.log.error("error in a pagi.transport callback %r\n%s",
+                                 callback, traceback.format_exc().rstrip())
+
+    def _on_writable(self):
+        queue = self._queue
+        sock = self._sock
+        try:
+            while queue:
+                item = queue[0]
+                if item.__class__ is _FileSlice:
+                    if not self._write_file_slice(item):
+                        break
+                    continue
+                if len(queue) > 1 and len(item) < 65536:
+                    # Gather small buffers into one sendmsg, up to a file slice.
+                    parts = []
+                    for part in queue:
+                        if part.__class__ is _FileSlice or len(parts) == _IOV_MAX:
+                            break
+                        parts.append(part)
+                    offered = sum(map(len, parts))
+                    sent = sock.sendmsg(parts)
+                else:
+                    offered = len(item)
+                    sent = sock.send(item)
+                if sent:
+                    self.last_progress = self._loop.now
+                    self._consume(sent)
+                if sent < offered:
+                    break   # the kernel took less than offered: it is full
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if not queue and not self.closed:
+            self._loop.remove_writer(self._fd)
+            waiters, self._flush_waiters = self._flush_waiters, []
+            for callback in waiters:
+                callback()
+
+    def _consume(self, sent):
+        queue = self._queue
+        left = sent
+        while left:
+            item = queue[0]
+            size = len(item)
+            if size <= left:
+                queue.popleft()
+                left -= size
+            else:
+                queue[0] = memoryview(item)[left:]
+                left = 0
+        self._shrank(sent)
+
+    def _write_file_slice(self, item):
+        """Send part of a file slice; False when the socket would block."""
+        count = min(item.remaining, _SENDFILE_MAX)
+        sent = 0
+        if self._sendfile and item.fd is not None:
+            try:
+                sent = os.sendfile(self._fd, item.fd, item.offset, count)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                                     errno.ENOTSOCK, errno.ESPIPE):
+                    raise
+                self._sendfile = False   # not a plain socket or file: read instead
+                return True
+            if sent == 0:
+                self._end_slice(item)    # the file is shorter than promised
+                return True
+        else:
+            data = item.read(min(count, _READ_CHUNK))
+            if not data:
+                self._end_slice(item)
+                return True
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return False
+            # Bytes the kernel did not take are read again next time.
+        self.last_progress = self._loop.now
+        item.offset += sent
+        item.remaining -= sent
+        self._shrank(sent)
+        if item.remaining == 0:
+            self._queue.popleft()
+            item.finish()
+        return True
+
+    def _end_slice(self, item):
+        self._queue.popleft()
+        self._shrank(item.remaining)
+        item.remaining = 0
+        item.finish()
+
+    def _fail(self, exc):
+        self.close()
+        self._on_error(exc)
+
+    def close(self):
+        """Drop whatever is queued: nobody will read it.  Suspended sends
+        resolve (a send after a disconnect is a no-op, never an error)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_writer(self._fd)
+        queue, self._queue = self._queue, collections.deque()
+        for item in queue:
+            if item.__class__ is _FileSlice:
+                item.finish()
+        self._buffered = 0
+        self._above = False
+        self._flush_waiters = []
+        self._wake_waiters()
+
+
+# ============================================================================
+# 6. Connections and the HTTP scope (PAGI HTTP; RFC 9112 §9; RFC 9110)
+#
+# HTTPConnection owns a socket, its RequestParser and its Transport, and
+# serves one request at a time: requests that arrive together (pipelining)
+# wait in the parser until the current exchange is over -- its response
+# delivered and its application returned.  An Exchange is one request and its
+# response: the scope, receive(), send(), and the pagi.connection object.
+# ============================================================================
+
+class EventError(ValueError):
+    """An event the application sent that breaks the protocol; the message
+    names the event type and the field."""
+
+
+# The events an http application may send: field -> (kind, required).
+# Validation, docs/spec.md and tests draw on this one table.  Extra fields
+# are allowed (forward compatibility, PAGI core "Error Handling").
+HTTP_SEND_EVENTS = {
+    "http.response.start": {"status": ("status", True), "headers": ("headers", False),
+                            "trailers": ("flag", False)},
+    "http.response.body": {"body": ("bytes", False), "more": ("flag", False),
+                           "file": ("path", False), "fh": ("file", False),
+                           "offset": ("count", False), "length": ("count", False)},
+    "http.response.trailers": {"headers": ("headers", False)},
+    "http.fullflush": {},
+}
+
+_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")   # a lower-case token
+_HEADER_VALUE_BAD = re.compile(rb"[\r\n\x00]")              # PAGI "header byte safety"
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
+
+def _kind_name(value):
+    return type(value).__name__
+
+
+def _check_headers(etype, field, headers):
+    if not isinstance(headers, (list, tuple)):
+        raise EventError("%s: %r must be a list of (name, value) pairs, got %s"
+                         % (etype, field, _kind_name(headers)))
+    for i, pair in enumerate(headers):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise EventError("%s: %r[%d] must be a (name, value) pair, got %r"
+                             % (etype, field, i, pair))
+        name, value = pair
+        if not isinstance(name, _BYTES_TYPES) or not isinstance(value, _BYTES_TYPES):
+            raise EventError("%s: %r[%d] name and value must be bytes, got %s and %s"
+                             % (etype, field, i, _kind_name(name), _kind_name(value)))
+        # RFC 9110 §5.1 (field names are tokens) and PAGI "Header byte
+        # safety": CR, LF, NUL anywhere, or any control in a name, would let
+        # the application split the response; we refuse, never rewrite.
+        if not _HEADER_NAME.fullmatch(name):
+            raise EventError("%s: %r[%d] name %r is not a lower-case token"
+                             % (etype, field, i, bytes(name)))
+        if _HEADER_VALUE_BAD.search(value):
+            raise EventError("%s: %r[%d] value for %r contains CR, LF or NUL"
+                             % (etype, field, i, bytes(name)))
+
+
+def _check_field(etype, field, kind, value):
+    if kind == "bytes":
+        ok = isinstance(value, _BYTES_TYPES)
+        what = "bytes"
+    elif kind == "flag":
+        ok = isinstance(value, int)
+        what = "int (0 or 1) or bool"
+    elif kind == "status":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not 100 <= value <= 599:
+            raise EventError("%s: %r must be in 100..599, got %d" % (etype, field, value))
+        what = "int"
+    elif kind == "count":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and value < 0:
+            raise EventError("%s: %r must not be negative, got %d" % (etype, field, value))
+        what = "non-negative int"
+    elif kind == "path":
+        ok = isinstance(value, (str, bytes, os.PathLike))
+        what = "str or path"
+    elif kind == "file":
+        ok = hasattr(value, "read") or hasattr(value, "fileno")
+        what = "binary file object"
+    else:   # "headers"
+        _check_headers(etype, field, value)
+        return
+    if not ok:
+        raise EventError("%s: %r must be %s, got %s" % (etype, field, what, _kind_name(value)))
+
+
+def validate_event(event, table):
+    """Check an event against its schema; returns its type.  Raises
+    EventError naming the event and the field (PAGI core "Error Handling")."""
+    if not isinstance(event, dict):
+        raise EventError("an event must be a dict, got %s" % _kind_name(event))
+    etype = event.get("type")
+    if not isinstance(etype, str):
+        raise EventError("event has no 'type' string: %r" % (event,))
+    schema = table.get(etype)
+    if schema is None:
+        raise EventError("%s: unknown event type for this scope (expected one of %s)"
+                         % (etype, ", ".join(sorted(table))))
+    for field, (kind, required) in schema.items():
+        value = event.get(field)
+        if value is None:
+            if required:
+                raise EventError("%s: missing required field %r" % (etype, field))
+            continue
+        _check_field(etype, field, kind, value)
+    return etype
+
+
+# -- pagi.connection ------------------------------------------------------------
+
+# PAGI HTTP "Standard Disconnect Reasons" (abnormal ends only).
+DISCONNECT_REASONS = (
+    "client_closed", "client_timeout", "idle_timeout", "keepalive_timeout",
+    "write_timeout", "write_error", "read_error", "protocol_error",
+    "server_shutdown", "server_error", "body_too_large", "queue_overflow",
+)
+
+
+class ConnectionState:
+    """``scope["pagi.connection"]``: one request's view of its connection.
+
+    Exactly one of on_disconnect (abnormal end, with a reason) and
+    on_complete (the response was fully delivered) fires per request.
+    """
+
+    __slots__ = ("_connected", "_reason", "_ended", "_started", "_complete",
+                 "_disconnect_callbacks", "_complete_callbacks", "_future", "_log")
+
+    def __init__(self, log):
+        self._connected = True          # is_connected(); never back to True
+        self._reason = None             # disconnect_reason()
+        self._ended = False             # one of the two terminal signals fired
+        self._started = False           # response_started()
+        self._complete = False          # response_complete()
+        self._disconnect_callbacks = []
+        self._complete_callbacks = []
+        self._future = None             # disconnect_future(), made on demand
+        self._log = log
+
+    def __repr__(self):
+        return "<pagi.connection connected=%s reason=%s started=%s complete=%s>" % (
+            self._connected, self._reason, self._started, self._complete)
+
+    def is_connected(self):
+        return self._connected
+
+    def disconnect_reason(self):
+        return self._reason
+
+    def response_started(self):
+        return self._started
+
+    def response_complete(self):
+        return self._complete
+
+    def on_disconnect(self, callback):
+        self._disconnect_callbacks.append(callback)
+        if self._reason is not None:
+            self._call(callback, self._reason)
+
+    def on_complete(self, callback):
+        self._complete_callbacks.append(callback)
+        if self._ended and self._reason is None:
+            self._call(callback)
+
+    def disconnect_future(self):
+        if self._future is None:
+            self._future = Future()
+            if self._reason is not None:
+                self._future.set_result(self._reason)
+        return self._future
+
+    def _call(self, callback, *args):
+        try:
+            callback(*args)
+        except Exception:
+            self._log.error("error in a pagi.connection callback %r\n%s",
+                            callback, traceback.format_exc().rstrip())
+
+    def _disconnected(self, reason):
+        """PAGI HTTP "State Transition Order", steps 1-4 (step 5, the
+        http.disconnect event, is the Exchange's)."""
+        if self._ended:
+            self._connected = False
+            return False
+        self._ended = True
+        self._connected = False                     # 1
+        self._reason = reason                       # 2
+        if self._future is not None and not self._future.done():
+            self._future.set_result(reason)         # 3
+        for callback in list(self._disconnect_callbacks):
+            self._call(callback, reason)            # 4
+        return True
+
+    def _completed(self):
+        if self._ended:
+            return
+        self._ended = True
+        for callback in list(self._complete_callbacks):
+            self._call(callback)
+
+
+# -- the exchange -----------------------------------------------------------------
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_COMBINE_LIMIT = 16384     # bodies up to this size share the head's write
+
+
+class Exchange:
+    """One request and its response: the ``http`` scope, receive() and send()."""
+
+    def __init__(self, conn, head):
+        self.conn = conn
+        self.head = head
+        self.state = ConnectionState(conn.log)
+        # request side
+        self.queue = collections.deque()  # http.request events not yet received
+        self.body_complete = False        # the whole request body was parsed
+        self.final_given = False          # the more=0 event was handed out
+        self.discarding = False           # the app is done: unread body is dropped
+        self.waiter = None                # a pending receive() Future
+        self.continue_sent = False        # the interim 100 went out
+        # response side
+        self.status = 0
+        self.headers = None               # the application's headers, filtered
+        self.app_close = False            # the application sent Connection: close
+        self.has_date = False
+        self.length = None                # declared Content-Length, if any
+        self.sent = 0                     # body bytes accepted
+        self.head_pending = False         # start accepted, head not yet written
+        self.head_sent = False            # the head is in the outgoing buffer
+        self.chunked = False
+        self.no_body = False              # HEAD, 1xx, 204, 304
+        self.trailers = False             # trailers=1 on the start event
+        self.body_ended = False           # the more=0 body event was accepted
+        self.response_done = False        # the final event was accepted
+        self.keep_alive = head.keep_alive
+        self.delivered = False            # the response's bytes all left
+        self.app_done = False
+        self.task = None
+        self.bytes_out = 0                # body bytes for the access log
+
+    def __repr__(self):
+        return "<Exchange %s %r status=%d done=%s>" % (
+            self.head.method, self.head.target, self.status, self.response_done)
+
+    def scope(self):
+        conn = self.conn
+        head = self.head
+        return {
+            "type": "http",
+            "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
+            "http_version": head.http_version,
+            "method": head.method,
+            "scheme": "http",
+            "path": decode_path(head.path),
+            "raw_path": head.path,
+            "query_string": head.query_string,
+            "root_path": conn.config.root_path,
+            "headers": head.headers,
+            "client": list(conn.client) if conn.client else None,
+            "server": list(conn.server_address),
+            "state": dict(conn.server.state),
+            "extensions": {"fullflush": {}},
+            "pagi.connection": self.state,
+            "pagi.transport": conn.transport,
+        }
+
+    # -- receive ------------------------------------------------------------------
+
+    def receive(self):
+        queue = self.queue
+        if queue:
+            event = queue.popleft()
+            if not event["more"]:
+                self.final_given = True
+            conn = self.conn
+            if not conn.reading and not conn.closed:
+                conn.resume_reading()
+            return _resolved(event)
+        if self.body_complete and not self.final_given:
+            self.final_given = True
+            return _resolved({"type": "http.request", "body": b"", "more": 0})
+        if self.state._reason is not None or self.response_done:
+            # PAGI HTTP "Disconnect": after the response, or once gone.
+            return _resolved({"type": "http.disconnect"})
+        if self.waiter is not None:
+            return _failed(RuntimeError("receive() called while another receive() is pending"))
+        # RFC 9110 §10.1.1: the interim 100 goes out when the application
+        # first asks for the body, and never once it has answered.
+        if self.head.expect_continue and not self.continue_sent and not self.head_sent:
+            self.continue_sent = True
+            self.conn.transport.write(_CONTINUE)
+        self.waiter = waiter = Future(self.conn.loop)
+        return waiter
+
+    def _deliver(self, event):
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(event)
+                return
+        self.queue.append(event)
+
+    def push_body(self, data):
+        if self.discarding:
+            return
+        self._deliver({"type": "http.request", "body": data, "more": 1})
+
+    def end_body(self):
+        self.body_complete = True
+        if self.discarding:
+            self.conn.exchange_progress(self)
+        elif self.queue:
+            self.queue[-1]["more"] = 0
+        elif self.waiter is not None:
+            self.final_given = True
+            self._deliver({"type": "http.request", "body": b"", "more": 0})
+
+    def disconnected(self, reason):
+        """The abnormal end: pagi.connection in the spec's order, then
+        http.disconnect for a receive() in progress (step 5)."""
+        if self.state._disconnected(reason) and self.waiter is not None:
+            self._deliver({"type": "http.disconnect"})
+
+    # -- send -------------------------------------------------------------------
+
+    def send(self, event):
+        if self.state._reason is not None or self.conn.closed:
+            return _resolved()   # PAGI core: send after a disconnect is a no-op
+        try:
+            etype = validate_event(event, HTTP_SEND_EVENTS)
+            if etype == "http.response.body":
+                return self._send_body(event)
+            if etype == "http.response.start":
+                return self._send_start(event)
+            if etype == "http.response.trailers":
+                return self._send_trailers(event)
+            return self._send_fullflush()
+        except (EventError, OSError) as exc:
+            return _failed(exc)
+
+    def _send_start(self, event):
+        if self.state._started:
+            raise EventError("http.response.start: the response has already started")
+        headers = []
+        for name, value in event.get("headers") or ():
+            name = bytes(name)
+            value = bytes(value)
+            if name == b"content-length":
+                if not value.isdigit() or self.length is not None:
+                    raise EventError("http.response.start: 'headers' content-length %r is "
+                                     "not a single non-negative integer" % value)
+                self.length = int(value)
+            elif name == b"transfer-encoding":
+                continue    # PAGI HTTP: the application's Transfer-Encoding is ignored
+            elif name == b"connection":
+                if b"close" in value.lower():
+                    self.app_close = True
+                continue    # the server manages Connection (PAGI HTTP)
+            elif name == b"date":
+                self.has_date = True
+            headers.append((name, value))
+        status = event["status"]
+        self.status = status
+        self.headers = headers
+        self.trailers = bool(event.get("trailers"))
+        # RFC 9110 §9.3.2, §15.3.5, §15.4.5, RFC 9112 §6.3: no body for HEAD,
+        # 1xx, 204 and 304.
+        self.no_body = self.head.method == "HEAD" or status < 200 or status in (204, 304)
+        if status < 200 or status == 204:
+            self.length = None
+            headers[:] = [(n, v) for n, v in headers if n != b"content-length"]
+        self.state._started = True
+        self.head_pending = True
+        return _resolved()
+
+    def _build_head(self, final_size):
+        """The response head, once the framing is known.  ``final_size`` is
+        the body size when the first body event is also the last."""
+        head = self.head
+        conn = self.conn
+        keep_alive = (self.keep_alive and not self.app_close and not conn.peer_eof
+                      and not conn.server.shutting_down)
+        # An unread body we never asked for (no 100 sent): do not wait for it.
+        if head.expect_continue and not self.continue_sent and not self.body_complete:
+            keep_alive = False
+        lines = [status_line(self.status)]
+        for name, value in self.headers:
+            lines.append(name + b": " + value + b"\r\n")
+        if not self.has_date:
+            lines.append(b"date: " + _date.get() + b"\r\n")
+        if self.length is not None:
+            if self.length == 0 and not self.no_body:
+                final_size = None
+        elif self.no_body:
+            if head.method == "HEAD" and final_size:
+                lines.append(b"content-length: %d\r\n" % final_size)
+        elif final_size is not None and not (self.trailers and head.http_version == "1.1"):
+            lines.append(b"content-length: %d\r\n" % final_size)
+            self.length = final_size
+        elif head.http_version == "1.1":
+            lines.append(b"transfer-encoding: chunked\r\n")
+            self.chunked = True
+        else:
+            keep_alive = False    # HTTP/1.0 without a length: the close delimits
+        if head.http_version == "1.1":
+            if not keep_alive:
+                lines.append(b"connection: close\r\n")
+        else:
+            lines.append(b"connection: keep-alive\r\n" if keep_alive else b"connection: close\r\n")
+        lines.append(b"\r\n")
+        self.keep_alive = keep_alive
+        self.head_pending = False
+        self.head_sent = True
+        return b"".join(lines)
+
+    def _send_body(self, event):
+        if not self.state._started:
+            raise EventError("http.response.body: the response has not started "
+                             "(send http.response.start first)")
+        if self.body_ended:
+            raise EventError("http.response.body: the response body is already complete")
+        sources = [k for k in ("body", "file", "fh") if event.get(k) is not None]
+        if len(sources) > 1:
+            raise EventError("http.response.body: %s are mutually exclusive"
+                             % " and ".join(repr(s) for s in sources))
+        if sources and sources[0] != "body":
+            return self._send_file(event, sources[0])
+        body = event.get("body") or b""
+        if body.__class__ is not bytes:
+            body = bytes(body)
+        more = bool(event.get("more"))
+        size = len(body)
+        if self.length is not None and not self.no_body and self.sent + size > self.length:
+            raise EventError("http.response.body: 'body' would exceed the declared "
+                             "content-length (%d bytes, %d already sent)"
+                             % (self.length, self.sent))
+        self.sent += size
+        transport = self.conn.transport
+        out = self._build_head(None if more else size) if self.head_pending else b""
+        if self.no_body:
+            body = b""
+        elif self.chunked:
+            if body:
+                body = chunk(body)
+            if not more and not self.trailers:
+                body += LAST_CHUNK
+        self.bytes_out += 0 if self.no_body else size
+        if out and len(body) <= _COMBINE_LIMIT:
+            transport.write(out + body)
+        else:
+            if out:
+                transport.write(out)
+            transport.write(body)
+        if not more:
+            self.body_ended = True
+            if not self.trailers or not self.chunked:
+                self._response_end()
+        return transport.suspend()
+
+    def _send_file(self, event, source):
+        offset = event.get("offset") or 0
+        length = event.get("length")
+        if source == "file":
+            file = open(event["file"], "rb")   # FileNotFoundError, PermissionError
+            owned = True
+        else:
+            file = event["fh"]
+            if getattr(file, "closed", False):
+                raise EventError("http.response.body: 'fh' is closed")
+            owned = False
+        try:
+            size = os.fstat(file.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            position = file.tell()
+            size = file.seek(0, os.SEEK_END)
+            file.seek(position)
+        available = max(0, size - offset)   # PAGI: offset past the end sends nothing
+        count = available if length is None else min(length, available)
+        if self.length is not None and not self.no_body and self.sent + count > self.length:
+            if owned:
+                file.close()
+            raise EventError("http.response.body: the file would exceed the declared "
+                             "content-length (%d bytes)" % self.length)
+        self.sent += count
+        transport = self.conn.transport
+        if self.head_pending:
+            transport.write(self._build_head(count))
+        self.body_ended = True
+        if self.no_body or count == 0:
+            if self.chunked and not self.trailers:
+                transport.write(LAST_CHUNK)
+            if owned:
+                file.close()
+            self._response_end()
+            return transport.suspend()
+        self.bytes_out += count
+        if self.chunked:
+            transport.write(b"%x\r\n" % count)
+        done = transport.write_file(file, offset, count, owned)
+        if self.chunked:
+            transport.write(b"\r\n" if self.trailers else b"\r\n" + LAST_CHUNK)
+        if not self.trailers or not self.chunked:
+            self._response_end()
+        # For "fh" the application closes the file after this Future: it must
+        # not resolve before the last byte of the slice has been written.
+        return done
+
+    def _send_trailers(self, event):
+        if not self.trailers:
+            raise EventError("http.response.trailers: the start event did not "
+                             "announce trailers (trailers=1)")
+        if not self.body_ended:
+            raise EventError("http.response.trailers: the body is not complete yet")
+        if self.response_done:
+            raise EventError("http.response.trailers: trailers were already sent")
+        transport = self.conn.transport
+        if self.chunked:
+            transport.write(trailer_section(event.get("headers") or ()))
+        # Without chunked framing (a Content-Length, or HTTP/1.0) there is no
+        # place for trailer fields: they are dropped (docs/deviations.md).
+        self._response_end()
+        return transport.suspend()
+
+    def _send_fullflush(self):
+        if not self.state._started:
+            raise EventError("http.fullflush: the response has not started")
+        transport = self.conn.transport
+        if self.head_pending:
+            transport.write(self._build_head(None))
+        future = Future(self.conn.loop)
+        transport.when_flushed(lambda: future.done() or future.set_result(None))
+        return future
+
+    def _response_end(self):
+        self.response_done = True
+        self.state._complete = True
+        if self.length is not None and self.sent < self.length and not self.no_body:
+            # Fewer bytes than declared: the client would wait for the rest.
+            self.conn.log.warning("%s %s: response ended after %d of %d declared bytes; "
+                                  "closing the connection", self.head.method,
+                                  self.head.target.decode("latin-1"), self.sent, self.length)
+            self.keep_alive = False
+            self.conn.abort_after_flush(self, "server_error")
+            return
+        self.conn.transport.when_flushed(self._delivered)
+
+    def _delivered(self):
+        if self.delivered or self.state._reason is not None:
+            return
+        self.delivered = True
+        self.state._completed()
+        self.conn.exchange_progress(self)
+
+    # -- the application's end ----------------------------------------------------
+
+    def app_exited(self, task):
+        self.app_done = True
+        conn = self.conn
+        exc = task._exception
+        if self.state._reason is not None or conn.closed:
+            if exc is not None:
+                conn.log.debug("application raised after the client left: %r", exc)
+            conn.exchange_progress(self)
+            return
+        if exc is not None:
+            conn.log.error("application raised: %s %s\n%s", self.head.method,
+                           self.head.target.decode("latin-1"),
+                           "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        elif not self.state._started:
+            conn.log.error("application returned without starting a response: %s %s "
+                           "(500 sent)", self.head.method, self.head.target.decode("latin-1"))
+        elif not self.response_done:
+            conn.log.error("application returned before its response was complete: %s %s",
+                           self.head.method, self.head.target.decode("latin-1"))
+        else:
+            conn.exchange_progress(self)
+            return
+        if not self.head_sent:
+            # Nothing of the response is on the wire yet: the client gets a
+            # 500 (PAGI HTTP "Application Produced No Response").
+            self.state._started = True
+            conn.respond_error(500, "Internal Server Error", "server_error")
+        else:
+            # The head is out: truncate -- no terminating chunk, and the
+            # connection closes, so the client can tell.
+            conn.abort("server_error")
+
+
+# -- the connection ---------------------------------------------------------------
+
+_LINGER_SECONDS = 2.0    # how long a closing socket keeps draining input
+
+
+class _Linger:
+    """Close a socket without losing the response just written to it.
+
+    RFC 9112 §9.6: closing while the client is still sending makes the
+    kernel answer with RST, which can destroy the response in flight.  So we
+    shut down our side, read and drop what still arrives until the client
+    closes too or a short time passes, then close.
+    """
+
+    def __init__(self, loop, sock, on_closed=None):
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.on_closed = on_closed
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        loop.add_reader(self.fd, self._drain)
+        self.timer = loop.call_later(_LINGER_SECONDS, self.close)
+
+    def _drain(self):
+        try:
+            while self.sock.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.close()
+
+    def close(self):
+        if self.sock is None:
+            return
+        timer = getattr(self, "timer", None)
+        if timer is not None:
+            timer.cancel()
+        self.loop.forget(self.fd)
+        self.sock.close()
+        self.sock = None
+        if self.on_closed is not None:
+            self.on_closed()
+
+
+class HTTPConnection:
+    """One client socket: parser in, transport out, one exchange at a time."""
+
+    def __init__(self, server, sock, client):
+        self.server = server
+        self.loop = server.loop
+        self.log = server.log
+        self.config = config = server.config
+        self.app = server.app
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.client = client[:2] if isinstance(client, tuple) else None
+        self.server_address = sock.getsockname()[:2]
+        self.parser = RequestParser(config)
+        self.transport = Transport(sock, self.loop, config.write_high_watermark,
+                                   config.write_low_watermark, self._write_failed)
+        self.exchange = None          # the request being served
+        self.last_state = None        # pagi.connection of the last request
+        self.reading = False          # the reader callback is registered
+        self.peer_eof = False         # the client sent FIN
+        self.closing = False          # no more requests: flushing, then closing
+        self.closed = False
+        self.advancing = False        # inside _advance (no re-entry)
+        self.requests = 0             # requests begun on this connection
+        now = self.loop.now
+        self.last_activity = now      # last byte received
+        self.head_started = now       # when the current head began to arrive
+
+    def __repr__(self):
+        return "<HTTPConnection fd=%d client=%r requests=%d %s>" % (
+            self.fd, self.client, self.requests,
+            "closed" if self.closed else "closing" if self.closing else
+            "busy" if self.exchange else "idle")
+
+    def start(self):
+        self.resume_reading()
+
+    # -- reading ------------------------------------------------------------------
+
+    def resume_reading(self):
+        if not self.reading and not self.closed and not self.peer_eof:
+            self.reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+            if self.parser.buffered and not self.advancing:
+                self.loop.call_soon(self._advance)
+
+    def pause_reading(self):
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+
+    def _on_readable(self):
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort("read_error")
+            return
+        now = self.last_activity = self.loop.now
+        if not data:
+            self._on_eof()
+            return
+        if self.closing:
+            return        # a closing connection drops what still arrives
+        parser = self.parser
+        if parser.in_head and not parser.buffered:
+            self.head_started = now
+        parser.feed(data)
+        self._advance()
+
+    def _on_eof(self):
+        self.peer_eof = True
+        self.pause_reading()
+        exchange = self.exchange
+        if exchange is None or self.closing:
+            self.close()          # idle, or between requests: nothing is lost
+        elif not exchange.body_complete:
+            self.abort("client_closed")
+        # Otherwise the request is complete and the client only half-closed:
+        # the response still goes out, then the connection closes.  (A client
+        # that closed completely is found out by the next write: reason
+        # client_closed.  docs/deviations.md.)
+
+    def _advance(self):
+        """Parse what has arrived and hand it on: start the next request, or
+        feed the body of the current one.  Never re-entered."""
+        if self.advancing:
+            return
+        self.advancing = True
+        try:
+            self._advance_loop()
+        finally:
+            self.advancing = False
+
+    def _advance_loop(self):
+        parser = self.parser
+        limit = self.config.max_receive_queue
+        while not self.closed and not self.closing:
+            exchange = self.exchange
+            if exchange is None:
+                try:
+                    event = parser.next_event()
+                except HTTPError as err:
+                    self.respond_error(err.status, err.message, None)
+                    return
+                if event is None:
+                    return
+                self._begin(event)
+                continue
+            if exchange.body_complete:
+                return
+            if len(exchange.queue) >= limit:
+                # Inbound backpressure: the application has not taken what is
+                # queued, so stop reading; receive() resumes it.
+                self.pause_reading()
+                return
+            try:
+                event = parser.next_event()
+            except HTTPError as err:
+                self._body_error(exchange, err)
+                return
+            if event is None:
+                return
+            if event.__class__ is bytes:
+                exchange.push_body(event)
+            else:
+                exchange.end_body()
+
+    def _begin(self, head):
+        self.requests += 1
+        exchange = self.exchange = Exchange(self, head)
+        self.last_state = exchange.state
+        if not head.chunked and not head.content_length:
+            self.parser.next_event()      # the EndOfMessage of a body-less request
+            exchange.body_complete = True
+        try:
+            coro = self.app(exchange.scope(), exchange.receive, exchange.send)
+        except Exception as exc:
+            self.log.error("application raised when called: %s\n%s", head.method,
+                           traceback.format_exc().rstrip())
+            coro = exc
+        if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+            if not isinstance(coro, Exception):
+                self.log.error("TypeError: the application must return a generator or "
+                               "a coroutine, it returned %s (is it missing a 'yield' or "
+                               "'async def'?)", type(coro).__name__)
+            exchange.app_done = True
+            exchange.state._started = True
+            self.respond_error(500, "Internal Server Error", "server_error")
+            return
+        exchange.task = Task(coro, self.loop, on_exit=exchange.app_exited)
+
+    def _body_error(self, exchange, err):
+        """The request body broke a rule while the application runs."""
+        if exchange.head_sent or exchange.response_done:
+            self.abort(err.reason)
+        else:
+            exchange.state._started = True
+            self.respond_error(err.status, err.message, err.reason)
+
+    # -- the end of an exchange ----------------------------------------------------
+
+    def exchange_progress(self, exchange):
+        """Called when the response is delivered, the application returns, or a
+        discarded body ends: once all are done, go on to the next request."""
+        if exchange is not self.exchange or self.closed:
+            return
+        if not (exchange.app_done and exchange.delivered):
+            return
+        if not exchange.keep_alive or self.peer_eof or self.server.shutting_down:
+            self.close_after_flush()
+            return
+        if not exchange.body_complete:
+            # The application did not read the whole body: drop the rest
+            # before the next request can be read (RFC 9112 §9.3).
+            exchange.discarding = True
+            exchange.queue.clear()
+            self.resume_reading()
+            if not self.advancing:
+                self.loop.call_soon(self._advance)
+            return
+        self.exchange = None
+        self.last_activity = self.head_started = self.loop.now
+        self.resume_reading()
+        if self.parser.buffered and not self.advancing:
+            self._advance()
+
+    def respond_error(self, status, message, reason):
+        """A server-generated response, then close.  ``reason`` is reported on
+        pagi.connection when a request was in progress."""
+        if self.closed:
+            return
+        self.transport.write(error_response(status, message))
+        exchange = self.exchange
+        if exchange is not None and reason is not None:
+            exchange.disconnected(reason)
+        self.log.debug("%s: answered %d %s", self.client, status, message)
+        self.close_after_flush()
+
+    def abort_after_flush(self, exchange, reason):
+        exchange.disconnected(reason)
+        self.close_after_flush()
+
+    def close_after_flush(self):
+        if self.closing or self.closed:
+            return
+        self.closing = True
+        self.transport.when_flushed(self._linger)
+
+    def _linger(self):
+        if self.closed:
+            return
+        self._release()
+        _Linger(self.loop, self.sock)
+
+    def _write_failed(self, exc):
+        self.abort("client_closed" if self.peer_eof else "write_error")
+
+    def abort(self, reason):
+        """An abnormal end: the socket closes now and queued bytes are dropped."""
+        if self.closed:
+            return
+        exchange = self.exchange
+        self._release()
+        self.sock.close()
+        if exchange is not None:
+            exchange.disconnected(reason)
+
+    def close(self):
+        """A normal close: nothing in flight."""
+        if not self.closed:
+            self._release()
+            self.sock.close()
+
+    def _release(self):
+        self.closed = True
+        self.reading = False
+        self.transport.close()
+        self.loop.forget(self.fd)
+        if self.last_state is not None:
+            self.last_state._connected = False
+        self.server.connection_closed(self)
+
+
+# ============================================================================
+# 7. Server
+#
+# Listeners and accept, admission control, the timeout sweep, and shutdown.
+# Admission: past max_connections a new connection still gets an answer --
+# 503 with Retry-After -- and the ones already open keep being served.  When
+# accept() itself fails for want of descriptors (EMFILE, ENFILE) the
+# listener is unwatched for a short back-off instead of spinning.  Timeouts
+# are a periodic sweep over last-activity times, so a busy connection pays
+# nothing per read or write for them.
+# ============================================================================
+
+_ACCEPT_BATCH = 64          # connections accepted per readiness event
+_ACCEPT_BACKOFF = 0.5       # seconds the listener rests after EMFILE/ENFILE
+_SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
+_RESPONSE_503 = None        # built at first use (it carries a Date)
+
+
+class Server:
+    """Serves one PAGI application on one loop.
+
+    ``bind()`` opens the listener (port 0: the OS picks one) and returns the
+    address; ``serve()`` runs the loop until ``stop()``, which any thread may
+    call.  Two servers in one process share nothing.
+    """
+
+    def __init__(self, app, config=None, logger=None):
+        self.app = app
+        self.config = config or Config()
+        self.log = logger or logging.getLogger("pagi_ref")
+        self.loop = Loop(logger=self.log)
+        self.state = {}               # the lifespan "state" namespace
+        self.connections = set()      # open HTTPConnections
+        self.listeners = []           # listening sockets
+        self.address = None           # (host, port) actually bound
+        self.shutting_down = False
+        self._accepting = False       # listeners are watched
+        self._emfile_episode = False  # an EMFILE back-off is in progress
+        self._refused = 0             # connections answered 503
+        self._signals = 0             # shutdown signals received
+        self._shutdown_timer = None
+
+    def __repr__(self):
+        return "<Server %s connections=%d%s>" % (
+            self.address, len(self.connections), " shutting-down" if self.shutting_down else "")
+
+    # -- listening ------------------------------------------------------------------
+
+    def bind(self):
+        config = self.config
+        infos = socket.getaddrinfo(config.host, config.port, socket.AF_UNSPEC,
+                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        family, kind, proto, _name, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(config.backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.listeners.append(sock)
+        self.address = sock.getsockname()[:2]
+        return self.address
+
+    def serve(self, install_signals=False):
+        """Run until stopped.  With install_signals (the command line), the
+        first SIGTERM/SIGINT shuts down gracefully and a second exits at once."""
+        if not self.listeners:
+            self.bind()
+        loop = self.loop
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._on_signal)
+        self._watch_listeners()
+        loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        try:
+            loop.run_forever()
+        finally:
+            for conn in list(self.connections):
+                conn.abort("server_shutdown")
+            for sock in self.listeners:
+                loop.forget(sock.fileno())
+                sock.close()
+            self.listeners = []
+            loop.close()
+
+    def stop(self, timeout=None):
+        """Graceful shutdown, from any thread: stop accepting, close idle
+        connections, give in-flight requests ``timeout`` seconds (default:
+        config.shutdown_timeout), then close the rest (server_shutdown)."""
+        self.loop.call_soon_threadsafe(self._shutdown, timeout)
+
+    def _on_signal(self, signum, frame):
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(1)    # the second signal: exit at once
+        self.log.info("pagi_ref: %s received, shutting down",
+                      signal.Signals(signum).name)
+        self.loop.call_soon_threadsafe(self._shutdown, None)
+
+    def _shutdown(self, timeout):
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self._unwatch_listeners()
+        for sock in self.listeners:
+            sock.close()
+        self.listeners = []
+        for conn in list(self.connections):
+            if conn.exchange is None:
+                conn.close()
+        if timeout is None:
+            timeout = self.config.shutdown_timeout
+        self._shutdown_timer = self.loop.call_later(timeout, self._shutdown_expired)
+        self._maybe_finished()
+
+    def _shutdown_expired(self):
+        for conn in list(self.connections):
+            conn.abort("server_shutdown")
+        self.loop.stop()
+
+    def _maybe_finished(self):
+        if self.shutting_down and not self.connections:
+            if self._shutdown_timer is not None:
+                self._shutdown_timer.cancel()
+            self.loop.stop()
+
+    def connection_closed(self, conn):
+        self.connections.discard(conn)
+        if self._emfile_episode:
+            self._end_backoff()
+        if self.shutting_down:
+            self._maybe_finished()
+
+    # -- accepting --------------------------------------------------------------------
+
+    def _watch_listeners(self):
+        if not self._accepting and not self.shutting_down:
+            self._accepting = True
+            for sock in self.listeners:
+                self.loop.add_reader(sock.fileno(), lambda s=sock: self._accept(s))
+
+    def _unwatch_listeners(self):
+        if self._accepting:
+            self._accepting = False
+            for sock in self.listeners:
+                self.loop.remove_reader(sock.fileno())
+
+    def _accept(self, listener):
+        config = self.config
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, client = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._begin_backoff(exc)
+                elif exc.errno != errno.ECONNABORTED:
+                    self.log.error("accept() failed: %s", exc)
+                return
+            sock.setblocking(False)
+            if len(self.connections) >= config.max_connections:
+                self._refuse(sock)
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            conn = HTTPConnection(self, sock, client)
+            self.connections.add(conn)
+            conn.start()
+
+    def _refuse(self, sock):
+        """Admission control: 503, Retry-After: 5, Connection: close."""
+        global _RESPONSE_503
+        if _RESPONSE_503 is None:
+            _RESPONSE_503 = error_response(503, "Service Unavailable: too many connections",
+                                           [(b"retry-after", b"5")])
+        self._refused += 1
+        try:
+            sock.send(_RESPONSE_503)
+        except OSError:
+            sock.close()
+            return
+        _Linger(self.loop, sock)
+
+    def _begin_backoff(self, exc):
+        """Out of descriptors: rest the listener instead of spinning on it."""
+        if not self._emfile_episode:
+            self._emfile_episode = True
+            self.log.warning("accept() failed (%s): pausing accept until a connection "
+                             "closes or %.1f s pass", exc.strerror, _ACCEPT_BACKOFF)
+        self._unwatch_listeners()
+        self.loop.call_later(_ACCEPT_BACKOFF, self._end_backoff)
+
+    def _end_backoff(self):
+        if self._emfile_episode:
+            self._emfile_episode = False
+            self._watch_listeners()
+
+    # -- timeouts -----------------------------------------------------------------------
+
+    def _sweep(self):
+        """One pass over the connections against their last-activity times."""
+        loop = self.loop
+        now = loop.time()
+        config = self.config
+        for conn in list(self.connections):
+            if conn.closing or conn.closed:
+                continue
+            exchange = conn.exchange
+            if exchange is None:
+                if conn.parser.buffered or conn.requests == 0:
+                    # slowloris: the head must arrive within header_timeout
+                    if now - conn.head_started > config.header_timeout:
+                        if conn.parser.buffered:
+                            conn.respond_error(408, "Request Timeout", None)
+                        else:
+                            conn.close()
+                elif now - conn.last_activity > config.keepalive_timeout:
+                    conn.close()
+                continue
+            transport = conn.transport
+            if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
+                conn.abort("write_timeout")
+            elif (not exchange.body_complete and conn.reading
+                  and now - conn.last_activity > config.client_timeout):
+                conn.abort("client_timeout")
+        loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+
+def run(app, host="127.0.0.1", port=8000, **config):
+    """Serve ``app`` until SIGTERM/SIGINT: for people who vendor this file."""
+    server = Server(app, Config(host=host, port=port, **config))
+    host, port = server.bind()
+    server.log.info("pagi_ref: listening on http://%s:%d", host, port)
+    server.serve(install_signals=threading.current_thread() is threading.main_thread())
+
+
+# ============================================================================
+# 8. Command line
+#
+#   python pagi_ref.py MODULE:ATTR [options]
+#   python -m pagi_ref MODULE:ATTR [options]
+#
+# MODULE is a dotted module name or a path to a .py file.  Every Config field
+# is an option (--max-header-size, --write-high-watermark, ...).  An
+# application that does ``import pagi_ref`` gets this very module, also when
+# it runs as __main__ (see the bottom of the file).
+# ============================================================================
+
+class _UsageError(Exception):
+    pass
+
+
+def load_app(spec):
+    """Import ``MODULE:ATTR`` and return the attribute."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise _UsageError("application must be given as MODULE:ATTR, got %r" % spec)
+    try:
+        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+            path = os.path.abspath(module_name)
+            if not os.path.isfile(path):
+                raise _UsageError("no such file: %s" % module_name)
+            directory = os.path.dirname(path)
+            if directory not in sys.path:
+                sys.path.insert(0, directory)
+            name = os.path.splitext(os.path.basename(path))[0]
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except _UsageError:
+        raise
+    except Exception as exc:
+        raise _UsageError("cannot import %s: %s: %s" % (module_name, type(exc).__name__, exc))
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise _UsageError("module %s has no attribute %r" % (module_name, attr))
+    if not callable(obj):
+        raise _UsageError("%s is not callable" % spec)
+    return obj
+
+
+def _argument_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="pagi_ref",
+        description="pagi_ref %s: the reference server of the PAGI protocol." % __version__,
+        epilog="Example: python pagi_ref.py examples/hello.py:app --port 8000")
+    parser.add_argument("app", metavar="MODULE:ATTR",
+                        help="the application: a dotted module or a .py path, and an attribute")
+    parser.add_argument("--version", action="version", version="pagi_ref " + __version__)
+    for name, default, kind, help_text in _CONFIG_FIELDS:
+        shown = "computed" if default is None else repr(default)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
+                            default=None, metavar=kind.__name__.upper(),
+                            help="%s (default: %s)" % (help_text, shown))
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="no access log (the default: access logging is not built yet)")
+    return parser
+
+
+def main(argv=None):
+    parser = _argument_parser()
+    args = parser.parse_args(argv)
+    fields = {name: getattr(args, name) for name, _d, _k, _h in _CONFIG_FIELDS
+              if getattr(args, name) is not None}
+    try:
+        config = Config(**fields)
+        app = load_app(args.app)
+    except (ConfigError, _UsageError) as exc:
+        sys.stderr.write("pagi_ref: error: %s\n" % exc)
+        return 2
+    log = logging.getLogger("pagi_ref")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(_LOG_LEVELS[config.log_level])
+    log.propagate = False
+    server = Server(app, config, logger=log)
+    try:
+        host, port = server.bind()
+    except OSError as exc:
+        sys.stderr.write("pagi_ref: error: cannot listen on %s:%d: %s\n"
+                         % (config.host, config.port, exc.strerror or exc))
+        return 1
+    sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % (host, port))
+    sys.stderr.flush()
+    server.serve(install_signals=True)
+    return 0
+
+
+def _demo_app(scope, receive, send):
+    """A built-in demo: ``python pagi_ref.py pagi_ref:_demo_app``."""
+    if scope["type"] != "http":
+        raise ValueError("unsupported scope type %r" % scope["type"])
+    body = b"Hello from pagi_ref " + __version__.encode() + b"\n"
+    yield send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    yield send({"type": "http.response.body", "body": body})
+
+
+if __name__ == "__main__":
+    # Run as a script, this file is the module __main__; an application that
+    # does ``import pagi_ref`` must get this same module (its Future is the
+    # one the server knows), not a second copy.
+    sys.modules.setdefault("pagi_ref", sys.modules[__name__])
+    sys.exit(main())

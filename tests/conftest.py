@@ -1,0 +1,74 @@
+"""Shared fixtures: a real pagi_ref server on 127.0.0.1, a port the OS picks.
+
+`serve(app, **config)` starts a `pagi_ref.Server` in a thread of this
+process and yields a handle with `.port`, `.server` and `.errors` (the
+error-log lines, tracebacks included).  Tests that are about processes
+(workers, signals, the command line) start `python pagi_ref.py` instead.
+"""
+import contextlib
+import logging
+import os
+import sys
+import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+import pagi_ref  # noqa: E402
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+class Running:
+    def __init__(self, server, handler):
+        self.server = server
+        self.host, self.port = server.address
+        self._handler = handler
+
+    @property
+    def errors(self):
+        """Formatted error-log lines at WARNING or above (tracebacks included)."""
+        return [l for l in self._handler.lines if not l.startswith(("DEBUG", "INFO"))]
+
+    @property
+    def log(self):
+        return list(self._handler.lines)
+
+
+_counter = [0]
+
+
+@contextlib.contextmanager
+def serve(app, **config):
+    _counter[0] += 1
+    logger = logging.getLogger("pagi_ref.test.%d" % _counter[0])
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    handler = _ListHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    config.setdefault("host", "127.0.0.1")
+    config.setdefault("port", 0)
+    server = pagi_ref.Server(app, pagi_ref.Config(**config), logger=logger)
+    server.bind()
+    thread = threading.Thread(target=server.serve, name="pagi_ref-test-server", daemon=True)
+    thread.start()
+    try:
+        yield Running(server, handler)
+    finally:
+        server.stop(timeout=2)
+        thread.join(10)
+        logger.removeHandler(handler)
+        if thread.is_alive():
+            raise RuntimeError("server thread did not stop within 10 s")

@@ -120,6 +120,9 @@ _CONFIG_FIELDS = [
      "seconds the client may leave a full outgoing buffer unread"),
     ("shutdown_timeout", 30.0, float,
      "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
+    ("access_log", None, str, "access log: '-' (stdout) or a file path; off when absent"),
+    ("access_log_format", "common", str,
+     "access log format: common, combined, or tokens such as '%h %r %s %b %D'"),
     ("log_level", "info", str, "error log level: error, warning, info, debug"),
 ]
 
@@ -1729,6 +1732,10 @@ class Exchange:
         self.app_done = False
         self.task = None
         self.bytes_out = 0                # body bytes for the access log
+        self.logged = False               # the access-log line was written
+        if conn.server.access_log is not None:
+            self.received = time.time()   # %t of the access log
+            self.t0 = time.monotonic()    # %D and %T
 
     def __repr__(self):
         return "<Exchange %s %r status=%d done=%s>" % (
@@ -1811,8 +1818,10 @@ class Exchange:
     def disconnected(self, reason):
         """The abnormal end: pagi.connection in the spec's order, then
         http.disconnect for a receive() in progress (step 5)."""
-        if self.state._disconnected(reason) and self.waiter is not None:
-            self._deliver({"type": "http.disconnect"})
+        if self.state._disconnected(reason):
+            self.log_access()
+            if self.waiter is not None:
+                self._deliver({"type": "http.disconnect"})
 
     # -- send -------------------------------------------------------------------
 
@@ -2042,7 +2051,19 @@ class Exchange:
             return
         self.delivered = True
         self.state._completed()
+        self.log_access()
         self.conn.exchange_progress(self)
+
+    def log_access(self):
+        access_log = self.conn.server.access_log
+        if access_log is None or self.logged:
+            return
+        self.logged = True
+        head = self.head
+        access_log.record(self.conn.client, self.received, time.monotonic() - self.t0,
+                          "%s %s HTTP/%s" % (head.method, head.target.decode("latin-1"),
+                                             head.http_version),
+                          self.status, self.bytes_out, head.headers, self.headers)
 
     # -- the application's end ----------------------------------------------------
 
@@ -2325,7 +2346,11 @@ class HTTPConnection:
         self.transport.write(error_response(status, message))
         exchange = self.exchange
         if exchange is not None and reason is not None:
+            exchange.status = status
+            exchange.headers = None
             exchange.disconnected(reason)
+        elif self.server.access_log is not None:
+            self.server.access_log.record(self.client, time.time(), 0.0, "-", status, 0, (), ())
         self.log.debug("%s: answered %d %s", self.client, status, message)
         self.close_after_flush()
 
@@ -2386,6 +2411,146 @@ class HTTPConnection:
 # nothing per read or write for them.
 # ============================================================================
 
+# -- the access log ------------------------------------------------------------
+#
+# Lines are formatted on the loop and handed to one writer thread through a
+# bounded queue.  The loop never waits for the sink: a terminal or a pipe
+# that reads slowly (the field report found a TTY log capped its server at
+# the terminal's speed) only fills the queue, and lines that do not fit are
+# dropped, counted, and reported in the error log -- never silently lost.
+
+ACCESS_LOG_FORMATS = {
+    "common": '%h %l %u %t "%r" %s %b',
+    "combined": '%h %l %u %t "%r" %s %b "%{Referer}i" "%{User-Agent}i"',
+}
+_ACCESS_LOG_QUEUE = 10000       # lines waiting for the sink before drops begin
+_ACCESS_LOG_TOKEN = re.compile(r"%(?:\{([^}]*)\}([io])|([hlutrsbDT%]))")
+
+
+def _clf_time(now):
+    """[10/Oct/2000:13:55:36 +0000], the Common Log Format's %t (UTC)."""
+    return time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(now))
+
+
+class AccessLog:
+    """One line per request, in a format of Apache's tokens:
+
+    %h client address   %l "-"   %u "-"   %t time received   %r request line
+    %s status   %b body bytes ("-" for none)   %D microseconds   %T seconds
+    %{Name}i a request header   %{Name}o a response header   %% a percent sign
+    """
+
+    def __init__(self, sink, fmt, error_log):
+        self.error_log = error_log
+        self.format = ACCESS_LOG_FORMATS.get(fmt, fmt)
+        self._render = self._compile(self.format)
+        if sink == "-":
+            self._file = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
+            self._owned = False
+        else:
+            self._file = open(sink, "ab")
+            self._owned = True
+        self._queue = collections.deque()   # lines for the writer thread
+        self._wake = threading.Event()
+        self._closing = False
+        self.dropped = 0                    # lines dropped since the last report
+        self.dropped_total = 0
+        self._thread = threading.Thread(target=self._write_lines, name="pagi_ref.access_log",
+                                        daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _compile(fmt):
+        parts = []
+        pos = 0
+        for m in _ACCESS_LOG_TOKEN.finditer(fmt):
+            if m.start() > pos:
+                parts.append(fmt[pos:m.start()])
+            name, where, token = m.groups()
+            if token == "%":
+                parts.append("%")
+            elif token:
+                parts.append(token)        # filled per line
+            else:
+                parts.append((where, name.lower().encode("latin-1")))
+            pos = m.end()
+        if pos < len(fmt):
+            parts.append(fmt[pos:])
+        return parts
+
+    def record(self, client, received, duration, request_line, status, size,
+               request_headers, response_headers):
+        """Format and queue one line; never blocks."""
+        if len(self._queue) >= _ACCESS_LOG_QUEUE:
+            self.dropped += 1
+            self.dropped_total += 1
+            return
+        out = []
+        for part in self._render:
+            if part.__class__ is tuple:
+                where, name = part
+                headers = request_headers if where == "i" else response_headers
+                value = "-"
+                for k, v in headers or ():
+                    if k == name:
+                        value = v.decode("latin-1")
+                        break
+                out.append(value)
+            elif len(part) == 1 and part in "hlutrsbDT":
+                if part == "h":
+                    out.append(client[0] if client else "-")
+                elif part in "lu":
+                    out.append("-")
+                elif part == "t":
+                    out.append(_clf_time(received))
+                elif part == "r":
+                    out.append(request_line)
+                elif part == "s":
+                    out.append(str(status) if status else "-")
+                elif part == "b":
+                    out.append(str(size) if size else "-")
+                elif part == "D":
+                    out.append(str(int(duration * 1e6)))
+                else:
+                    out.append(str(int(duration)))
+            else:
+                out.append(part)
+        self._queue.append(("".join(out) + "\n").encode("utf-8", "replace"))
+        self._wake.set()
+
+    def report_drops(self):
+        if self.dropped:
+            self.error_log.warning("access log: %d lines dropped because the sink is not "
+                                   "keeping up (%d in all)", self.dropped, self.dropped_total)
+            self.dropped = 0
+
+    def _write_lines(self):
+        queue = self._queue
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while queue:
+                lines = []
+                while queue and len(lines) < 1000:
+                    lines.append(queue.popleft())
+                try:
+                    self._file.write(b"".join(lines))
+                    self._file.flush()
+                except (OSError, ValueError) as exc:
+                    self.error_log.error("access log: cannot write: %s", exc)
+                    return
+            if self._closing:
+                return
+
+    def close(self, timeout=1.0):
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self.report_drops()
+        if self._owned and not self._thread.is_alive():
+            self._file.close()
+
+
 _ACCEPT_BATCH = 64          # connections accepted per readiness event
 _ACCEPT_BACKOFF = 0.5       # seconds the listener rests after EMFILE/ENFILE
 _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
@@ -2415,6 +2580,7 @@ class Server:
         self._refused = 0             # connections answered 503
         self._signals = 0             # shutdown signals received
         self._shutdown_timer = None
+        self.access_log = None        # AccessLog while serving, if configured
 
     def __repr__(self):
         return "<Server %s connections=%d%s>" % (
@@ -2449,6 +2615,9 @@ class Server:
         if install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
+        if self.config.access_log:
+            self.access_log = AccessLog(self.config.access_log, self.config.access_log_format,
+                                        self.log)
         self._watch_listeners()
         loop.call_later(_SWEEP_INTERVAL, self._sweep)
         try:
@@ -2461,6 +2630,8 @@ class Server:
                 sock.close()
             self.listeners = []
             loop.close()
+            if self.access_log is not None:
+                self.access_log.close()
 
     def stop(self, timeout=None):
         """Graceful shutdown, from any thread: stop accepting, close idle
@@ -2605,6 +2776,8 @@ class Server:
             elif (not exchange.body_complete and conn.reading
                   and now - conn.last_activity > config.client_timeout):
                 conn.abort("client_timeout")
+        if self.access_log is not None:
+            self.access_log.report_drops()
         loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
 
@@ -2682,9 +2855,9 @@ def _argument_parser():
         shown = "computed" if default is None else repr(default)
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
                             default=None, metavar=kind.__name__.upper(),
-                            help="%s (default: %s)" % (help_text, shown))
+                            help=("%s (default: %s)" % (help_text, shown)).replace("%", "%%"))
     parser.add_argument("--no-access-log", action="store_true",
-                        help="no access log (the default: access logging is not built yet)")
+                        help="no access log (the default)")
     return parser
 
 
@@ -2693,6 +2866,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     fields = {name: getattr(args, name) for name, _d, _k, _h in _CONFIG_FIELDS
               if getattr(args, name) is not None}
+    if args.no_access_log:
+        fields.pop("access_log", None)
     try:
         config = Config(**fields)
         app = load_app(args.app)

@@ -1289,6 +1289,11 @@ class Transport:
     def on_drain(self, callback):
         self._drain_callbacks.append(callback)
 
+    def forget_callbacks(self):
+        """Between requests: callbacks are registered per request."""
+        self._high_callbacks = []
+        self._drain_callbacks = []
+
     # -- writing ----------------------------------------------------------------
 
     def write(self, data):
@@ -1303,10 +1308,10 @@ class Transport:
             except OSError as exc:
                 self._fail(exc)
                 return
-            if sent == len(data):
-                return
             if sent:
                 self.last_progress = self._loop.now
+                if sent == len(data):
+                    return
             data = memoryview(data)[sent:]
             self._loop.add_writer(self._fd, self._on_writable)
         self._queue.append(data)
@@ -2193,7 +2198,8 @@ class HTTPConnection:
         if not self.reading and not self.closed and not self.peer_eof:
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
-            if self.parser.buffered and not self.advancing:
+            # What was parked may need no more bytes (an end of message).
+            if not self.advancing:
                 self.loop.call_soon(self._advance)
 
     def pause_reading(self):
@@ -2205,6 +2211,9 @@ class HTTPConnection:
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
+            return
+        except (ConnectionResetError, ConnectionAbortedError):
+            self.abort("client_closed")   # the client reset: it is gone
             return
         except OSError:
             self.abort("read_error")
@@ -2333,6 +2342,7 @@ class HTTPConnection:
                 self.loop.call_soon(self._advance)
             return
         self.exchange = None
+        self.transport.forget_callbacks()   # they belonged to that request
         self.last_activity = self.head_started = self.loop.now
         self.resume_reading()
         if self.parser.buffered and not self.advancing:
@@ -2427,6 +2437,18 @@ _ACCESS_LOG_QUEUE = 10000       # lines waiting for the sink before drops begin
 _ACCESS_LOG_TOKEN = re.compile(r"%(?:\{([^}]*)\}([io])|([hlutrsbDT%]))")
 
 
+_LOG_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]')
+
+
+def _log_escape(text):
+    """As Apache does: a quote or backslash gets a backslash, a control or
+    non-ASCII byte becomes \\xhh, so a client cannot forge log fields."""
+    if not _LOG_UNSAFE.search(text):
+        return text
+    return _LOG_UNSAFE.sub(lambda m: "\\" + m.group() if m.group() in '"\\'
+                           else "\\x%02x" % ord(m.group()), text)
+
+
 def _clf_time(now):
     """[10/Oct/2000:13:55:36 +0000], the Common Log Format's %t (UTC)."""
     return time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(now))
@@ -2493,7 +2515,7 @@ class AccessLog:
                 value = "-"
                 for k, v in headers or ():
                     if k == name:
-                        value = v.decode("latin-1")
+                        value = _log_escape(v.decode("latin-1"))
                         break
                 out.append(value)
             elif len(part) == 1 and part in "hlutrsbDT":
@@ -2504,7 +2526,7 @@ class AccessLog:
                 elif part == "t":
                     out.append(_clf_time(received))
                 elif part == "r":
-                    out.append(request_line)
+                    out.append(_log_escape(request_line))
                 elif part == "s":
                     out.append(str(status) if status else "-")
                 elif part == "b":
@@ -2554,7 +2576,6 @@ class AccessLog:
 _ACCEPT_BATCH = 64          # connections accepted per readiness event
 _ACCEPT_BACKOFF = 0.5       # seconds the listener rests after EMFILE/ENFILE
 _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
-_RESPONSE_503 = None        # built at first use (it carries a Date)
 
 
 class Server:
@@ -2576,7 +2597,8 @@ class Server:
         self.address = None           # (host, port) actually bound
         self.shutting_down = False
         self._accepting = False       # listeners are watched
-        self._emfile_episode = False  # an EMFILE back-off is in progress
+        self._backoff_timer = None    # the listener rests after EMFILE/ENFILE
+        self._accept_failures = 0     # failed accepts in this episode (0: none)
         self._refused = 0             # connections answered 503
         self._signals = 0             # shutdown signals received
         self._shutdown_timer = None
@@ -2613,8 +2635,7 @@ class Server:
             self.bind()
         loop = self.loop
         if install_signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self._on_signal)
+            self.install_signal_handlers()
         if self.config.access_log:
             self.access_log = AccessLog(self.config.access_log, self.config.access_log_format,
                                         self.log)
@@ -2638,6 +2659,11 @@ class Server:
         connections, give in-flight requests ``timeout`` seconds (default:
         config.shutdown_timeout), then close the rest (server_shutdown)."""
         self.loop.call_soon_threadsafe(self._shutdown, timeout)
+
+    def install_signal_handlers(self):
+        """SIGTERM and SIGINT shut down gracefully (main thread only)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
         self._signals += 1
@@ -2676,8 +2702,8 @@ class Server:
 
     def connection_closed(self, conn):
         self.connections.discard(conn)
-        if self._emfile_episode:
-            self._end_backoff()
+        if self._backoff_timer is not None:
+            self._end_backoff()    # a descriptor was freed: try again now
         if self.shutting_down:
             self._maybe_finished()
 
@@ -2708,6 +2734,10 @@ class Server:
                 elif exc.errno != errno.ECONNABORTED:
                     self.log.error("accept() failed: %s", exc)
                 return
+            if self._accept_failures:
+                self.log.warning("accept() works again after %d failed attempts",
+                                 self._accept_failures)
+                self._accept_failures = 0
             sock.setblocking(False)
             if len(self.connections) >= config.max_connections:
                 self._refuse(sock)
@@ -2722,31 +2752,32 @@ class Server:
 
     def _refuse(self, sock):
         """Admission control: 503, Retry-After: 5, Connection: close."""
-        global _RESPONSE_503
-        if _RESPONSE_503 is None:
-            _RESPONSE_503 = error_response(503, "Service Unavailable: too many connections",
-                                           [(b"retry-after", b"5")])
         self._refused += 1
         try:
-            sock.send(_RESPONSE_503)
+            sock.send(error_response(503, "Service Unavailable: too many connections",
+                                     [(b"retry-after", b"5")]))
         except OSError:
             sock.close()
             return
         _Linger(self.loop, sock)
 
     def _begin_backoff(self, exc):
-        """Out of descriptors: rest the listener instead of spinning on it."""
-        if not self._emfile_episode:
-            self._emfile_episode = True
+        """Out of descriptors: rest the listener instead of spinning on it,
+        and say so once per episode (an episode ends when accept works)."""
+        if not self._accept_failures:
             self.log.warning("accept() failed (%s): pausing accept until a connection "
-                             "closes or %.1f s pass", exc.strerror, _ACCEPT_BACKOFF)
+                             "closes or %.1f s pass, retrying until it works",
+                             exc.strerror, _ACCEPT_BACKOFF)
+        self._accept_failures += 1
         self._unwatch_listeners()
-        self.loop.call_later(_ACCEPT_BACKOFF, self._end_backoff)
+        if self._backoff_timer is None:
+            self._backoff_timer = self.loop.call_later(_ACCEPT_BACKOFF, self._end_backoff)
 
     def _end_backoff(self):
-        if self._emfile_episode:
-            self._emfile_episode = False
-            self._watch_listeners()
+        if self._backoff_timer is not None:
+            self._backoff_timer.cancel()
+            self._backoff_timer = None
+        self._watch_listeners()
 
     # -- timeouts -----------------------------------------------------------------------
 
@@ -2773,8 +2804,8 @@ class Server:
             transport = conn.transport
             if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
                 conn.abort("write_timeout")
-            elif (not exchange.body_complete and conn.reading
-                  and now - conn.last_activity > config.client_timeout):
+            elif (not exchange.body_complete and conn.reading and now - max(
+                    conn.last_activity, transport.last_progress) > config.client_timeout):
                 conn.abort("client_timeout")
         if self.access_log is not None:
             self.access_log.report_drops()
@@ -2888,9 +2919,10 @@ def main(argv=None):
         sys.stderr.write("pagi_ref: error: cannot listen on %s:%d: %s\n"
                          % (config.host, config.port, exc.strerror or exc))
         return 1
+    server.install_signal_handlers()   # before the line a supervisor waits for
     sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % (host, port))
     sys.stderr.flush()
-    server.serve(install_signals=True)
+    server.serve()
     return 0
 
 

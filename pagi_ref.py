@@ -48,6 +48,7 @@ import resource
 import selectors
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -1976,11 +1977,20 @@ class Exchange:
                 raise EventError("http.response.body: 'fh' is closed")
             owned = False
         try:
-            size = os.fstat(file.fileno()).st_size
+            info = os.fstat(file.fileno())
         except (AttributeError, OSError, ValueError):
-            position = file.tell()
+            position = file.tell()      # a file object without a descriptor
             size = file.seek(0, os.SEEK_END)
             file.seek(position)
+        else:
+            if not stat.S_ISREG(info.st_mode):
+                if owned:
+                    file.close()
+                # A pipe or socket has no size and no offsets: it cannot be
+                # a file body (docs/deviations.md); stream it as body events.
+                raise EventError("http.response.body: %r is not a regular file "
+                                 "(stream pipes and sockets with 'body' events)" % source)
+            size = info.st_size
         available = max(0, size - offset)   # PAGI: offset past the end sends nothing
         count = available if length is None else min(length, available)
         if self.length is not None and not self.no_body and self.sent + count > self.length:

@@ -67,3 +67,84 @@ def wait_until(predicate, timeout=5.0):
 def nodelay(sock):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+# -- a pagi_ref server in its own process ------------------------------------------
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "pagi_ref.py")
+LISTENING = re.compile(r"^pagi_ref: listening on http://([0-9.]+):(\d+)$")
+
+
+class ServerProcess:
+    """`python pagi_ref.py ...` with stderr read line by line in a thread.
+
+    For tests about processes (the command line, signals) and for timing-
+    sensitive ones, where a server thread sharing this process's GIL with
+    the test's own threads would measure the test harness, not the server.
+    """
+
+    def __init__(self, args, cwd=ROOT, env=None):
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.p = subprocess.Popen([sys.executable] + list(args), cwd=cwd, env=full_env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        self.lines = queue.Queue()
+        self.stderr = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for raw in iter(self.p.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.stderr.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_listening(self, timeout=10):
+        """(host, port) from the startup line."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError("no listening line; stderr so far: %r" % self.stderr)
+            if line is None:
+                raise AssertionError("process ended before listening (rc=%r): %r"
+                                     % (self.p.wait(5), self.stderr))
+            m = LISTENING.match(line)
+            if m:
+                return m.group(1), int(m.group(2))
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Send sig, wait for the exit; returns the exit status."""
+        self.p.send_signal(sig)
+        try:
+            rc = self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait(5)
+            raise AssertionError("did not stop within %ss after %s" % (timeout, sig))
+        self.reader.join(5)
+        return rc
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(5)
+        self.p.stdout.close()
+        self.p.stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

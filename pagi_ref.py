@@ -111,7 +111,7 @@ _CONFIG_FIELDS = [
     ("write_low_watermark", 16384, int,
      "bytes buffered for a client below which a suspended send() resumes"),
     ("max_connections", None, int,
-     "open client connections; past it new ones get 503 (default: from RLIMIT_NOFILE)"),
+     "open client connections; past it new ones get 503"),
     ("header_timeout", 10.0, float,
      "seconds for the request line and headers to arrive (408)"),
     ("keepalive_timeout", 5.0, float, "seconds an idle keep-alive connection is kept"),
@@ -516,8 +516,9 @@ class Future:
             callback(self)
 
     def __await__(self):
-        if self._state == _PENDING:
-            yield self
+        # Yield even when done: the Task then resumes at once, but counts
+        # the step against its inline budget (fairness for async def too).
+        yield self
         return self.result()
 
     __iter__ = __await__   # so that ``yield from future`` works in generators
@@ -548,7 +549,7 @@ class Task(Future):
     connection uses it to finish a request without a trip through the loop.
     """
 
-    __slots__ = ("_coro", "_waiting", "on_exit", "name")
+    __slots__ = ("_coro", "_waiting", "on_exit", "name", "_unretrieved")
 
     def __init__(self, coro, loop=None, name=None, on_exit=None):
         Future.__init__(self, loop if loop is not None else get_loop())
@@ -559,6 +560,7 @@ class Task(Future):
         self._waiting = None    # the Future this task is suspended on
         self.on_exit = on_exit
         self.name = name
+        self._unretrieved = False   # failed, and nobody has looked yet
         self._step(None, None)
 
     def __repr__(self):
@@ -582,6 +584,8 @@ class Task(Future):
         if future._state == _CANCELLED:
             self._step(None, CancelledError())
         else:
+            if future.__class__ is Task:
+                future._unretrieved = False
             self._step(future._result, future._exception)
 
     def _step(self, value, exception):
@@ -622,6 +626,8 @@ class Task(Future):
                 value, exception = None, CancelledError()
             else:
                 value, exception = yielded._result, yielded._exception
+                if yielded.__class__ is Task:
+                    yielded._unretrieved = False
 
     def _finish(self, result, exception):
         self._coro = None
@@ -629,10 +635,32 @@ class Task(Future):
             self._result = result
         else:
             self._exception = exception
+            self._unretrieved = self.on_exit is None
         self._state = _DONE
         if self.on_exit is not None:
             self.on_exit(self)
         self._schedule_callbacks()
+
+    def result(self):
+        self._unretrieved = False
+        return Future.result(self)
+
+    def exception(self):
+        self._unretrieved = False
+        return Future.exception(self)
+
+    def add_done_callback(self, callback):
+        self._unretrieved = False
+        Future.add_done_callback(self, callback)
+
+    def __del__(self):
+        # A spawned task that failed and that nobody awaited: say so, as
+        # asyncio does, rather than let the exception vanish.
+        if self._state == _DONE and self._unretrieved:
+            exc = self._exception
+            log = self._loop.log if self._loop is not None else logging.getLogger("pagi_ref")
+            log.error("exception in task %r was never retrieved\n%s", self, "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
 
 
 def _as_future(obj):
@@ -768,6 +796,11 @@ _FIELD_LINE = re.compile(
 # RFC 9112 §3: request-line = method SP request-target SP HTTP-version
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ], where
+# uri-host = IP-literal / IPv4address / reg-name (unreserved, pct-encoded,
+# sub-delims).  An invalid value is a 400, like a missing one.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~%]+)?\]"
+                   rb"|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 # RFC 9112 §7.1: chunk-size = 1*HEXDIG, then chunk-ext (ignored, but its
 # bytes must be visible characters, SP or HTAB).
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?")
@@ -965,6 +998,8 @@ class RequestParser:
         for name, value in request.headers:
             if name == b"host":
                 host_count += 1
+                if not _HOST.fullmatch(value):
+                    raise HTTPError(400, "invalid Host header")
             elif name == b"content-length":
                 # RFC 9110 §8.6: Content-Length = 1*DIGIT.  We take exactly
                 # one field with one value (a list "5, 5" or a second field
@@ -1118,6 +1153,9 @@ class RequestParser:
 # -- the response side --------------------------------------------------------
 
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+# RFC 9110 §15 names, whatever this Python's http module calls them.
+_REASONS.update({413: b"Content Too Large", 414: b"URI Too Long",
+                 416: b"Range Not Satisfiable", 422: b"Unprocessable Content"})
 _STATUS_LINES = {}   # (status, version) -> b"HTTP/1.1 200 OK\r\n"
 
 
@@ -1622,11 +1660,12 @@ class ConnectionState:
     on_complete (the response was fully delivered) fires per request.
     """
 
-    __slots__ = ("_connected", "_reason", "_ended", "_started", "_complete",
+    __slots__ = ("_connected", "_socket_open", "_reason", "_ended", "_started", "_complete",
                  "_disconnect_callbacks", "_complete_callbacks", "_future", "_log")
 
-    def __init__(self, log):
-        self._connected = True          # is_connected(); never back to True
+    def __init__(self, log, socket_open=None):
+        self._connected = True          # False once this request ended abnormally
+        self._socket_open = socket_open or [True]   # [False] once the socket closed
         self._reason = None             # disconnect_reason()
         self._ended = False             # one of the two terminal signals fired
         self._started = False           # response_started()
@@ -1641,7 +1680,8 @@ class ConnectionState:
             self._connected, self._reason, self._started, self._complete)
 
     def is_connected(self):
-        return self._connected
+        """True while the connection is open; never True again once False."""
+        return self._connected and self._socket_open[0]
 
     def disconnect_reason(self):
         return self._reason
@@ -1711,7 +1751,7 @@ class Exchange:
     def __init__(self, conn, head):
         self.conn = conn
         self.head = head
-        self.state = ConnectionState(conn.log)
+        self.state = ConnectionState(conn.log, conn.socket_open)
         # request side
         self.queue = collections.deque()  # http.request events not yet received
         self.body_complete = False        # the whole request body was parsed
@@ -1891,35 +1931,33 @@ class Exchange:
         # An unread body we never asked for (no 100 sent): do not wait for it.
         if head.expect_continue and not self.continue_sent and not self.body_complete:
             keep_alive = False
-        lines = [status_line(self.status)]
-        for name, value in self.headers:
-            lines.append(name + b": " + value + b"\r\n")
+        headers = self.headers       # the application's, then the server's own
         if not self.has_date:
-            lines.append(b"date: " + _date.get() + b"\r\n")
+            headers.append((b"date", _date.get()))
         if self.length is not None:
-            if self.length == 0 and not self.no_body:
-                final_size = None
+            pass                     # the application's Content-Length frames it
         elif self.no_body:
             if head.method == "HEAD" and final_size:
-                lines.append(b"content-length: %d\r\n" % final_size)
+                headers.append((b"content-length", b"%d" % final_size))
         elif final_size is not None and not (self.trailers and head.http_version == "1.1"):
-            lines.append(b"content-length: %d\r\n" % final_size)
+            headers.append((b"content-length", b"%d" % final_size))
             self.length = final_size
         elif head.http_version == "1.1":
-            lines.append(b"transfer-encoding: chunked\r\n")
+            headers.append((b"transfer-encoding", b"chunked"))
             self.chunked = True
         else:
-            keep_alive = False    # HTTP/1.0 without a length: the close delimits
+            keep_alive = False       # HTTP/1.0 without a length: the close delimits
         if head.http_version == "1.1":
             if not keep_alive:
-                lines.append(b"connection: close\r\n")
+                headers.append((b"connection", b"close"))
         else:
-            lines.append(b"connection: keep-alive\r\n" if keep_alive else b"connection: close\r\n")
-        lines.append(b"\r\n")
+            headers.append((b"connection", b"keep-alive" if keep_alive else b"close"))
         self.keep_alive = keep_alive
         self.head_pending = False
         self.head_sent = True
-        return b"".join(lines)
+        return b"".join([status_line(self.status)]
+                        + [name + b": " + value + b"\r\n" for name, value in headers]
+                        + [b"\r\n"])
 
     def _send_body(self, event):
         if not self.state._started:
@@ -2067,6 +2105,10 @@ class Exchange:
         self.delivered = True
         self.state._completed()
         self.log_access()
+        if self.waiter is not None and self.body_complete and self.final_given:
+            # PAGI HTTP "Disconnect": a receive() still waiting once the
+            # response has been sent gets http.disconnect.
+            self._deliver({"type": "http.disconnect"})
         self.conn.exchange_progress(self)
 
     def log_access(self):
@@ -2182,7 +2224,7 @@ class HTTPConnection:
         self.transport = Transport(sock, self.loop, config.write_high_watermark,
                                    config.write_low_watermark, self._write_failed)
         self.exchange = None          # the request being served
-        self.last_state = None        # pagi.connection of the last request
+        self.socket_open = [True]     # shared by this socket's pagi.connection objects
         self.reading = False          # the reader callback is registered
         self.peer_eof = False         # the client sent FIN
         self.closing = False          # no more requests: flushing, then closing
@@ -2301,7 +2343,6 @@ class HTTPConnection:
     def _begin(self, head):
         self.requests += 1
         exchange = self.exchange = Exchange(self, head)
-        self.last_state = exchange.state
         if not head.chunked and not head.content_length:
             self.parser.next_event()      # the EndOfMessage of a body-less request
             exchange.body_complete = True
@@ -2414,8 +2455,7 @@ class HTTPConnection:
         self.reading = False
         self.transport.close()
         self.loop.forget(self.fd)
-        if self.last_state is not None:
-            self.last_state._connected = False
+        self.socket_open[0] = False   # every request's is_connected() is now False
         self.server.connection_closed(self)
 
 
@@ -2552,7 +2592,7 @@ class AccessLog:
 
     def report_drops(self):
         if self.dropped:
-            self.error_log.warning("access log: %d lines dropped because the sink is not "
+            self.error_log.error("access log: %d lines dropped because the sink is not "
                                    "keeping up (%d in all)", self.dropped, self.dropped_total)
             self.dropped = 0
 
@@ -2586,6 +2626,7 @@ class AccessLog:
 _ACCEPT_BATCH = 64          # connections accepted per readiness event
 _ACCEPT_BACKOFF = 0.5       # seconds the listener rests after EMFILE/ENFILE
 _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
+_SHUTDOWN_GRACE = 0.1       # seconds aborted applications get to clean up
 
 
 class Server:
@@ -2702,7 +2743,9 @@ class Server:
     def _shutdown_expired(self):
         for conn in list(self.connections):
             conn.abort("server_shutdown")
-        self.loop.stop()
+        # Let the applications run what follows their disconnect (cleanup,
+        # finally blocks) for a moment before the loop stops.
+        self.loop.call_later(_SHUTDOWN_GRACE, self.loop.stop)
 
     def _maybe_finished(self):
         if self.shutting_down and not self.connections:
@@ -2797,7 +2840,13 @@ class Server:
         now = loop.time()
         config = self.config
         for conn in list(self.connections):
-            if conn.closing or conn.closed:
+            if conn.closed:
+                continue
+            transport = conn.transport
+            if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
+                conn.abort("write_timeout")
+                continue
+            if conn.closing:
                 continue
             exchange = conn.exchange
             if exchange is None:
@@ -2811,10 +2860,7 @@ class Server:
                 elif now - conn.last_activity > config.keepalive_timeout:
                     conn.close()
                 continue
-            transport = conn.transport
-            if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
-                conn.abort("write_timeout")
-            elif (not exchange.body_complete and conn.reading and now - max(
+            if (not exchange.body_complete and conn.reading and now - max(
                     conn.last_activity, transport.last_progress) > config.client_timeout):
                 conn.abort("client_timeout")
         if self.access_log is not None:
@@ -2822,12 +2868,30 @@ class Server:
         loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
 
+def _error_log(config):
+    """The "pagi_ref" logger to stderr at config.log_level, set up once."""
+    log = logging.getLogger("pagi_ref")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(_LOG_LEVELS[config.log_level])
+    return log
+
+
 def run(app, host="127.0.0.1", port=8000, **config):
-    """Serve ``app`` until SIGTERM/SIGINT: for people who vendor this file."""
-    server = Server(app, Config(host=host, port=port, **config))
+    """Serve ``app`` until SIGTERM/SIGINT: for people who vendor this file.
+    Prints the listening line (with the real port) as the command line does."""
+    config = Config(host=host, port=port, **config)
+    server = Server(app, config, logger=_error_log(config))
     host, port = server.bind()
-    server.log.info("pagi_ref: listening on http://%s:%d", host, port)
-    server.serve(install_signals=threading.current_thread() is threading.main_thread())
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        server.install_signal_handlers()
+    sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % (host, port))
+    sys.stderr.flush()
+    server.serve()
 
 
 # ============================================================================
@@ -2893,7 +2957,12 @@ def _argument_parser():
                         help="the application: a dotted module or a .py path, and an attribute")
     parser.add_argument("--version", action="version", version="pagi_ref " + __version__)
     for name, default, kind, help_text in _CONFIG_FIELDS:
-        shown = "computed" if default is None else repr(default)
+        if default is not None:
+            shown = repr(default)
+        elif name in _CONFIG_FACTORIES:
+            shown = "from RLIMIT_NOFILE, now %r" % _CONFIG_FACTORIES[name]()
+        else:
+            shown = "off"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
                             default=None, metavar=kind.__name__.upper(),
                             help=("%s (default: %s)" % (help_text, shown)).replace("%", "%%"))
@@ -2915,14 +2984,14 @@ def main(argv=None):
     except (ConfigError, _UsageError) as exc:
         sys.stderr.write("pagi_ref: error: %s\n" % exc)
         return 2
-    log = logging.getLogger("pagi_ref")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(_LOG_LEVELS[config.log_level])
-    log.propagate = False
-    server = Server(app, config, logger=log)
+    if config.access_log not in (None, "-"):
+        try:
+            open(config.access_log, "ab").close()
+        except OSError as exc:
+            sys.stderr.write("pagi_ref: error: cannot open the access log %s: %s\n"
+                             % (config.access_log, exc.strerror or exc))
+            return 2
+    server = Server(app, config, logger=_error_log(config))
     try:
         host, port = server.bind()
     except OSError as exc:

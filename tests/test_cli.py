@@ -4,75 +4,16 @@ status 2 with a one-line error, --version, --help, SIGTERM/SIGINT, and an
 application that imports pagi_ref getting the running server's module.
 """
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 
-from conftest import ROOT
 from wire import exchange
-from apputil import req
-
-SCRIPT = os.path.join(ROOT, "pagi_ref.py")
-LISTENING = re.compile(r"^pagi_ref: listening on http://([0-9.]+):(\d+)$")
-
-
-class Proc:
-    """A pagi_ref process whose stderr is read line by line in a thread."""
-
-    def __init__(self, args, cwd=ROOT, env=None):
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.p = subprocess.Popen([sys.executable] + args, cwd=cwd, env=full_env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-        self.lines = queue.Queue()
-        self.stderr = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for raw in iter(self.p.stderr.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            self.stderr.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_listening(self, timeout=10):
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError("no listening line; stderr so far: %r" % self.stderr)
-            if line is None:
-                raise AssertionError("process ended before listening (rc=%r): %r"
-                                     % (self.p.wait(5), self.stderr))
-            m = LISTENING.match(line)
-            if m:
-                return m.group(1), int(m.group(2))
-
-    def stop(self, sig=signal.SIGTERM, timeout=10):
-        self.p.send_signal(sig)
-        try:
-            rc = self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait(5)
-            raise AssertionError("did not stop within %ss after %s" % (timeout, sig))
-        self.reader.join(5)
-        return rc
-
-    def close(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(5)
-        self.p.stdout.close()
-        self.p.stderr.close()
+from apputil import ROOT, SCRIPT, ServerProcess as Proc, req
 
 
 def run_to_end(args, cwd=ROOT, env=None, timeout=20):
@@ -259,3 +200,29 @@ def test_help_lists_the_options():
     for option in ("--host", "--port", "--version", "--help"):
         assert option in text, option
     assert "MODULE" in text.upper()
+
+
+RUN_SCRIPT = textwrap.dedent('''
+    import logging
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import pagi_ref
+
+    def app(scope, receive, send):
+        yield pagi_ref.sleep(0.001)
+        yield send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"3")]})
+        yield send({"type": "http.response.body", "body": b"run"})
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    pagi_ref.run(app, host="127.0.0.1", port=0)
+''')
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_run_from_python_code(tmp_path, sig):
+    script = tmp_path / "vendored.py"
+    script.write_text(RUN_SCRIPT)
+    resp, rc, stderr = serve_and_get([str(script), ROOT], cwd=str(tmp_path), sig=sig)
+    assert resp.status == 200 and resp.body == b"run"
+    assert rc == 0, stderr

@@ -304,3 +304,24 @@ def test_reasons_are_standard_strings():
         s.close()
         assert done.wait(5)
     assert got[0] in STANDARD_REASONS and got[0] == "client_closed"
+
+
+def test_is_connected_false_for_every_request_once_the_connection_closed():
+    # Spec: is_connected() "returns true while the connection is open, false
+    # once it has closed (for any reason)" -- also for an earlier request of
+    # a keep-alive connection whose object the application still holds.
+    conns = []
+
+    def app(scope, receive, send):
+        conns.append(scope["pagi.connection"])
+        yield from respond(send, 200, b"ok")
+
+    with serve(app) as srv:
+        with connect(srv.port) as s:
+            r = Reader(s)
+            s.sendall(req("/1") + req("/2") + req("/3"))
+            for _ in range(3):
+                assert r.read_response().status == 200
+        assert wait_until(lambda: not conns[-1].is_connected()), "the server never saw the close"
+    assert [c.is_connected() for c in conns] == [False, False, False]
+    assert [c.disconnect_reason() for c in conns] == [None, None, None]

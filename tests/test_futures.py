@@ -237,3 +237,21 @@ def test_two_servers_in_threads_share_nothing():
         for t in threads:
             t.join(10)
     assert results == {"a1": b"one", "a2": b"one", "b1": b"two", "b2": b"two"}
+
+
+def test_helpers_outside_a_loop_thread_fail_clearly():
+    # sleep() finds the loop running in its thread, as asyncio does; a plain
+    # thread has none, and the helper says so instead of using another loop.
+    def in_worker():
+        try:
+            pagi_ref.sleep(0.01)
+        except RuntimeError as exc:
+            return "RuntimeError:" + str(exc)
+        return "no error"
+
+    def app(scope, receive, send):
+        text = yield pagi_ref.to_thread(in_worker)
+        yield from respond(send, 200, text.encode())
+
+    resp, _ = run(app)
+    assert resp.body.startswith(b"RuntimeError:"), resp.body

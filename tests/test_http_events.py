@@ -77,6 +77,15 @@ def test_request_without_body_gives_one_empty_event():
     assert events == [("http.request", b"", events[0][2])] and not events[0][2]
 
 
+def test_empty_chunked_body_gives_one_final_event():
+    events = []
+    with serve(recording_app(events)) as srv:
+        resp = exchange(srv.port, req("/", "POST", [("Transfer-Encoding", "chunked")],
+                                      b"0\r\n\r\n"))
+    assert resp.body == b"got:"
+    assert len(events) == 1 and events[0][:2] == ("http.request", b"") and not events[0][2]
+
+
 def test_chunked_request_with_extensions_and_trailers():
     events = []
     raw = req("/", "POST", [("Transfer-Encoding", "chunked")]) + (
@@ -143,6 +152,59 @@ def test_http_disconnect_after_the_response():
     assert seen == ["http.request", "http.disconnect"]
 
 
+def test_receive_pending_across_the_response_gets_http_disconnect_when_client_leaves():
+    # A watcher task waits on receive() to learn of a disconnect while the
+    # app responds (the usual "listen for disconnect" pattern).  The response
+    # ends, the client closes: the pending receive() must resolve with
+    # http.disconnect (spec: "If the client disconnects ... servers MUST send
+    # an explicit http.disconnect event to the application").
+    seen = []
+    done = threading.Event()
+
+    def app(scope, receive, send):
+        yield receive()                       # the (empty) request body
+
+        def watcher():
+            event = yield receive()
+            seen.append(event["type"])
+        task = pagi_ref.spawn(watcher())
+        yield from respond(send, 200, b"ok")
+        first = yield pagi_ref.wait_any(task, pagi_ref.sleep(2))
+        seen.append("watcher-ended" if first is task else "watcher-still-pending")
+        done.set()
+
+    with serve(app) as srv:
+        with connect(srv.port) as s:
+            s.sendall(req("/"))
+            assert Reader(s).read_response().status == 200
+        assert done.wait(10)
+    assert seen == ["http.disconnect", "watcher-ended"]
+
+
+def test_pipelined_request_not_blocked_by_receive_pending_across_the_response():
+    # Same pattern on a keep-alive connection: after the response the
+    # pending receive() resolves (http.disconnect: the request is over),
+    # the app returns, and the next pipelined request is served.
+    seen = []
+
+    def app(scope, receive, send):
+        yield receive()
+
+        def watcher():
+            event = yield receive()
+            seen.append(event["type"])
+        task = pagi_ref.spawn(watcher())
+        yield from respond(send, 200, scope["path"].encode())
+        yield task
+
+    with serve(app) as srv, connect(srv.port, timeout=5) as s:
+        r = Reader(s)
+        s.sendall(req("/1") + req("/2"))
+        assert r.read_response().body == b"/1"
+        assert r.read_response().body == b"/2"
+    assert seen[:1] == ["http.disconnect"]
+
+
 def test_event_extras_and_accepted_types():
     def app(scope, receive, send):
         yield send({"type": "http.response.start", "status": 200,
@@ -196,6 +258,14 @@ INVALID_START = {
                              "headers": [(b"x-\x01injected", b"v")]}, START, "headers"),
     "header-not-pair": ({"type": START, "status": 200,
                          "headers": [(b"x-injected", b"v", b"w")]}, START, "headers"),
+    "status-bool": ({"type": START, "status": True, "headers": []}, START, "status"),
+    "status-out-of-range": ({"type": START, "status": 1000, "headers": []}, START, "status"),
+    "trailers-str": ({"type": START, "status": 200, "headers": [], "trailers": "1"},
+                     START, "trailers"),
+    "header-name-str": ({"type": START, "status": 200, "headers": [("x-a", b"v")]},
+                        START, "headers"),
+    "header-value-str": ({"type": START, "status": 200, "headers": [(b"x-a", "v")]},
+                         START, "headers"),
     "unknown-type": ({"type": "http.response.bogus", "status": 200}, "http.response.bogus", "type"),
     "missing-type": ({"status": 200, "headers": []}, "", "type"),
 }
@@ -224,6 +294,8 @@ def vsrv():
         yield start(send, 200, [(b"content-type", b"text/plain")], trailers=name == "trailers")
         if name == "body-str":
             bad = {"type": BODY, "body": "text", "more": 0}
+        elif name == "more-str":
+            bad = {"type": BODY, "body": b"x", "more": "yes"}
         elif name == "trailers":
             yield body(send, b"x", more=False)
             bad = {"type": TRAILERS, "headers": [(b"x-t", b"a\r\nInjected: 1")]}
@@ -263,6 +335,13 @@ def test_body_as_str_fails_the_send(vsrv):
     assert resp.status == 200 and resp.complete
     assert text.startswith("EventError|"), text
     assert BODY in text and "body" in text.replace(BODY, ""), text
+
+
+def test_more_as_str_fails_the_send(vsrv):
+    resp = exchange(vsrv.port, req("/more-str", headers=[("Connection", "close")]))
+    text = resp.body.decode()
+    assert resp.status == 200 and resp.complete
+    assert text.startswith("EventError|") and BODY in text and "more" in text, text
 
 
 def test_invalid_trailers_fail_the_send(vsrv):

@@ -38,6 +38,8 @@ def srv():
 
 def read_server_error(reader):
     resp = reader.read_response()
+    if (resp.header("connection") or b"").lower() != b"close":
+        return resp, None     # not a server-generated error: fail without waiting
     return resp, reader.read_all()
 
 
@@ -156,6 +158,38 @@ def test_bytes_after_a_bad_request_are_not_answered(srv):
         s.sendall(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n" + req("/after"))
         resp, rest = read_server_error(Reader(s))
     assert_server_error(resp, rest, 400)
+
+
+def test_bad_request_after_a_good_pipelined_one(srv):
+    with connect(srv.port) as s:
+        s.sendall(req("/good") + b"GET / HTTP/1.1\r\nHost: test\r\nX-A: a\x00b\r\n\r\n" + req("/never"))
+        r = Reader(s)
+        good = r.read_response()
+        assert good.status == 200 and good.body == b"ok:0:"
+        resp, rest = read_server_error(r)
+    assert_server_error(resp, rest, 400)
+
+
+@pytest.mark.parametrize("host", [b"a b", b"bad/host", b"user@evil", b"ex\xffample"],
+                         ids=["space", "slash", "userinfo", "non-ascii"])
+def test_invalid_host_value_is_400(srv, host):
+    # RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status
+    # code to any HTTP/1.1 request message that lacks a Host header field and
+    # to any request message that contains more than one Host header field
+    # line or a Host header field with an invalid field value."  Host =
+    # uri-host [ ":" port ] (RFC 9110 §7.2).
+    n = len(srv.calls)
+    with connect(srv.port) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        resp, rest = read_server_error(Reader(s))
+    assert_server_error(resp, rest, 400)
+    assert len(srv.calls) == n
+
+
+@pytest.mark.parametrize("host", [b"example.com", b"example.com:8080", b"127.0.0.1:80",
+                                  b"[::1]:8000", b"xn--bcher-kva.example", b""])
+def test_valid_host_values_accepted(srv, host):
+    ok(srv, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
 
 
 # -- accepted at the limits ---------------------------------------------------------

@@ -1,0 +1,134 @@
+"""The pages of docs/ that describe the code, checked against the code, so
+that they cannot go stale silently:
+
+- docs/server.md documents every field of ``pagi_ref._CONFIG_FIELDS`` as its
+  ``--flag-name``, in a table row that shows the field's default;
+- every Python block of docs/tutorial.md is an excerpt of a file in
+  examples/ (which tests/test_examples.py runs);
+- every name docs/architecture.md gives in its section map, and every
+  ``Class.method`` it mentions, exists in pagi_ref.py.
+"""
+import os
+import re
+
+import pytest
+
+import pagi_ref
+from conftest import ROOT
+
+DOCS = os.path.join(ROOT, "docs")
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def read(*parts):
+    with open(os.path.join(*parts), encoding="utf-8") as f:
+        return f.read()
+
+
+# -- server.md ---------------------------------------------------------------
+
+def option_rows():
+    """{'--flag': row text} for the table rows of server.md's "Options"."""
+    text = read(DOCS, "server.md")
+    section = text[text.index("\n## Options\n"):]
+    section = section[: section.index("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `(--[a-z-]+)`", line)
+        if m:
+            rows[m.group(1)] = line
+    return rows
+
+
+@pytest.mark.parametrize("field", [f[0] for f in pagi_ref._CONFIG_FIELDS])
+def test_server_md_documents_every_config_field_with_its_default(field):
+    flag = "--" + field.replace("_", "-")
+    rows = option_rows()
+    assert flag in rows, "docs/server.md has no table row for %s" % flag
+    default = dict((f[0], f[1]) for f in pagi_ref._CONFIG_FIELDS)[field]
+    cells = [c.strip() for c in rows[flag].split("|")]
+    shown = cells[2]
+    if default is None:
+        assert shown in ("computed", "off"), (flag, shown)
+    elif isinstance(default, str):
+        assert shown == '`"%s"`' % default, (flag, shown, default)
+    else:
+        assert shown == "`%r`" % default, (flag, shown, default)
+
+
+def test_server_md_documents_the_other_options():
+    text = read(DOCS, "server.md")
+    for flag in ("--no-access-log", "--version", "--help"):
+        assert "`%s`" % flag in text, flag
+
+
+def test_server_md_has_no_option_the_code_lacks():
+    fields = {"--" + f[0].replace("_", "-") for f in pagi_ref._CONFIG_FIELDS}
+    extra = set(option_rows()) - fields - {"--no-access-log", "--version"}
+    assert not extra, "docs/server.md documents options pagi_ref.py does not have: %s" % extra
+
+
+# -- tutorial.md ---------------------------------------------------------------
+
+def python_blocks(text):
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def is_excerpt(block, source):
+    """True if the block's lines appear, in order and contiguous, in source,
+    all shifted by the same indentation."""
+    want = block.rstrip("\n").split("\n")
+    have = source.split("\n")
+    first = want[0]
+    for i, line in enumerate(have):
+        if not line.endswith(first.lstrip()) or not line.strip():
+            continue
+        indent = line[: len(line) - len(first)]
+        if line != indent + first:
+            continue
+        if all(i + j < len(have) and (have[i + j] == (indent + w if w else "")
+                                      or (not w and not have[i + j].strip()))
+               for j, w in enumerate(want)):
+            return True
+    return False
+
+
+def test_every_python_block_of_the_tutorial_is_an_excerpt_of_an_example():
+    sources = {name: read(EXAMPLES, name) for name in os.listdir(EXAMPLES)
+               if name.endswith(".py")}
+    blocks = python_blocks(read(DOCS, "tutorial.md"))
+    assert len(blocks) >= 10
+    orphans = [b for b in blocks if not any(is_excerpt(b, s) for s in sources.values())]
+    assert not orphans, "tutorial blocks not found verbatim in examples/: %r" % orphans
+
+
+# -- architecture.md -------------------------------------------------------------
+
+def test_architecture_md_names_exist_in_pagi_ref():
+    text = read(DOCS, "architecture.md")
+    missing = []
+    # The section map: every backticked name in the "names" column.
+    for line in text.splitlines():
+        if not re.match(r"\| [1-8] \|", line):
+            continue
+        names_cell = line.split("|")[4]
+        names = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", names_cell)
+        classes = [getattr(pagi_ref, n) for n in names
+                   if isinstance(getattr(pagi_ref, n, None), type)]
+        for name in names:
+            if name == "__main__":
+                continue
+            if not (hasattr(pagi_ref, name) or any(hasattr(c, name) for c in classes)):
+                missing.append(name)
+    # Anywhere: `Class.attribute`, a class or instance attribute (one set in
+    # the code as ``self.attribute``).
+    source = read(ROOT, "pagi_ref.py")
+    for cls, attr in re.findall(r"`([A-Z][A-Za-z]*)\.([A-Za-z_][A-Za-z0-9_]*)`", text):
+        if attr in ("md", "py"):
+            continue    # a file name
+        if not isinstance(getattr(pagi_ref, cls, None), type):
+            missing.append(cls)
+        elif not (hasattr(getattr(pagi_ref, cls), attr)
+                  or re.search(r"self\.%s = " % attr, source)):
+            missing.append("%s.%s" % (cls, attr))
+    assert not missing, "docs/architecture.md names what pagi_ref.py lacks: %s" % missing

@@ -881,6 +881,11 @@ class RequestParser:
         return len(self._buf)
 
     @property
+    def body_exhausted(self):
+        """A Content-Length body has been handed out whole."""
+        return self._state == _BODY and self._remaining == 0
+
+    @property
     def in_head(self):
         """Waiting for (part of) a request head."""
         return self._state == _HEAD
@@ -1846,15 +1851,19 @@ class Exchange:
                 return
         self.queue.append(event)
 
-    def push_body(self, data):
+    def push_body(self, data, more=1):
         if self.discarding:
             return
-        self._deliver({"type": "http.request", "body": data, "more": 1})
+        if not more and self.waiter is not None:
+            self.final_given = True
+        self._deliver({"type": "http.request", "body": data, "more": more})
 
     def end_body(self):
         self.body_complete = True
         if self.discarding:
             self.conn.exchange_progress(self)
+        elif self.final_given:
+            pass
         elif self.queue:
             self.queue[-1]["more"] = 0
         elif self.waiter is not None:
@@ -2336,7 +2345,14 @@ class HTTPConnection:
             if event is None:
                 return
             if event.__class__ is bytes:
-                exchange.push_body(event)
+                if parser.body_exhausted:
+                    # The last bytes of a Content-Length body: one event
+                    # with more=0 rather than the data and an empty event.
+                    parser.next_event()
+                    exchange.push_body(event, 0)
+                    exchange.end_body()
+                else:
+                    exchange.push_body(event)
             else:
                 exchange.end_body()
 

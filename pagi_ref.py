@@ -1605,8 +1605,11 @@ def _check_field(etype, field, kind, value):
         what = "int (0 or 1) or bool"
     elif kind == "status":
         ok = isinstance(value, int) and not isinstance(value, bool)
-        if ok and not 100 <= value <= 599:
-            raise EventError("%s: %r must be in 100..599, got %d" % (etype, field, value))
+        # RFC 9110 §15: 1xx are interim responses, which PAGI has no event
+        # for; http.response.start carries the final one (docs/deviations.md).
+        if ok and not 200 <= value <= 599:
+            raise EventError("%s: %r must be a final status in 200..599, got %d"
+                             % (etype, field, value))
         what = "int"
     elif kind == "count":
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -1921,9 +1924,9 @@ class Exchange:
         self.headers = headers
         self.trailers = bool(event.get("trailers"))
         # RFC 9110 §9.3.2, §15.3.5, §15.4.5, RFC 9112 §6.3: no body for HEAD,
-        # 1xx, 204 and 304.
-        self.no_body = self.head.method == "HEAD" or status < 200 or status in (204, 304)
-        if status < 200 or status == 204:
+        # 204 and 304.
+        self.no_body = self.head.method == "HEAD" or status in (204, 304)
+        if status == 204:
             self.length = None
             headers[:] = [(n, v) for n, v in headers if n != b"content-length"]
         self.state._started = True
@@ -2008,7 +2011,7 @@ class Exchange:
             transport.write(body)
         if not more:
             self.body_ended = True
-            if not self.trailers or not self.chunked:
+            if not self.trailers:
                 self._response_end()
         return transport.suspend()
 
@@ -2055,7 +2058,8 @@ class Exchange:
                 transport.write(LAST_CHUNK)
             if owned:
                 file.close()
-            self._response_end()
+            if not self.trailers:
+                self._response_end()
             return transport.suspend()
         self.bytes_out += count
         if self.chunked:
@@ -2063,7 +2067,7 @@ class Exchange:
         done = transport.write_file(file, offset, count, owned)
         if self.chunked:
             transport.write(b"\r\n" if self.trailers else b"\r\n" + LAST_CHUNK)
-        if not self.trailers or not self.chunked:
+        if not self.trailers:
             self._response_end()
         # For "fh" the application closes the file after this Future: it must
         # not resolve before the last byte of the slice has been written.

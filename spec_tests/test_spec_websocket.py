@@ -1,0 +1,256 @@
+"""WebSocket (docs/spec.md section 5)."""
+import json
+import time
+
+import pytest
+
+from spec_wire import WebSocket, new_token, wait_journal, ws_accept_value, ws_handshake
+
+clause = pytest.mark.clause
+
+
+@pytest.fixture(scope="module")
+def ws_supported(addr):
+    c, resp = ws_handshake(addr, "/ws/echo")
+    c.close()
+    if resp.status != 101:
+        pytest.skip("pending: server does not implement WebSocket yet (the upgrade to /ws/echo "
+                    "was answered %d%s)" % (resp.status,
+                                            ", by the http app" if resp.header("x-spec-app")
+                                            else ""))
+
+
+def open_ws(addr, path, **kw):
+    c, resp = ws_handshake(addr, path, **kw)
+    assert resp.status == 101, resp
+    return c, resp, WebSocket(c)
+
+
+def disconnect_record(addr, token, timeout=5.0):
+    entries = wait_journal(addr, token, lambda es: any(e.get("disconnect") for e in es), timeout)
+    found = [e for e in entries if e.get("disconnect")]
+    assert found, entries
+    return found[0], entries
+
+
+@clause("WS-HS-1", "WS-HS-2")
+def test_handshake(addr, ws_supported):
+    token = new_token()
+    c, resp, ws = open_ws(addr, "/ws/echo?token=" + token)
+    with c:
+        assert resp.header("upgrade", b"").lower() == b"websocket"
+        assert b"upgrade" in resp.header("connection", b"").lower()
+        assert resp.header("sec-websocket-accept") == ws_accept_value(resp.ws_key)
+        entries = wait_journal(addr, token, lambda es: es)
+        assert entries[0] == {"first_event": "websocket.connect"}
+
+
+@clause("WS-HS-2", "WS-SCOPE-2")
+def test_subprotocol_and_accept_headers(addr, ws_supported):
+    c, resp, ws = open_ws(addr, "/ws/echo?subprotocol=1&header=1", protocols="chat, superchat")
+    with c:
+        assert resp.header("sec-websocket-protocol") == b"chat"
+        assert resp.header("x-spec-accept") == b"yes"
+
+
+@clause("WS-SCOPE-1", "WS-SCOPE-2", "WS-TRANSPORT-1")
+def test_scope(addr, ws_supported):
+    c, resp, ws = open_ws(addr, "/ws/scope?x=1", protocols=" a ,b")
+    with c:
+        kind, text = ws.recv()
+        assert kind == "text"
+        s = json.loads(text)
+    assert s["type"] == "websocket"
+    assert s["scheme"] == "ws"
+    assert s["http_version"] == "1.1"
+    assert s["path"] == "/ws/scope" and s["raw_path"] == "/ws/scope"
+    assert s["query_string"] == "x=1"
+    assert s["root_path"] == ""
+    assert s["pagi"]["version"] == "0.3"
+    assert s["subprotocols"] == ["a", "b"]
+    assert s["types"]["subprotocols"] == "list"
+    names = [n for n, _v in s["headers"]]
+    assert "upgrade" in names and "sec-websocket-key" in names and "host" in names
+    assert s["headers_ok"]
+    assert s["client_types"] == ["str", "int"]
+    assert s["types"]["extensions"] == "dict"
+    assert s["transport"] is not None
+
+
+@clause("WS-SCOPE-2")
+def test_subprotocols_empty_without_header(addr, ws_supported):
+    c, resp, ws = open_ws(addr, "/ws/scope")
+    with c:
+        _kind, text = ws.recv()
+    assert json.loads(text)["subprotocols"] == []
+
+
+@clause("WS-MSG-1", "WS-MSG-2")
+def test_echo_text_and_binary(addr, ws_supported):
+    token = new_token()
+    c, resp, ws = open_ws(addr, "/ws/echo?token=" + token)
+    with c:
+        ws.text("h\u00e9llo")
+        assert ws.recv() == ("text", "h\u00e9llo")
+        ws.binary(b"\x00\xff\x10")
+        assert ws.recv() == ("bytes", b"\x00\xff\x10")
+        big = "x" * 70000
+        ws.text(big)
+        assert ws.recv() == ("text", big)
+    entries = wait_journal(addr, token, lambda es: len(es) >= 4)
+    received = [e for e in entries if "received" in e]
+    assert [e["received"] for e in received] == ["text", "bytes", "text"]
+    assert not any(e["both"] for e in received)
+
+
+@clause("WS-MSG-3")
+def test_fragments_reassembled_and_ping_answered(addr, ws_supported):
+    c, resp, ws = open_ws(addr, "/ws/echo")
+    with c:
+        ws.send(0x1, b"frag", fin=False)
+        ws.send(0x9, b"p1")                 # a control frame between fragments
+        ws.send(0x0, b"men", fin=False)
+        ws.send(0x0, b"ted", fin=True)
+        assert ws.recv() == ("pong", b"p1")
+        assert ws.recv() == ("text", "fragmented")
+
+
+@clause("WS-MSG-4", "WS-CLOSE-4")
+def test_invalid_utf8_closes_1007(addr, ws_supported):
+    token = new_token()
+    c, resp, ws = open_ws(addr, "/ws/echo?token=" + token)
+    with c:
+        ws.send(0x1, b"\xff\xfe")
+        kind, (code, _reason) = ws.recv()
+        assert kind == "close" and code == 1007
+    rec, _ = disconnect_record(addr, token)
+    assert rec["code"] == 1007 and rec["reason"] == "protocol_error"
+
+
+@clause("WS-PROTO-1", "WS-CLOSE-4")
+@pytest.mark.parametrize("frame", ["rsv", "opcode", "unmasked", "long-control",
+                                   "fragmented-control"])
+def test_protocol_violations_close_1002(addr, ws_supported, frame):
+    token = new_token()
+    c, resp, ws = open_ws(addr, "/ws/echo?token=" + token)
+    with c:
+        if frame == "rsv":
+            ws.send(0x1, b"x", rsv=0x4)
+        elif frame == "opcode":
+            ws.send(0x3, b"x")
+        elif frame == "unmasked":
+            ws.send(0x1, b"x", mask=False)
+        elif frame == "long-control":
+            ws.send(0x9, b"p" * 126)
+        else:
+            ws.send(0x9, b"p", fin=False)
+        kind, (code, _reason) = ws.recv()
+        assert kind == "close" and code == 1002
+    rec, _ = disconnect_record(addr, token)
+    assert rec["code"] == 1002 and rec["reason"] == "protocol_error"
+
+
+@clause("WS-CLOSE-2")
+def test_client_close_answered(addr, ws_supported):
+    token = new_token()
+    c, resp, ws = open_ws(addr, "/ws/echo?token=" + token)
+    with c:
+        ws.close(1000, b"bye")
+        kind, (code, _reason) = ws.recv()
+        assert kind == "close" and code == 1000
+        assert c.closed()
+    rec, _ = disconnect_record(addr, token)
+    assert rec["code"] == 1000 and rec["reason"] == "bye"
+
+
+@clause("WS-CLOSE-2")
+def test_client_close_without_code_is_1005(addr, ws_supported):
+    token = new_token()
+    c, resp, ws = open_ws(addr, "/ws/echo?token=" + token)
+    with c:
+        ws.close(None)
+        kind, _ = ws.recv()
+        assert kind == "close"
+    rec, _ = disconnect_record(addr, token)
+    assert rec["code"] == 1005
+
+
+@clause("WS-CLOSE-3", "CORE-DISC-1", "WS-CLOSE-5")
+def test_abrupt_close_is_1006(addr, ws_supported):
+    token = new_token()
+    c, resp, ws = open_ws(addr, "/ws/echo?token=" + token)
+    c.close()
+    rec, entries = disconnect_record(addr, token)
+    assert rec["code"] == 1006 and rec["reason"] in ("client_closed", "read_error")
+    late = wait_journal(addr, token, lambda es: any(
+        e.get("at") == "send_after_disconnect" for e in es))
+    late = [e for e in late if e.get("at") == "send_after_disconnect"]
+    assert late and late[0]["raised"] is False
+
+
+@clause("WS-CLOSE-1")
+def test_server_close(addr, ws_supported):
+    c, resp, ws = open_ws(addr, "/ws/close?code=4000&reason=done")
+    with c:
+        kind, (code, reason) = ws.recv()
+        assert (kind, code, reason) == ("close", 4000, b"done")
+        ws.close(4000)
+        assert c.closed()
+
+
+@clause("WS-HS-3")
+def test_close_before_accept_is_403(addr, ws_supported):
+    c, resp = ws_handshake(addr, "/ws/reject")
+    with c:
+        assert resp.status == 403
+
+
+@clause("WS-HS-4")
+def test_bad_version_426(addr, ws_supported):
+    c, resp = ws_handshake(addr, "/ws/echo", version=b"12")
+    with c:
+        assert resp.status == 426
+        assert resp.header("sec-websocket-version") == b"13"
+
+
+@clause("WS-HS-4")
+def test_missing_key_400(addr, ws_supported):
+    c, resp = ws_handshake(addr, "/ws/echo", key=False)
+    with c:
+        assert resp.status == 400
+
+
+@clause("WS-DENY-1")
+def test_denial_response(addr, ws_supported):
+    c, resp = ws_handshake(addr, "/ws/deny")
+    with c:
+        if resp.status == 403:
+            pytest.skip("not observable: websocket.http.response is not advertised (MAY)")
+        assert resp.status == 401
+        assert resp.header("www-authenticate") == b"Bearer"
+        body = c.reader.read_all()
+        assert body.endswith(b"denied")
+
+
+@clause("WS-MSG-2", "WS-DENY-2", "CORE-ERR-1")
+def test_invalid_sends_and_denial_after_accept(addr, ws_supported):
+    token = new_token()
+    c, resp, ws = open_ws(addr, "/ws/bad-send?token=" + token)
+    with c:
+        assert ws.recv() == ("text", "still-open")
+    entries = wait_journal(addr, token, lambda es: len(es) >= 2)
+    cases = {e["case"]: e for e in entries}
+    assert cases["both"]["raised"] is True
+    assert cases["neither"]["raised"] is True
+    if "deny-after-accept" in cases:
+        assert cases["deny-after-accept"]["raised"] is False
+
+
+@clause("WS-KEEP-1")
+def test_keepalive_pings(addr, ws_supported):
+    c, resp, ws = open_ws(addr, "/ws/echo?keepalive_ms=200")
+    with c:
+        start = time.monotonic()
+        kind, _payload = ws.recv()
+        assert kind == "ping"
+        assert time.monotonic() - start < 2.0

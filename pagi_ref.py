@@ -534,6 +534,11 @@ def _resolved(result=None):
     return future
 
 
+# What a send() that did not have to wait returns: done, result None.  It
+# has no loop and no callbacks and cannot change state, so one can serve all.
+_NO_WAIT = _resolved()
+
+
 def _failed(exception):
     future = _resolved()
     future._exception = exception
@@ -902,6 +907,8 @@ class RequestParser:
 
     def _parse_head(self):
         buf = self._buf
+        if not buf:
+            return None
         # RFC 9112 §2.2: a server SHOULD ignore at least one empty line
         # (CRLF) received prior to the request-line.
         if buf[:2] == b"\r\n":
@@ -1379,7 +1386,7 @@ class Transport:
     def suspend(self):
         """What send() returns: done, or pending until the drain edge."""
         if not self._above or self.closed:
-            return _resolved()
+            return _NO_WAIT
         waiter = Future(self._loop)
         self._drain_waiters.append(waiter)
         return waiter
@@ -1596,58 +1603,79 @@ def _check_headers(etype, field, headers):
                              % (etype, field, i, bytes(name)))
 
 
-def _check_field(etype, field, kind, value):
-    if kind == "bytes":
-        ok = isinstance(value, _BYTES_TYPES)
-        what = "bytes"
-    elif kind == "flag":
-        ok = isinstance(value, int)
-        what = "int (0 or 1) or bool"
-    elif kind == "status":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        # RFC 9110 §15: 1xx are interim responses, which PAGI has no event
-        # for; http.response.start carries the final one (docs/deviations.md).
-        if ok and not 200 <= value <= 599:
-            raise EventError("%s: %r must be a final status in 200..599, got %d"
-                             % (etype, field, value))
-        what = "int"
-    elif kind == "count":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if ok and value < 0:
-            raise EventError("%s: %r must not be negative, got %d" % (etype, field, value))
-        what = "non-negative int"
-    elif kind == "path":
-        ok = isinstance(value, (str, bytes, os.PathLike))
-        what = "str or path"
-    elif kind == "file":
-        ok = hasattr(value, "read") or hasattr(value, "fileno")
-        what = "binary file object"
-    else:   # "headers"
-        _check_headers(etype, field, value)
-        return
+def _expect(ok, etype, field, what, value):
     if not ok:
         raise EventError("%s: %r must be %s, got %s" % (etype, field, what, _kind_name(value)))
 
 
-def validate_event(event, table):
-    """Check an event against its schema; returns its type.  Raises
+def _check_bytes(etype, field, value):
+    _expect(isinstance(value, _BYTES_TYPES), etype, field, "bytes", value)
+
+
+def _check_flag(etype, field, value):
+    _expect(isinstance(value, int), etype, field, "int (0 or 1) or bool", value)
+
+
+def _check_status(etype, field, value):
+    _expect(isinstance(value, int) and not isinstance(value, bool), etype, field, "int", value)
+    # RFC 9110 §15: 1xx are interim responses, which PAGI has no event
+    # for; http.response.start carries the final one (docs/deviations.md).
+    if not 200 <= value <= 599:
+        raise EventError("%s: %r must be a final status in 200..599, got %d"
+                         % (etype, field, value))
+
+
+def _check_count(etype, field, value):
+    _expect(isinstance(value, int) and not isinstance(value, bool), etype, field,
+            "non-negative int", value)
+    if value < 0:
+        raise EventError("%s: %r must not be negative, got %d" % (etype, field, value))
+
+
+def _check_path(etype, field, value):
+    _expect(isinstance(value, (str, bytes, os.PathLike)), etype, field, "str or path", value)
+
+
+def _check_file(etype, field, value):
+    _expect(hasattr(value, "read") or hasattr(value, "fileno"), etype, field,
+            "binary file object", value)
+
+
+# The kinds a schema names, and the function that checks each.
+_FIELD_CHECKS = {"bytes": _check_bytes, "flag": _check_flag, "status": _check_status,
+                 "count": _check_count, "path": _check_path, "file": _check_file,
+                 "headers": _check_headers}
+
+
+def compile_schema(table):
+    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}"""
+    return {etype: tuple((field, _FIELD_CHECKS[kind], required)
+                         for field, (kind, required) in fields.items())
+            for etype, fields in table.items()}
+
+
+_HTTP_SEND_SCHEMA = compile_schema(HTTP_SEND_EVENTS)
+
+
+def validate_event(event, schema):
+    """Check an event against its compiled schema; returns its type.  Raises
     EventError naming the event and the field (PAGI core "Error Handling")."""
-    if not isinstance(event, dict):
+    if event.__class__ is not dict and not isinstance(event, dict):
         raise EventError("an event must be a dict, got %s" % _kind_name(event))
     etype = event.get("type")
-    if not isinstance(etype, str):
-        raise EventError("event has no 'type' string: %r" % (event,))
-    schema = table.get(etype)
-    if schema is None:
+    fields = schema.get(etype)
+    if fields is None:
+        if not isinstance(etype, str):
+            raise EventError("event has no 'type' string: %r" % (event,))
         raise EventError("%s: unknown event type for this scope (expected one of %s)"
-                         % (etype, ", ".join(sorted(table))))
-    for field, (kind, required) in schema.items():
+                         % (etype, ", ".join(sorted(schema))))
+    for field, check, required in fields:
         value = event.get(field)
         if value is None:
             if required:
                 raise EventError("%s: missing required field %r" % (etype, field))
-            continue
-        _check_field(etype, field, kind, value)
+        else:
+            check(etype, field, value)
     return etype
 
 
@@ -1678,8 +1706,8 @@ class ConnectionState:
         self._ended = False             # one of the two terminal signals fired
         self._started = False           # response_started()
         self._complete = False          # response_complete()
-        self._disconnect_callbacks = []
-        self._complete_callbacks = []
+        self._disconnect_callbacks = None   # lists, made on first registration
+        self._complete_callbacks = None
         self._future = None             # disconnect_future(), made on demand
         self._log = log
 
@@ -1701,11 +1729,15 @@ class ConnectionState:
         return self._complete
 
     def on_disconnect(self, callback):
+        if self._disconnect_callbacks is None:
+            self._disconnect_callbacks = []
         self._disconnect_callbacks.append(callback)
         if self._reason is not None:
             self._call(callback, self._reason)
 
     def on_complete(self, callback):
+        if self._complete_callbacks is None:
+            self._complete_callbacks = []
         self._complete_callbacks.append(callback)
         if self._ended and self._reason is None:
             self._call(callback)
@@ -1735,7 +1767,7 @@ class ConnectionState:
         self._reason = reason                       # 2
         if self._future is not None and not self._future.done():
             self._future.set_result(reason)         # 3
-        for callback in list(self._disconnect_callbacks):
+        for callback in list(self._disconnect_callbacks or ()):
             self._call(callback, reason)            # 4
         return True
 
@@ -1743,7 +1775,7 @@ class ConnectionState:
         if self._ended:
             return
         self._ended = True
-        for callback in list(self._complete_callbacks):
+        for callback in list(self._complete_callbacks or ()):
             self._call(callback)
 
 
@@ -1754,42 +1786,52 @@ _COMBINE_LIMIT = 16384     # bodies up to this size share the head's write
 
 
 class Exchange:
-    """One request and its response: the ``http`` scope, receive() and send()."""
+    """One request and its response: the ``http`` scope, receive() and send().
+
+    Discussion: the state below is declared once on the class, so that an
+    exchange starts with the defaults and its __init__ sets only the four
+    attributes that differ per request -- fewer stores on the path of every
+    keep-alive GET.  Assigning an attribute on the instance shadows the
+    class default, as usual.
+    """
+
+    # request side
+    body_complete = False         # the whole request body was parsed
+    final_given = False           # the more=0 event was handed out
+    discarding = False            # the app is done: unread body is dropped
+    waiter = None                 # a pending receive() Future
+    continue_sent = False         # the interim 100 went out
+    # response side
+    status = 0
+    headers = None                # the headers to send: the application's, then ours
+    app_close = False             # the application sent Connection: close
+    has_date = False              # the application sent a Date
+    length = None                 # declared Content-Length, if any
+    sent = 0                      # body bytes accepted
+    head_pending = False          # start accepted, head not yet written
+    head_sent = False             # the head is in the outgoing buffer
+    chunked = False               # the body goes out in chunked coding
+    no_body = False               # HEAD, 204, 304
+    trailers = False              # trailers=1 on the start event
+    body_ended = False            # the more=0 body event was accepted
+    response_done = False         # the final event was accepted
+    delivered = False             # the response's bytes all left
+    app_done = False              # the application's coroutine returned
+    task = None                   # the Task driving the application
+    bytes_out = 0                 # body bytes, for the access log
+    logged = False                # the access-log line was written
+    received = 0.0                # time.time() at arrival (access log %t)
+    t0 = 0.0                      # time.monotonic() at arrival (%D, %T)
 
     def __init__(self, conn, head):
         self.conn = conn
         self.head = head
         self.state = ConnectionState(conn.log, conn.socket_open)
-        # request side
-        self.queue = collections.deque()  # http.request events not yet received
-        self.body_complete = False        # the whole request body was parsed
-        self.final_given = False          # the more=0 event was handed out
-        self.discarding = False           # the app is done: unread body is dropped
-        self.waiter = None                # a pending receive() Future
-        self.continue_sent = False        # the interim 100 went out
-        # response side
-        self.status = 0
-        self.headers = None               # the application's headers, filtered
-        self.app_close = False            # the application sent Connection: close
-        self.has_date = False
-        self.length = None                # declared Content-Length, if any
-        self.sent = 0                     # body bytes accepted
-        self.head_pending = False         # start accepted, head not yet written
-        self.head_sent = False            # the head is in the outgoing buffer
-        self.chunked = False
-        self.no_body = False              # HEAD, 1xx, 204, 304
-        self.trailers = False             # trailers=1 on the start event
-        self.body_ended = False           # the more=0 body event was accepted
-        self.response_done = False        # the final event was accepted
-        self.keep_alive = head.keep_alive
-        self.delivered = False            # the response's bytes all left
-        self.app_done = False
-        self.task = None
-        self.bytes_out = 0                # body bytes for the access log
-        self.logged = False               # the access-log line was written
+        self.queue = collections.deque()   # http.request events not yet received
+        self.keep_alive = head.keep_alive  # the connection may carry another request
         if conn.server.access_log is not None:
-            self.received = time.time()   # %t of the access log
-            self.t0 = time.monotonic()    # %D and %T
+            self.received = time.time()
+            self.t0 = time.monotonic()
 
     def __repr__(self):
         return "<Exchange %s %r status=%d done=%s>" % (
@@ -1885,9 +1927,9 @@ class Exchange:
 
     def send(self, event):
         if self.state._reason is not None or self.conn.closed:
-            return _resolved()   # PAGI core: send after a disconnect is a no-op
+            return _NO_WAIT      # PAGI core: send after a disconnect is a no-op
         try:
-            etype = validate_event(event, HTTP_SEND_EVENTS)
+            etype = validate_event(event, _HTTP_SEND_SCHEMA)
             if etype == "http.response.body":
                 return self._send_body(event)
             if etype == "http.response.start":
@@ -1931,7 +1973,7 @@ class Exchange:
             headers[:] = [(n, v) for n, v in headers if n != b"content-length"]
         self.state._started = True
         self.head_pending = True
-        return _resolved()
+        return _NO_WAIT
 
     def _build_head(self, final_size):
         """The response head, once the framing is known.  ``final_size`` is
@@ -1977,12 +2019,13 @@ class Exchange:
                              "(send http.response.start first)")
         if self.body_ended:
             raise EventError("http.response.body: the response body is already complete")
-        sources = [k for k in ("body", "file", "fh") if event.get(k) is not None]
-        if len(sources) > 1:
-            raise EventError("http.response.body: %s are mutually exclusive"
-                             % " and ".join(repr(s) for s in sources))
-        if sources and sources[0] != "body":
-            return self._send_file(event, sources[0])
+        if "file" in event or "fh" in event:
+            sources = [k for k in ("body", "file", "fh") if event.get(k) is not None]
+            if len(sources) > 1:
+                raise EventError("http.response.body: %s are mutually exclusive"
+                                 % " and ".join(repr(s) for s in sources))
+            if sources and sources[0] != "body":
+                return self._send_file(event, sources[0])
         body = event.get("body") or b""
         if body.__class__ is not bytes:
             body = bytes(body)

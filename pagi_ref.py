@@ -196,6 +196,7 @@ _LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING,
 # ============================================================================
 
 _running = threading.local()   # .loop: the Loop running in this thread
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 def get_loop():
@@ -366,10 +367,16 @@ class Loop:
         self.now = now = self._clock()
         for key, mask in events:
             handler = key.data
-            if mask & selectors.EVENT_READ and handler[0] is not None:
-                self._run_callback(handler[0], ())
-            if mask & selectors.EVENT_WRITE and handler[1] is not None:
-                self._run_callback(handler[1], ())
+            try:
+                if mask & _READ and handler[0] is not None:
+                    handler[0]()
+                if mask & _WRITE and handler[1] is not None:
+                    handler[1]()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException:
+                self.log.error("unexpected error in an I/O callback for %r\n%s",
+                               key.fileobj, traceback.format_exc().rstrip())
         # Phase 2: move due timers to the ready queue.
         while timers and timers[0].when <= now:
             timer = heapq.heappop(timers)
@@ -796,8 +803,10 @@ _TOKEN = re.compile(rb"[%s]+" % _TCHAR)
 # space is allowed between the name and the colon (§5.1: reject with 400).
 # RFC 9110 §5.5: field-value is VCHAR / obs-text / SP / HTAB inside; CR, LF,
 # NUL and the other controls are invalid (we reject them all).
-_FIELD_LINE = re.compile(
-    rb"([%s]+):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*" % _TCHAR)
+_FIELD = rb"([%s]+):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*" % _TCHAR
+_FIELD_LINE = re.compile(_FIELD)                       # one line, for diagnosis
+_FIELD_LINES = re.compile(rb"(?:%s\r\n)*" % _FIELD)     # a whole block, checked at once
+_FIELD_PAIRS = re.compile(_FIELD + rb"\r\n")            # its (name, value) pairs
 # RFC 9112 §3: request-line = method SP request-target SP HTTP-version
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
@@ -850,6 +859,11 @@ class EndOfMessage:
     def __repr__(self):
         return "<EndOfMessage trailers=%r>" % (self.trailers,)
 
+
+# The common methods and the versions we speak, looked up before any regex.
+_METHODS = {m: m.decode("ascii") for m in (
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")}
+_VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
 
 # Parser states.
 _HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS = range(6)
@@ -922,11 +936,10 @@ class RequestParser:
             raise HTTPError(414, "request line too long")
         if end + 4 > self.max_header_size + line_end + 2:
             raise HTTPError(431, "header block too large")
-        head = buf[:end]
         self._buf = buf[end + 4:]
-        lines = head.split(b"\r\n")
-        request = self._parse_request_line(lines[0])
-        self._parse_fields(request, lines, 1)
+        request = self._parse_request_line(buf[:line_end])
+        if line_end < end:
+            request.headers = self._parse_fields(buf[line_end + 2:end + 2])
         self._frame(request)
         self.messages += 1
         return request
@@ -947,17 +960,19 @@ class RequestParser:
         if len(parts) != 3:
             raise HTTPError(400, "malformed request line")
         method, target, version = parts
-        if not _TOKEN.fullmatch(method):
-            raise HTTPError(400, "malformed method")
-        match = _HTTP_VERSION.fullmatch(version)
-        if match is None:
-            raise HTTPError(400, "malformed HTTP version")
-        if match.group(1) != b"1" or match.group(2) not in (b"0", b"1"):
+        name = _METHODS.get(method)
+        if name is None:
+            if not _TOKEN.fullmatch(method):
+                raise HTTPError(400, "malformed method")
+            name = method.decode("ascii")
+        http_version = _VERSIONS.get(version)
+        if http_version is None:
+            if _HTTP_VERSION.fullmatch(version) is None:
+                raise HTTPError(400, "malformed HTTP version")
             raise HTTPError(505, "HTTP version not supported")
         if not target or _TARGET_BAD.search(target):
             raise HTTPError(400, "malformed request target")
-        request = RequestHead(method.decode("ascii"), target,
-                              "1.1" if match.group(2) == b"1" else "1.0", [])
+        request = RequestHead(name, target, http_version, [])
         # RFC 9112 §3.2: origin-form, absolute-form, authority-form (CONNECT
         # only) and asterisk-form (OPTIONS only).
         if target[0] == 47:   # "/"
@@ -983,23 +998,23 @@ class RequestParser:
         request.query_string = query
         return request
 
-    def _parse_fields(self, request, lines, start):
-        """Header fields (or trailer fields) of lines[start:]."""
-        if len(lines) - start > self.max_header_count:
+    def _parse_fields(self, block):
+        """The (name, value) pairs of a header or trailer block: field lines,
+        each ending in CRLF.  One regex checks the whole block; only a block
+        that fails is looked at line by line, to say what is wrong."""
+        if _FIELD_LINES.fullmatch(block) is None:
+            for line in block.split(b"\r\n"):
+                if line and _FIELD_LINE.fullmatch(line) is None:
+                    if line[:1] in (b" ", b"\t"):
+                        # RFC 9112 §5.2: obs-fold; a server MUST reject it
+                        # or unfold it.  We reject it.
+                        raise HTTPError(400, "obsolete line folding in header field")
+                    break
+            raise HTTPError(400, "malformed header field")
+        pairs = _FIELD_PAIRS.findall(block)
+        if len(pairs) > self.max_header_count:
             raise HTTPError(431, "too many header fields")
-        headers = request.headers if request is not None else []
-        match = _FIELD_LINE.fullmatch
-        for i in range(start, len(lines)):
-            m = match(lines[i])
-            if m is None:
-                line = lines[i]
-                if line[:1] in (b" ", b"\t"):
-                    # RFC 9112 §5.2: obs-fold; a server MUST reject it or
-                    # unfold it.  We reject it.
-                    raise HTTPError(400, "obsolete line folding in header field")
-                raise HTTPError(400, "malformed header field")
-            headers.append((m.group(1).lower(), m.group(2)))
-        return headers
+        return [(name.lower(), value) for name, value in pairs]
 
     def _frame(self, request):
         """Decide connection and body framing from the header fields."""
@@ -1155,9 +1170,8 @@ class RequestParser:
                     return None
                 if end > self.max_header_size:
                     raise HTTPError(431, "trailer section too large")
-                lines = buf[:end].split(b"\r\n")
                 self._buf = buf[end + 4:]
-                trailers = self._parse_fields(None, lines, 0)
+                trailers = self._parse_fields(buf[:end + 2])
                 self._state = _HEAD
                 return EndOfMessage(trailers)
 
@@ -1581,6 +1595,19 @@ def _kind_name(value):
 
 
 def _check_headers(etype, field, headers):
+    try:
+        for name, value in headers:
+            if _HEADER_NAME.fullmatch(name) is None or _HEADER_VALUE_BAD.search(value):
+                break
+        else:
+            return            # the common case: every pair is good
+    except (TypeError, ValueError):
+        pass
+    _diagnose_headers(etype, field, headers)
+
+
+def _diagnose_headers(etype, field, headers):
+    """Say exactly what is wrong with a headers list that failed the check."""
     if not isinstance(headers, (list, tuple)):
         raise EventError("%s: %r must be a list of (name, value) pairs, got %s"
                          % (etype, field, _kind_name(headers)))
@@ -1601,6 +1628,7 @@ def _check_headers(etype, field, headers):
         if _HEADER_VALUE_BAD.search(value):
             raise EventError("%s: %r[%d] value for %r contains CR, LF or NUL"
                              % (etype, field, i, bytes(name)))
+    raise EventError("%s: %r is not a list of (name, value) byte pairs" % (etype, field))
 
 
 def _expect(ok, etype, field, what, value):
@@ -1945,8 +1973,10 @@ class Exchange:
             raise EventError("http.response.start: the response has already started")
         headers = []
         for name, value in event.get("headers") or ():
-            name = bytes(name)
-            value = bytes(value)
+            if name.__class__ is not bytes:
+                name = bytes(name)
+            if value.__class__ is not bytes:
+                value = bytes(value)
             if name == b"content-length":
                 if not value.isdigit() or self.length is not None:
                     raise EventError("http.response.start: 'headers' content-length %r is "

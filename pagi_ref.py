@@ -887,7 +887,8 @@ class RequestParser:
         self.messages = 0         # requests whose head has been parsed
 
     def __repr__(self):
-        return "<RequestParser state=%d buffered=%d>" % (self._state, len(self._buf))
+        return "<RequestParser state=%d buffered=%d messages=%d>" % (
+            self._state, len(self._buf), self.messages)
 
     def feed(self, data):
         if self._buf:
@@ -1331,9 +1332,9 @@ class Transport:
         self.high_water_events = 0        # times the high edge was crossed
 
     def __repr__(self):
-        return "<Transport fd=%d buffered=%d%s%s>" % (
-            self._fd, self._buffered, " above-high" if self._above else "",
-            " closed" if self.closed else "")
+        return "<Transport fd=%d buffered=%d high-water-events=%d%s%s>" % (
+            self._fd, self._buffered, self.high_water_events,
+            " above-high" if self._above else "", " closed" if self.closed else "")
 
     # -- the spec's interface --------------------------------------------------
 
@@ -2749,8 +2750,9 @@ class Server:
         self.access_log = None        # AccessLog while serving, if configured
 
     def __repr__(self):
-        return "<Server %s connections=%d%s>" % (
-            self.address, len(self.connections), " shutting-down" if self.shutting_down else "")
+        return "<Server %s connections=%d refused=%d%s>" % (
+            self.address, len(self.connections), self._refused,
+            " shutting-down" if self.shutting_down else "")
 
     # -- listening ------------------------------------------------------------------
 

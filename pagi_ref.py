@@ -37,6 +37,7 @@ Principles:
 """
 
 import collections
+import concurrent.futures
 import errno
 import heapq
 import importlib
@@ -244,6 +245,7 @@ class Loop:
         self._handlers = {}                 # fd -> [reader, writer] (the key's data)
         self._threadsafe = collections.deque()  # (callback, args) from other threads
         self._stopping = False              # run_forever returns at the turn's end
+        self._executor = None               # to_thread's pool, made on first use
         self.now = clock()                  # the clock, read once per turn
         # The self-pipe: a byte written to _wake_w makes select() return.
         self._wake_r, self._wake_w = socket.socketpair()
@@ -257,6 +259,13 @@ class Loop:
 
     def time(self):
         return self._clock()
+
+    def executor(self):
+        """The thread pool of to_thread (concurrent.futures' default size)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                thread_name_prefix="pagi_ref.to_thread")
+        return self._executor
 
     # -- scheduling -----------------------------------------------------------
 
@@ -398,6 +407,8 @@ class Loop:
                            callback, traceback.format_exc().rstrip())
 
     def close(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
         for fd in list(self._handlers):
             self.forget(fd)
         self._selector.close()
@@ -645,10 +656,13 @@ class Task(Future):
         self._coro = None
         if exception is None:
             self._result = result
+            self._state = _DONE
+        elif isinstance(exception, CancelledError):
+            self._state = _CANCELLED   # cancelled, as asked: nothing to report
         else:
             self._exception = exception
             self._unretrieved = self.on_exit is None
-        self._state = _DONE
+            self._state = _DONE
         if self.on_exit is not None:
             self.on_exit(self)
         self._schedule_callbacks()
@@ -667,12 +681,17 @@ class Task(Future):
 
     def __del__(self):
         # A spawned task that failed and that nobody awaited: say so, as
-        # asyncio does, rather than let the exception vanish.
+        # asyncio does, rather than let the exception vanish.  Not here,
+        # though: __del__ can run inside the garbage collector at any point
+        # (even inside another traceback's formatting), so the report is
+        # only queued on the loop.
         if self._state == _DONE and self._unretrieved:
-            exc = self._exception
-            log = self._loop.log if self._loop is not None else logging.getLogger("pagi_ref")
-            log.error("exception in task %r was never retrieved\n%s", self, "".join(
-                traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+            self._loop.call_soon(_report_unretrieved, self._loop.log, repr(self), self._exception)
+
+
+def _report_unretrieved(log, task, exc):
+    log.error("exception in task %s was never retrieved\n%s", task, "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
 
 
 def _as_future(obj):
@@ -742,9 +761,10 @@ def wait_all(*futures):
 
 
 def to_thread(function, *args):
-    """Run ``function(*args)`` in a new thread; the Future resolves on the
-    loop with its result (or fails with its exception).  The way to hand a
-    blocking call's result back to the loop."""
+    """Run ``function(*args)`` in the loop's thread pool (bounded, as
+    concurrent.futures bounds it); the Future resolves on the loop with its
+    result (or fails with its exception).  The way to hand a blocking call's
+    result back to the loop."""
     loop = get_loop()
     future = Future(loop)
 
@@ -763,7 +783,7 @@ def to_thread(function, *args):
             loop.call_soon_threadsafe(settle, None, exc)
         else:
             loop.call_soon_threadsafe(settle, result, None)
-    threading.Thread(target=worker, name="pagi_ref.to_thread", daemon=True).start()
+    loop.executor().submit(worker)
     return future
 
 

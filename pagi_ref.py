@@ -16,8 +16,9 @@ Contents (each section uses only the sections above it):
      4. HTTP/1.1 wire format   -- sans-I/O request parser, response serializer
      5. Outgoing buffer        -- counted bytes, watermarks, pagi.transport
      6. Connections            -- the http scope, receive/send, pagi.connection
-     7. Server                 -- listeners, accept, admission, sweep, shutdown
-     8. Command line           -- python pagi_ref.py module:app
+     7. Lifespan               -- startup and shutdown, the state namespace
+     8. Server                 -- listeners, accept, admission, sweep, shutdown
+     9. Command line           -- python pagi_ref.py module:app
 
 Principles:
 
@@ -77,7 +78,7 @@ PAGI_SPEC_VERSION = "0.3"   # scope["pagi"]["spec_version"]: the HTTP sub-spec
 # 1. Configuration
 #
 # One table holds every knob: its name, default, type, unit and help.  The
-# Config class, the command line (section 8) and docs/server.md draw on it,
+# Config class, the command line (section 9) and docs/server.md draw on it,
 # so a limit is added in exactly one place.
 # ============================================================================
 
@@ -126,6 +127,9 @@ _CONFIG_FIELDS = [
     ("access_log_format", "common", str,
      "access log format: common, combined, or tokens such as '%h %r %s %b %D'"),
     ("log_level", "info", str, "error log level: error, warning, info, debug"),
+    ("lifespan", "auto", str,
+     "lifespan scope: auto (run it; an application that declines is fine), "
+     "on (a decline stops the server), off (never)"),
 ]
 
 _CONFIG_FACTORIES = {"max_connections": _default_max_connections}
@@ -174,6 +178,8 @@ class Config:
             raise ConfigError("max_receive_queue must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
+        if self.lifespan not in ("auto", "on", "off"):
+            raise ConfigError("lifespan must be auto, on or off, got %r" % self.lifespan)
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError("log_level must be one of %s, got %r"
                               % (", ".join(_LOG_LEVELS), self.log_level))
@@ -352,12 +358,16 @@ class Loop:
         self.call_soon_threadsafe(lambda: None)
 
     def run_forever(self):
+        self.run_until(None)
+
+    def run_until(self, future):
+        """Run turns until ``future`` is done (never, for None) or stop()."""
         if getattr(_running, "loop", None) is not None:
             raise RuntimeError("a pagi_ref loop is already running in this thread")
         _running.loop = self
         self._stopping = False
         try:
-            while not self._stopping:
+            while not self._stopping and not (future is not None and future.done()):
                 self._run_once()
         finally:
             _running.loop = None
@@ -1681,6 +1691,10 @@ def _check_count(etype, field, value):
         raise EventError("%s: %r must not be negative, got %d" % (etype, field, value))
 
 
+def _check_text(etype, field, value):
+    _expect(isinstance(value, str), etype, field, "str", value)
+
+
 def _check_path(etype, field, value):
     _expect(isinstance(value, (str, bytes, os.PathLike)), etype, field, "str or path", value)
 
@@ -1692,8 +1706,8 @@ def _check_file(etype, field, value):
 
 # The kinds a schema names, and the function that checks each.
 _FIELD_CHECKS = {"bytes": _check_bytes, "flag": _check_flag, "status": _check_status,
-                 "count": _check_count, "path": _check_path, "file": _check_file,
-                 "headers": _check_headers}
+                 "count": _check_count, "path": _check_path, "text": _check_text,
+                 "file": _check_file, "headers": _check_headers}
 
 
 def compile_schema(table):
@@ -2574,7 +2588,127 @@ class HTTPConnection:
 
 
 # ============================================================================
-# 7. Server
+# 7. Lifespan (PAGI Lifespan)
+#
+# One ``lifespan`` scope per server loop, before any connection is accepted
+# and after the last one is gone.  The application's startup can fill
+# scope["state"]; every request gets a shallow copy of it (Exchange.scope).
+# An application that raises on this scope, or returns without a startup
+# signal, declines lifespan: that is logged at info level and the server
+# starts as usual.  Only lifespan.startup.failed stops the server starting.
+# ============================================================================
+
+LIFESPAN_SEND_EVENTS = {
+    "lifespan.startup.complete": {},
+    "lifespan.startup.failed": {"message": ("text", False)},
+    "lifespan.shutdown.complete": {},
+    "lifespan.shutdown.failed": {"message": ("text", False)},
+}
+_LIFESPAN_SEND_SCHEMA = compile_schema(LIFESPAN_SEND_EVENTS)
+
+
+class LifespanFailed(Exception):
+    """The application sent lifespan.startup.failed; the message is its own."""
+
+
+class Lifespan:
+    """The ``lifespan`` scope of one server loop: receive(), send(), and the
+    two Futures the server waits on, ``started`` and ``stopped``."""
+
+    def __init__(self, app, loop, log, state, pagi_extra=None):
+        self.loop = loop
+        self.log = log
+        self.queue = collections.deque([{"type": "lifespan.startup"}])  # events to give
+        self.waiter = None                # a pending receive()
+        self.started = Future(loop)       # True once started; False if declined
+        self.stopped = Future(loop)       # resolved by shutdown.complete / .failed
+        self.declined = False             # the application does not do lifespan
+        self.shutdown_asked = False       # lifespan.shutdown was queued
+        pagi = {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION, "is_worker": 0}
+        pagi.update(pagi_extra or {})
+        self.scope = {"type": "lifespan", "pagi": pagi, "state": state}
+        self.app = app
+        self.task = None
+
+    def start(self):
+        """Call the application; run this on the running loop (its first
+        step may use sleep, to_thread...)."""
+        try:
+            coro = self.app(self.scope, self.receive, self.send)
+            if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+                raise TypeError("the application returned %s, not a generator or a "
+                                "coroutine" % type(coro).__name__)
+        except Exception as exc:
+            self._decline(exc)
+            return
+        self.task = Task(coro, self.loop, name="lifespan", on_exit=self._exited)
+
+    def receive(self):
+        if self.queue:
+            return _resolved(self.queue.popleft())
+        self.waiter = Future(self.loop)
+        return self.waiter
+
+    def send(self, event):
+        try:
+            etype = validate_event(event, _LIFESPAN_SEND_SCHEMA)
+        except EventError as exc:
+            return _failed(exc)
+        message = event.get("message") or ""
+        if etype == "lifespan.startup.complete":
+            _resolve(self.started, True)
+        elif etype == "lifespan.startup.failed":
+            if not self.started.done():
+                self.started.set_exception(LifespanFailed(message))
+        elif etype == "lifespan.shutdown.complete":
+            _resolve(self.stopped, None)
+        else:
+            self.log.error("lifespan.shutdown.failed: %s", message)
+            _resolve(self.stopped, None)
+        return _NO_WAIT
+
+    def shutdown(self):
+        """Deliver lifespan.shutdown (unless declined); ``stopped`` resolves
+        when the application answers or its task ends."""
+        if self.declined or self.stopped.done() or self.shutdown_asked:
+            _resolve(self.stopped, None)
+            return self.stopped
+        self.shutdown_asked = True
+        event = {"type": "lifespan.shutdown"}
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(event)
+            self.waiter = None
+        else:
+            self.queue.append(event)
+        return self.stopped
+
+    def _decline(self, exc):
+        self.declined = True
+        self.log.info("the application declined lifespan (%s); starting without it",
+                      "%s: %s" % (type(exc).__name__, exc) if exc else "it returned")
+        _resolve(self.started, False)
+        _resolve(self.stopped, None)
+
+    def _exited(self, task):
+        exc = task._exception
+        if not self.started.done():
+            self._decline(exc)          # raised or returned before any startup signal
+        elif exc is not None and not self.shutdown_asked:
+            # After startup.complete: log, keep serving (a degraded state).
+            self.log.error("the lifespan task failed after startup\n%s", "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        elif exc is not None:
+            self.log.error("the lifespan task failed during shutdown: %r", exc)
+        _resolve(self.stopped, None)
+
+
+def _resolve(future, value):
+    if not future.done():
+        future.set_result(value)
+
+
+# ============================================================================
+# 8. Server
 #
 # Listeners and accept, admission control, the timeout sweep, and shutdown.
 # Admission: past max_connections a new connection still gets an answer --
@@ -2768,6 +2902,8 @@ class Server:
         self._signals = 0             # shutdown signals received
         self._shutdown_timer = None
         self.access_log = None        # AccessLog while serving, if configured
+        self.lifespan = None          # the Lifespan scope, once started
+        self._started = False         # startup() has run
 
     def __repr__(self):
         return "<Server %s connections=%d refused=%d%s>" % (
@@ -2794,9 +2930,34 @@ class Server:
         self.address = sock.getsockname()[:2]
         return self.address
 
+    def startup(self):
+        """Run the lifespan startup (unless config.lifespan is "off") before
+        any connection is accepted.  False if the application refused to
+        start (lifespan.startup.failed, or a decline with lifespan "on")."""
+        if self._started:
+            return True
+        self._started = True
+        mode = self.config.lifespan
+        if mode == "off":
+            return True
+        self.lifespan = Lifespan(self.app, self.loop, self.log, self.state)
+        self.loop.call_soon(self.lifespan.start)
+        started = self.lifespan.started
+        self.loop.run_until(started)
+        if not started.done():
+            return False       # a signal arrived during startup
+        if started.exception() is not None:
+            self.log.error("lifespan.startup.failed: %s; not starting", started.exception())
+            return False
+        if started.result() is False and mode == "on":
+            self.log.error("the application declined lifespan, which --lifespan on requires")
+            return False
+        return True
+
     def serve(self, install_signals=False):
         """Run until stopped.  With install_signals (the command line), the
-        first SIGTERM/SIGINT shuts down gracefully and a second exits at once."""
+        first SIGTERM/SIGINT shuts down gracefully and a second exits at once.
+        Returns False if the application refused to start."""
         if not self.listeners:
             self.bind()
         loop = self.loop
@@ -2805,20 +2966,38 @@ class Server:
         if self.config.access_log:
             self.access_log = AccessLog(self.config.access_log, self.config.access_log_format,
                                         self.log)
-        self._watch_listeners()
-        loop.call_later(_SWEEP_INTERVAL, self._sweep)
         try:
-            loop.run_forever()
-        finally:
+            if not self.startup():
+                return False
+            if not self.shutting_down:
+                self._watch_listeners()
+                loop.call_later(_SWEEP_INTERVAL, self._sweep)
+                loop.run_forever()
             for conn in list(self.connections):
                 conn.abort("server_shutdown")
-            for sock in self.listeners:
-                loop.forget(sock.fileno())
-                sock.close()
-            self.listeners = []
-            loop.close()
-            if self.access_log is not None:
-                self.access_log.close()
+            if self.lifespan is not None:
+                # PAGI Lifespan: shutdown comes after the connections are
+                # gone; its wait is bounded by shutdown_timeout.
+                timer = loop.call_later(self.config.shutdown_timeout,
+                                        _resolve, self.lifespan.stopped, None)
+                loop.run_until(self.lifespan.shutdown())
+                timer.cancel()
+            return True
+        finally:
+            self.close()
+
+    def close(self):
+        """Release everything: connections, listeners, the loop, the logs."""
+        for conn in list(self.connections):
+            conn.abort("server_shutdown")
+        for sock in self.listeners:
+            self.loop.forget(sock.fileno())
+            sock.close()
+        self.listeners = []
+        self.loop.close()
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
 
     def stop(self, timeout=None):
         """Graceful shutdown, from any thread: stop accepting, close idle
@@ -3000,17 +3179,28 @@ def run(app, host="127.0.0.1", port=8000, **config):
     Prints the listening line (with the real port) as the command line does."""
     config = Config(host=host, port=port, **config)
     server = Server(app, config, logger=_error_log(config))
-    host, port = server.bind()
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:
-        server.install_signal_handlers()
-    sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % (host, port))
+    server.bind()
+    if not _start_and_serve(server):
+        raise RuntimeError("pagi_ref: the application refused to start (lifespan)")
+
+
+def _start_and_serve(server):
+    """What main() and run() share: signals, the lifespan startup, then the
+    listening line -- the moment a supervisor may send traffic -- and serve.
+    False if the application refused to start."""
+    if threading.current_thread() is threading.main_thread():
+        server.install_signal_handlers()   # before the line a supervisor waits for
+    if not server.startup():
+        server.close()
+        return False
+    sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % server.address)
     sys.stderr.flush()
     server.serve()
+    return True
 
 
 # ============================================================================
-# 8. Command line
+# 9. Command line
 #
 #   python pagi_ref.py MODULE:ATTR [options]
 #   python -m pagi_ref MODULE:ATTR [options]
@@ -3108,16 +3298,12 @@ def main(argv=None):
             return 2
     server = Server(app, config, logger=_error_log(config))
     try:
-        host, port = server.bind()
+        server.bind()
     except OSError as exc:
         sys.stderr.write("pagi_ref: error: cannot listen on %s:%d: %s\n"
                          % (config.host, config.port, exc.strerror or exc))
         return 1
-    server.install_signal_handlers()   # before the line a supervisor waits for
-    sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % (host, port))
-    sys.stderr.flush()
-    server.serve()
-    return 0
+    return 0 if _start_and_serve(server) else 3
 
 
 def _demo_app(scope, receive, send):

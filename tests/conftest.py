@@ -60,6 +60,8 @@ def serve(app, **config):
     logger.addHandler(handler)
     config.setdefault("host", "127.0.0.1")
     config.setdefault("port", 0)
+    # Most tests are about http; those about lifespan ask for it.
+    config.setdefault("lifespan", "off")
     server = pagi_ref.Server(app, pagi_ref.Config(**config), logger=logger)
     server.bind()
     thread = threading.Thread(target=server.serve, name="pagi_ref-test-server", daemon=True)

@@ -2281,6 +2281,7 @@ class Exchange:
 # -- the connection ---------------------------------------------------------------
 
 _LINGER_SECONDS = 2.0    # how long a closing socket keeps draining input
+_PIPELINE_BUFFER = 65536  # bytes of pipelined requests read ahead of the current one
 
 
 class _Linger:
@@ -2443,6 +2444,10 @@ class HTTPConnection:
                 self._begin(event)
                 continue
             if exchange.body_complete:
+                # Bytes of pipelined requests wait in the parser until this
+                # exchange is over; past a bound, stop reading them.
+                if parser.buffered > _PIPELINE_BUFFER:
+                    self.pause_reading()
                 return
             if len(exchange.queue) >= limit:
                 # Inbound backpressure: the application has not taken what is

@@ -16,6 +16,7 @@ a client that reads slowly, an application that receives slowly.
 import hashlib
 import importlib.util
 import os
+import select
 import socket
 import threading
 import time
@@ -985,3 +986,38 @@ def test_a_pipe_as_fh_fails_the_send_with_event_error():
         resp = exchange(srv.port, req("/", headers=[("Connection", "close")]))
     assert resp.status == 200
     assert resp.body.startswith(b"EventError|http.response.body: 'fh' is not a regular file")
+
+
+def test_pipelined_bytes_read_ahead_are_bounded_while_a_response_is_slow():
+    """A client that pipelines megabytes behind a request the application is
+    slow to answer: the server stops reading instead of holding them all."""
+    gate = threading.Event()
+    held = []
+
+    def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            yield pagi_ref.to_thread(gate.wait, 10)
+        yield from respond(send, 200, b"ok")
+
+    with serve(app) as srv:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        try:
+            s.sendall(req("/slow"))
+            one = req("/next")
+            s.setblocking(False)
+            sent = 0
+            deadline = time.monotonic() + 5
+            while sent < 20 * 1024 * 1024 and time.monotonic() < deadline:
+                try:
+                    sent += s.send(one * 1000)
+                except BlockingIOError:
+                    select.select([], [s], [], 0.05)    # the server stopped reading?
+                    conns = list(srv.server.connections)
+                    held.append(max([c.parser.buffered for c in conns] or [0]))
+                    if len(held) > 20:
+                        break
+            assert held, "the client was never throttled"
+            assert max(held) <= pagi_ref._PIPELINE_BUFFER + 65536, max(held)
+            gate.set()
+        finally:
+            s.close()

@@ -204,6 +204,7 @@ _LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING,
 
 _running = threading.local()   # .loop: the Loop running in this thread
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_TIMER_SWEEP = 1024    # every this many timers, drop the cancelled ones if most are
 
 
 def get_loop():
@@ -281,7 +282,16 @@ class Loop:
     def call_later(self, delay, callback, *args):
         self._timer_seq += 1
         timer = Timer(self._clock() + delay, self._timer_seq, callback, args)
-        heapq.heappush(self._timers, timer)
+        timers = self._timers
+        heapq.heappush(timers, timer)
+        if self._timer_seq % _TIMER_SWEEP == 0 and len(timers) > _TIMER_SWEEP:
+            # Cancelled timers stay in the heap until due (lazy deletion);
+            # a server that cancels long timeouts all day would keep them
+            # all.  Every so often, drop them if they are most of the heap.
+            live = [t for t in timers if not t.cancelled]
+            if len(live) < len(timers) // 2:
+                timers[:] = live        # in place: _run_once may hold the list
+                heapq.heapify(timers)
         return timer
 
     def call_soon_threadsafe(self, callback, *args):

@@ -320,3 +320,14 @@ def test_to_thread_runs_in_a_bounded_pool():
     assert names and all(n.startswith("pagi_ref.to_thread") for n in names)
     assert len(names) <= loop.executor()._max_workers
     loop.close()
+
+
+def test_cancelled_timers_do_not_pile_up():
+    """A server that sets and cancels long timeouts all day keeps a small heap."""
+    loop = Loop()
+    for _ in range(20000):
+        loop.call_later(3600, lambda: None).cancel()
+    live = loop.call_later(3600, lambda: None)
+    assert len(loop._timers) <= 2 * pagi_ref._TIMER_SWEEP
+    assert live in loop._timers
+    loop.close()

@@ -205,6 +205,7 @@ _LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING,
 _running = threading.local()   # .loop: the Loop running in this thread
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _TIMER_SWEEP = 1024    # every this many timers, drop the cancelled ones if most are
+_CLOCK_RESOLUTION = 1e-3  # seconds: select/epoll timeouts are whole milliseconds
 
 
 def get_loop():
@@ -407,7 +408,11 @@ class Loop:
                 self.log.error("unexpected error in an I/O callback for %r\n%s",
                                key.fileobj, traceback.format_exc().rstrip())
         # Phase 2: move due timers to the ready queue.
-        while timers and timers[0].when <= now:
+        # A timer due within the clock's resolution fires now: epoll rounds
+        # its timeout up to whole milliseconds, and waiting again for the
+        # remainder would make every sleep() a little late (as asyncio does).
+        due = now + _CLOCK_RESOLUTION
+        while timers and timers[0].when <= due:
             timer = heapq.heappop(timers)
             if not timer.cancelled:
                 ready.append((timer.callback, timer.args))
@@ -683,8 +688,12 @@ class Task(Future):
             self._exception = exception
             self._unretrieved = self.on_exit is None
             self._state = _DONE
-        if self.on_exit is not None:
-            self.on_exit(self)
+        # Drop on_exit before calling it: it is usually a bound method of the
+        # task's owner, which holds the task -- a reference cycle per request
+        # that only the garbage collector would break.
+        on_exit, self.on_exit = self.on_exit, None
+        if on_exit is not None:
+            on_exit(self)
         self._schedule_callbacks()
 
     def result(self):
@@ -1890,7 +1899,6 @@ class Exchange:
     response_done = False         # the final event was accepted
     delivered = False             # the response's bytes all left
     app_done = False              # the application's coroutine returned
-    task = None                   # the Task driving the application
     bytes_out = 0                 # body bytes, for the access log
     logged = False                # the access-log line was written
     received = 0.0                # time.time() at arrival (access log %t)
@@ -2504,7 +2512,7 @@ class HTTPConnection:
             exchange.state._started = True
             self.respond_error(500, "Internal Server Error", "server_error")
             return
-        exchange.task = Task(coro, self.loop, on_exit=exchange.app_exited)
+        Task(coro, self.loop, on_exit=exchange.app_exited)
 
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""
@@ -2639,7 +2647,8 @@ class Lifespan:
         self.stopped = Future(loop)       # resolved by shutdown.complete / .failed
         self.declined = False             # the application does not do lifespan
         self.shutdown_asked = False       # lifespan.shutdown was queued
-        pagi = {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION, "is_worker": 0}
+        pagi = {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION,
+                "is_worker": 0, "worker_num": None}
         pagi.update(pagi_extra or {})
         self.scope = {"type": "lifespan", "pagi": pagi, "state": state}
         self.app = app
@@ -2960,7 +2969,7 @@ class Server:
         started = self.lifespan.started
         self.loop.run_until(started)
         if not started.done():
-            return False       # a signal arrived during startup
+            return True        # a signal arrived during startup: serve() shuts down
         if started.exception() is not None:
             self.log.error("lifespan.startup.failed: %s; not starting", started.exception())
             return False
@@ -3208,8 +3217,9 @@ def _start_and_serve(server):
     if not server.startup():
         server.close()
         return False
-    sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % server.address)
-    sys.stderr.flush()
+    if not server.shutting_down:        # a signal may have come during startup
+        sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % server.address)
+        sys.stderr.flush()
     server.serve()
     return True
 

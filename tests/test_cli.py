@@ -1,4 +1,4 @@
-"""Section 12, the command line, as real processes: `python pagi_ref.py
+"""Section 9, the command line, as real processes: `python pagi_ref.py
 MODULE:ATTR` and `python -m pagi_ref MODULE:ATTR`, the startup line, exit
 status 2 with a one-line error, --version, --help, SIGTERM/SIGINT, and an
 application that imports pagi_ref getting the running server's module.

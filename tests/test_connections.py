@@ -407,3 +407,33 @@ def test_app_that_never_waits_does_not_starve_other_connections(fair_server, tmp
     assert statuses == [(200, b"small")] * 50
     assert early == b"", "the small GETs were answered only after the spinning app ended"
     assert spun.status == 200 and spun.complete and spun.body == b"end"
+
+
+def test_keep_alive_requests_leave_no_cyclic_garbage():
+    """Each request's objects are freed by reference counting alone: nothing
+    for the garbage collector, whose pauses would show as tail latency."""
+    import gc
+    import http.client
+
+    def app(scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError("http only")
+        yield send({"type": "http.response.start", "status": 200, "headers": []})
+        yield send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(app) as srv:
+        client = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        for _ in range(50):                       # warm up
+            client.request("GET", "/")
+            client.getresponse().read()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(500):
+                client.request("GET", "/")
+                assert client.getresponse().read() == b"ok"
+            garbage = gc.collect()
+        finally:
+            gc.enable()
+        client.close()
+    assert garbage < 50, "%d objects in reference cycles after 500 requests" % garbage

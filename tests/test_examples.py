@@ -304,3 +304,38 @@ def test_errors_what_the_client_sees():
     assert any("application raised: GET /after" in e for e in errors)
     assert any("returned without starting a response: GET /nothing" in e for e in errors)
     assert len(errors) == 3, errors
+
+
+# -- lifespan -------------------------------------------------------------------------
+
+def test_lifespan_pool_is_shared_by_every_request_and_closed_at_shutdown(capsys):
+    # The serve fixture runs without lifespan unless asked: ask.
+    with serve(load("lifespan").app, lifespan="auto") as srv:
+        first = get(srv.port, "/")
+        second = get(srv.port, "/")
+        pool = srv.server.state["pool"]
+        assert not pool.closed
+    assert (first.status, first.body) == (200, b"query 1 through the pool\n")
+    assert (second.status, second.body) == (200, b"query 2 through the pool\n")
+    # Shutdown came after the last connection: the pool saw both requests.
+    assert pool.closed and pool.queries == 2
+    assert "pool closed after 2 queries" in capsys.readouterr().err
+
+
+def test_lifespan_a_pool_that_cannot_open_keeps_the_server_from_starting():
+    module = load("lifespan")
+    module.POOL_SIZE = 0
+    with serve(module.app, lifespan="auto") as srv:
+        assert wait_until(lambda: not srv.server.listeners)   # serve() returned
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
+        errors = srv.errors
+    assert len(errors) == 1
+    assert "lifespan.startup.failed: a pool needs at least one connection, not 0" in errors[0]
+
+
+def test_lifespan_off_the_startup_never_runs():
+    with serve(load("lifespan").app, lifespan="off") as srv:
+        resp = get(srv.port, "/")
+    assert resp.status == 503
+    assert resp.body == b"no pool: run me with --lifespan auto or on\n"

@@ -5,6 +5,7 @@ client sees is read off the wire; exit statuses from real processes.
 import socket
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -128,8 +129,24 @@ def test_an_exception_after_startup_is_logged_and_serving_goes_on():
 
     with serve(lifespan_app([], on_startup=on_startup), lifespan="auto") as srv:
         assert exchange(srv.port, req("/", headers=[("Connection", "close")])).status == 200
-        errors = "\n".join(srv.errors)
-    assert "background task crashed" in errors
+        errors = srv.errors
+    assert any(line.startswith("ERROR") and "background task crashed" in line
+               for line in errors), errors
+
+
+def test_shutdown_failed_is_logged_with_its_message_and_the_server_stops():
+    def on_shutdown(scope, send):
+        yield send({"type": "lifespan.shutdown.failed", "message": "pool did not close"})
+
+    # shutdown_timeout=30: stopping in much less shows that the failure, not
+    # the timeout, ended the wait.
+    with serve(lifespan_app([], on_shutdown=on_shutdown), lifespan="auto",
+               shutdown_timeout=30) as srv:
+        assert exchange(srv.port, req("/", headers=[("Connection", "close")])).status == 200
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5
+    assert any(line.startswith("ERROR") and "lifespan.shutdown.failed: pool did not close"
+               in line for line in srv.errors), srv.errors
 
 
 def test_shutdown_wait_is_bounded_by_shutdown_timeout():

@@ -1,4 +1,4 @@
-"""Section 7, the server under pressure (issue 4): admission control, accept()
+"""Section 8, the server under pressure (issue 4): admission control, accept()
 out of descriptors (EMFILE), the four timeouts, graceful shutdown, the
 access log, and slowloris.
 

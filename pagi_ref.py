@@ -16,9 +16,10 @@ Contents (each section uses only the sections above it):
      4. HTTP/1.1 wire format   -- sans-I/O request parser, response serializer
      5. Outgoing buffer        -- counted bytes, watermarks, pagi.transport
      6. Connections            -- the http scope, receive/send, pagi.connection
-     7. Lifespan               -- startup and shutdown, the state namespace
-     8. Server                 -- listeners, accept, admission, sweep, shutdown
-     9. Command line           -- python pagi_ref.py module:app
+     7. WebSocket              -- RFC 6455: handshake, frame codec, the session
+     8. Lifespan               -- startup and shutdown, the state namespace
+     9. Server                 -- listeners, accept, admission, sweep, shutdown
+    10. Command line           -- python pagi_ref.py module:app
 
 Principles:
 
@@ -37,9 +38,13 @@ Principles:
      bounded number of steps, then goes back through the ready queue.
 """
 
+import base64
+import binascii
+import codecs
 import collections
 import concurrent.futures
 import errno
+import hashlib
 import heapq
 import importlib
 import importlib.util
@@ -78,7 +83,7 @@ PAGI_SPEC_VERSION = "0.3"   # scope["pagi"]["spec_version"]: the HTTP sub-spec
 # 1. Configuration
 #
 # One table holds every knob: its name, default, type, unit and help.  The
-# Config class, the command line (section 9) and docs/server.md draw on it,
+# Config class, the command line (section 10) and docs/server.md draw on it,
 # so a limit is added in exactly one place.
 # ============================================================================
 
@@ -107,7 +112,9 @@ _CONFIG_FIELDS = [
     ("max_body_size", 10 * 1024 * 1024, int,
      "bytes of request body, declared or chunked (413 past it; 0: no limit)"),
     ("max_receive_queue", 16, int,
-     "request-body events queued for the application before reading pauses"),
+     "request-body or WebSocket events queued for the application before reading pauses"),
+    ("ws_max_message_size", 16 * 1024 * 1024, int,
+     "bytes in one WebSocket message, fragments included (close 1009 past it; 0: no limit)"),
     ("write_high_watermark", 65536, int,
      "bytes buffered for a client at which send() suspends"),
     ("write_low_watermark", 16384, int,
@@ -879,7 +886,7 @@ class RequestHead:
 
     __slots__ = ("method", "target", "http_version", "path", "query_string",
                  "headers", "keep_alive", "expect_continue", "content_length",
-                 "chunked", "host_count")
+                 "chunked", "upgrade")
 
     def __init__(self, method, target, http_version, headers):
         self.method = method                # str, e.g. "GET"
@@ -892,6 +899,7 @@ class RequestHead:
         self.expect_continue = False        # "Expect: 100-continue" was sent
         self.content_length = 0             # bytes of body (when not chunked)
         self.chunked = False                # body framed by chunked coding
+        self.upgrade = None                 # b"websocket" for an Upgrade request
 
     def __repr__(self):
         return "<RequestHead %s %r HTTP/%s>" % (self.method, self.target, self.http_version)
@@ -1072,6 +1080,8 @@ class RequestParser:
         content_length = None
         transfer_encoding = None
         cookies = 0
+        upgrade = None
+        connection_upgrade = False
         for name, value in request.headers:
             if name == b"host":
                 host_count += 1
@@ -1092,6 +1102,8 @@ class RequestParser:
                     option = option.strip()
                     if option == b"close":
                         request.keep_alive = False
+                    elif option == b"upgrade":
+                        connection_upgrade = True
                     elif option == b"keep-alive" and request.http_version == "1.0":
                         # RFC 9112 §9.3: HTTP/1.0 persistence is opt-in.
                         request.keep_alive = True
@@ -1101,6 +1113,8 @@ class RequestParser:
                     request.expect_continue = True
             elif name == b"cookie":
                 cookies += 1
+            elif name == b"upgrade":
+                upgrade = value
         # RFC 9112 §3.2: a server MUST respond 400 to an HTTP/1.1 request
         # that lacks a Host field or has more than one.
         if request.http_version == "1.1" and host_count != 1:
@@ -1139,6 +1153,9 @@ class RequestParser:
             self._state = _BODY
             self._remaining = 0
         self._body_seen = 0
+        # RFC 9110 §7.8: Upgrade counts only with "Connection: upgrade".
+        if upgrade is not None and connection_upgrade:
+            request.upgrade = upgrade.strip().lower()
         if cookies > 1:
             # PAGI HTTP "Cookie Header Normalization": one cookie header,
             # the values joined with "; " (RFC 6265 §5.4 sends one).
@@ -1374,7 +1391,7 @@ class Transport:
         self._drain_callbacks = []        # on_drain registrations
         self._drain_waiters = []          # send() Futures waiting for the drain
         self._flush_waiters = []          # callbacks for "buffer empty"
-        self._on_error = on_error         # on_error(OSError) when a write fails
+        self.on_error = on_error          # on_error(OSError) when a write fails
         self._sendfile = hasattr(os, "sendfile")
         self.closed = False               # nothing more will be written
         self.last_progress = loop.now     # when bytes last left the buffer
@@ -1588,7 +1605,7 @@ class Transport:
 
     def _fail(self, exc):
         self.close()
-        self._on_error(exc)
+        self.on_error(exc)
 
     def close(self):
         """Drop whatever is queued: nobody will read it.  Suspended sends
@@ -1714,6 +1731,19 @@ def _check_text(etype, field, value):
     _expect(isinstance(value, str), etype, field, "str", value)
 
 
+def _check_seconds(etype, field, value):
+    _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+            etype, field, "a non-negative number of seconds", value)
+
+
+def _check_close_code(etype, field, value):
+    _expect(isinstance(value, int) and not isinstance(value, bool), etype, field, "int", value)
+    if not (value == 1000 or 1001 <= value <= 1003 or 1007 <= value <= 1014
+            or 3000 <= value <= 4999):
+        raise EventError("%s: %r %d may not be sent in a close frame (RFC 6455 §7.4)"
+                         % (etype, field, value))
+
+
 def _check_path(etype, field, value):
     _expect(isinstance(value, (str, bytes, os.PathLike)), etype, field, "str or path", value)
 
@@ -1726,7 +1756,8 @@ def _check_file(etype, field, value):
 # The kinds a schema names, and the function that checks each.
 _FIELD_CHECKS = {"bytes": _check_bytes, "flag": _check_flag, "status": _check_status,
                  "count": _check_count, "path": _check_path, "text": _check_text,
-                 "file": _check_file, "headers": _check_headers}
+                 "file": _check_file, "headers": _check_headers, "seconds": _check_seconds,
+                 "close_code": _check_close_code}
 
 
 def compile_schema(table):
@@ -2492,6 +2523,11 @@ class HTTPConnection:
                 exchange.end_body()
 
     def _begin(self, head):
+        if head.upgrade is not None:
+            upgrade = self.server.upgrades.get(head.upgrade)
+            if upgrade is not None:
+                self._hand_over(upgrade, head)
+                return
         self.requests += 1
         exchange = self.exchange = Exchange(self, head)
         if not head.chunked and not head.content_length:
@@ -2513,6 +2549,47 @@ class HTTPConnection:
             self.respond_error(500, "Internal Server Error", "server_error")
             return
         Task(coro, self.loop, on_exit=exchange.app_exited)
+
+    def _hand_over(self, upgrade, head):
+        """RFC 9110 §7.8: the socket now speaks another protocol; its new
+        owner gets the socket, the Transport and any bytes already read."""
+        self.requests += 1
+        if not head.chunked and not head.content_length:
+            self.parser.next_event()      # the EndOfMessage of the handshake
+        self.closed = True                # this object is done with the socket
+        self.reading = False
+        self.loop.remove_reader(self.fd)
+        self.server.connections.discard(self)
+        leftover, self.parser._buf = self.parser._buf, b""
+        upgrade(self.server, self.sock, self.client, self.server_address,
+                self.transport, head, leftover)
+
+    def check_timeouts(self, now, config):
+        """The server's sweep: which timeout, if any, has this connection hit?"""
+        transport = self.transport
+        if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
+            self.abort("write_timeout")
+        elif self.closing:
+            pass
+        elif self.exchange is None:
+            if self.parser.buffered or self.requests == 0:
+                # slowloris: the head must arrive within header_timeout
+                if now - self.head_started > config.header_timeout:
+                    if self.parser.buffered:
+                        self.respond_error(408, "Request Timeout", None)
+                    else:
+                        self.close()
+            elif now - self.last_activity > config.keepalive_timeout:
+                self.close()
+        elif (not self.exchange.body_complete and self.reading and now - max(
+                self.last_activity, transport.last_progress) > config.client_timeout):
+            self.abort("client_timeout")
+
+    def shutdown(self):
+        """Server shutdown: an idle connection closes now; a busy one after
+        its response (Connection: close)."""
+        if self.exchange is None:
+            self.close()
 
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""
@@ -2611,7 +2688,620 @@ class HTTPConnection:
 
 
 # ============================================================================
-# 7. Lifespan (PAGI Lifespan)
+# 7. WebSocket (RFC 6455; PAGI "WebSocket")
+#
+# A request with "Upgrade: websocket" is handed over by HTTPConnection, with
+# its socket and its Transport, to a WebSocketConnection: one websocket
+# scope for the whole session.  FrameParser is sans-I/O like section 4: it
+# turns client bytes into messages (fragments reassembled, text decoded as
+# it arrives) and control frames, and raises FrameError -- which carries
+# the close code -- for a frame that breaks RFC 6455.
+#
+# Before you edit: the session has four states.  CONNECTING until the
+# application accepts (101) or refuses (403, or its own denial response);
+# OPEN; CLOSING once the server has sent a close frame and waits for the
+# client's; CLOSED once the websocket.disconnect event is decided.
+# ============================================================================
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"    # RFC 6455 §1.3
+_OP_CONT, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2         # RFC 6455 §5.2
+_OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
+_WS_CLOSE_TIMEOUT = 5.0    # seconds to wait for the client's close frame
+_CONNECTING, _OPEN, _CLOSING, _CLOSED = "connecting", "open", "closing", "closed"
+
+
+class FrameError(Exception):
+    """A frame that breaks RFC 6455: the connection fails with ``code``."""
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+
+
+def valid_close_code(code):
+    """RFC 6455 §7.4.1 and the IANA registry: codes a close frame may carry
+    (1005, 1006 and 1015 are for reporting only, never sent)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _unmask(data, mask):
+    """RFC 6455 §5.3: XOR with the 4-byte key, done on one big integer."""
+    size = len(data)
+    if not size:
+        return b""
+    key = int.from_bytes((mask * (size // 4 + 1))[:size], "big")
+    return (int.from_bytes(data, "big") ^ key).to_bytes(size, "big")
+
+
+def ws_frame_head(opcode, size):
+    """The head of a server frame: FIN set, not masked (RFC 6455 §5.1-5.2)."""
+    if size < 126:
+        return bytes((0x80 | opcode, size))
+    if size < 65536:
+        return bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
+    return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+
+
+def ws_frame(opcode, payload=b""):
+    return ws_frame_head(opcode, len(payload)) + payload
+
+
+def ws_close_payload(code, reason=""):
+    if code == 1005:
+        return b""       # "no status": an empty close frame
+    return code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+
+
+class FrameParser:
+    """Client frames in; ("text", str), ("bytes", bytes), ("ping", data),
+    ("pong", data), ("close", code, reason) out; None for "need more"."""
+
+    def __init__(self, max_message_size):
+        self.max_message_size = max_message_size
+        self._buf = bytearray()     # bytes received, not yet parsed
+        self._parts = None          # the fragments of a message in progress
+        self._text = False          # that message is text
+        self._size = 0              # its payload bytes so far
+        self._decoder = None        # incremental UTF-8 decoder for text
+
+    def feed(self, data):
+        self._buf += data
+
+    def next_event(self):
+        while True:
+            buf = self._buf
+            if len(buf) < 2:
+                return None
+            b0, b1 = buf[0], buf[1]
+            fin, opcode, size = b0 & 0x80, b0 & 0x0F, b1 & 0x7F
+            # RFC 6455 §5.2: RSV1-3 MUST be 0 without a negotiated extension.
+            if b0 & 0x70:
+                raise FrameError(1002, "reserved bits set")
+            # §5.1: a server MUST close on a frame from the client that is
+            # not masked.
+            if not b1 & 0x80:
+                raise FrameError(1002, "client frame not masked")
+            if opcode >= 8:
+                if opcode not in (_OP_CLOSE, _OP_PING, _OP_PONG):
+                    raise FrameError(1002, "unknown opcode %d" % opcode)
+                # §5.5: control frames are at most 125 bytes, never fragmented.
+                if not fin:
+                    raise FrameError(1002, "fragmented control frame")
+                if size > 125:
+                    raise FrameError(1002, "control frame over 125 bytes")
+            elif opcode not in (_OP_CONT, _OP_TEXT, _OP_BINARY):
+                raise FrameError(1002, "unknown opcode %d" % opcode)
+            pos = 2
+            if size == 126:
+                if len(buf) < 4:
+                    return None
+                size, pos = int.from_bytes(buf[2:4], "big"), 4
+            elif size == 127:
+                if len(buf) < 10:
+                    return None
+                size, pos = int.from_bytes(buf[2:10], "big"), 10
+                if size >> 63:
+                    raise FrameError(1002, "payload length with the high bit set")
+            if opcode < 8 and self.max_message_size and \
+                    self._size + size > self.max_message_size:
+                raise FrameError(1009, "message over %d bytes" % self.max_message_size)
+            end = pos + 4 + size
+            if len(buf) < end:
+                return None
+            payload = _unmask(bytes(buf[pos + 4:end]), bytes(buf[pos:pos + 4]))
+            del buf[:end]
+            if opcode == _OP_CLOSE:
+                return self._close(payload)
+            if opcode == _OP_PING:
+                return ("ping", payload)
+            if opcode == _OP_PONG:
+                return ("pong", payload)
+            # §5.4: a continuation needs a message to continue; a new message
+            # may not start inside a fragmented one.
+            if opcode == _OP_CONT:
+                if self._parts is None:
+                    raise FrameError(1002, "continuation frame with no message to continue")
+            else:
+                if self._parts is not None:
+                    raise FrameError(1002, "new message inside a fragmented one")
+                self._parts, self._text, self._size = [], opcode == _OP_TEXT, 0
+                self._decoder = codecs.getincrementaldecoder("utf-8")() if self._text else None
+            self._size += size
+            if self._text:
+                try:   # §8.1: fail as soon as the text is not UTF-8
+                    self._parts.append(self._decoder.decode(payload, final=bool(fin)))
+                except UnicodeDecodeError:
+                    raise FrameError(1007, "text message is not UTF-8")
+            else:
+                self._parts.append(payload)
+            if not fin:
+                continue
+            parts, self._parts = self._parts, None
+            if self._text:
+                return ("text", "".join(parts))
+            return ("bytes", b"".join(parts))
+
+    @staticmethod
+    def _close(payload):
+        # §5.5.1: no body, or a 2-byte code then a UTF-8 reason.
+        if not payload:
+            return ("close", 1005, "")
+        if len(payload) == 1:
+            raise FrameError(1002, "close frame with a 1-byte payload")
+        code = int.from_bytes(payload[:2], "big")
+        if not valid_close_code(code):
+            raise FrameError(1002, "close code %d is not allowed on the wire" % code)
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError(1007, "close reason is not UTF-8")
+        return ("close", code, reason)
+
+
+WEBSOCKET_SEND_EVENTS = {
+    "websocket.accept": {"subprotocol": ("text", False), "headers": ("headers", False)},
+    "websocket.send": {"bytes": ("bytes", False), "text": ("text", False)},
+    "websocket.close": {"code": ("close_code", False), "reason": ("text", False)},
+    "websocket.keepalive": {"interval": ("seconds", True), "timeout": ("seconds", False)},
+    "websocket.http.response.start": {"status": ("status", True),
+                                      "headers": ("headers", False)},
+    "websocket.http.response.body": {"body": ("bytes", False), "more": ("flag", False)},
+}
+_WEBSOCKET_SEND_SCHEMA = compile_schema(WEBSOCKET_SEND_EVENTS)
+
+
+def _websocket_handshake_error(head):
+    """RFC 6455 §4.2.1-§4.2.2 and §4.4: (status, message, headers) or None."""
+    if head.method != "GET" or head.http_version != "1.1":
+        return (400, "a WebSocket handshake is a GET in HTTP/1.1", ())
+    if head.chunked or head.content_length:
+        return (400, "a WebSocket handshake has no body", ())
+    version = key = None
+    for name, value in head.headers:
+        if name == b"sec-websocket-version":
+            version = value.strip()
+        elif name == b"sec-websocket-key":
+            key = value.strip()
+    if version != b"13":
+        return (426, "Sec-WebSocket-Version must be 13", [(b"sec-websocket-version", b"13")])
+    try:
+        if key is None or len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError(key)
+    except (ValueError, binascii.Error):
+        return (400, "Sec-WebSocket-Key must be 16 bytes in base64", ())
+    return None
+
+
+class WebSocketConnection:
+    """One upgraded socket: the ``websocket`` scope, frames in and out."""
+
+    def __init__(self, server, sock, client, server_address, transport, head, leftover):
+        self.server = server
+        self.loop = loop = server.loop
+        self.log = server.log
+        self.config = server.config
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.client = client
+        self.head = head
+        self.transport = transport
+        transport.on_error = self._write_failed
+        self.state = _CONNECTING
+        self.closed = False           # the socket is closed (or lingering)
+        self.closing = False          # used by the server's shutdown and sweep
+        self.queue = collections.deque([{"type": "websocket.connect"}])
+        self.waiter = None            # a pending receive()
+        self.disconnect = None        # the websocket.disconnect event, once decided
+        self.reading = False
+        self.peer_eof = False
+        self.parser = FrameParser(self.config.ws_max_message_size)
+        self.parser.feed(leftover)
+        self.denial = None            # [status, headers, head_sent, chunked] of a denial
+        self.ping_timer = None        # websocket.keepalive's next ping
+        self.pong_timer = None        # its deadline for the pong
+        self.close_timer = None       # deadline for the client's close frame
+        self.last_activity = loop.now
+        error = _websocket_handshake_error(head)
+        if error is not None:
+            status, message, headers = error
+            transport.write(error_response(status, message, headers))
+            self.state = _CLOSED
+            self._close_after_flush()
+            return
+        server.connections.add(self)
+        subprotocols = []
+        for name, value in head.headers:
+            if name == b"sec-websocket-protocol":
+                subprotocols += [p.strip().decode("latin-1") for p in value.split(b",")
+                                 if p.strip()]
+        self.subprotocols = subprotocols
+        scope = {
+            "type": "websocket",
+            "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
+            "http_version": "1.1",
+            "scheme": "ws",
+            "path": decode_path(head.path),
+            "raw_path": head.path,
+            "query_string": head.query_string,
+            "root_path": self.config.root_path,
+            "headers": head.headers,
+            "client": list(client) if client else None,
+            "server": list(server_address),
+            "subprotocols": subprotocols,
+            "state": dict(server.state),
+            "extensions": {"websocket.http.response": {}},
+            "pagi.transport": transport,
+        }
+        try:
+            coro = server.app(scope, self.receive, self.send)
+            if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+                raise TypeError("the application must return a generator or a coroutine, "
+                                "it returned %s" % type(coro).__name__)
+        except Exception:
+            self.log.error("application failed on a websocket scope\n%s",
+                           traceback.format_exc().rstrip())
+            self._refuse(500, "Internal Server Error")
+            return
+        self._resume_reading()
+        Task(coro, loop, name="websocket", on_exit=self._app_exited)
+
+    def __repr__(self):
+        return "<WebSocketConnection fd=%d %s>" % (self.fd, self.state)
+
+    # -- receive ----------------------------------------------------------------
+
+    def receive(self):
+        if self.queue:
+            if not self.reading and self.state in (_OPEN, _CLOSING):
+                self._resume_reading()
+            return _resolved(self.queue.popleft())
+        if self.disconnect is not None:
+            return _resolved(dict(self.disconnect))
+        if self.waiter is not None:
+            return _failed(RuntimeError("receive() called while another receive() is pending"))
+        self.waiter = Future(self.loop)
+        return self.waiter
+
+    def _deliver(self, event):
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(event)
+                return
+        self.queue.append(event)
+
+    def _ended(self, code, reason):
+        """Decide the websocket.disconnect event (once) and deliver it."""
+        if self.disconnect is not None:
+            return
+        self.state = _CLOSED
+        for timer in (self.ping_timer, self.pong_timer, self.close_timer):
+            if timer is not None:
+                timer.cancel()
+        self.disconnect = {"type": "websocket.disconnect", "code": code, "reason": reason}
+        self._deliver(dict(self.disconnect))
+
+    # -- send -------------------------------------------------------------------
+
+    def send(self, event):
+        if self.state == _CLOSED or self.closed:
+            return _NO_WAIT    # PAGI core: send after the session ended is a no-op
+        try:
+            etype = validate_event(event, _WEBSOCKET_SEND_SCHEMA)
+            return getattr(self, "_" + etype.replace(".", "_"))(event)
+        except EventError as exc:
+            return _failed(exc)
+
+    def _websocket_accept(self, event):
+        if self.state != _CONNECTING or self.denial is not None:
+            raise EventError("websocket.accept: the handshake is already answered")
+        key = None
+        for name, value in self.head.headers:
+            if name == b"sec-websocket-key":
+                key = value.strip()
+        accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n", b"upgrade: websocket\r\n",
+                 b"connection: Upgrade\r\n", b"sec-websocket-accept: " + accept + b"\r\n"]
+        subprotocol = event.get("subprotocol")
+        if subprotocol is not None:
+            if subprotocol not in self.subprotocols:
+                raise EventError("websocket.accept: 'subprotocol' %r was not offered by the "
+                                 "client (%r)" % (subprotocol, self.subprotocols))
+            lines.append(b"sec-websocket-protocol: " + subprotocol.encode("latin-1") + b"\r\n")
+        for name, value in event.get("headers") or ():
+            lines.append(bytes(name) + b": " + bytes(value) + b"\r\n")
+        self.transport.write(b"".join(lines) + b"\r\n")
+        self.state = _OPEN
+        self.loop.call_soon(self._advance)   # frames that came early
+        return self.transport.suspend()
+
+    def _websocket_send(self, event):
+        data, text = event.get("bytes"), event.get("text")
+        if (data is None) == (text is None):
+            raise EventError("websocket.send: exactly one of 'bytes' and 'text' must be given")
+        if self.state == _CONNECTING:
+            raise EventError("websocket.send: the handshake is not accepted yet")
+        if self.state != _OPEN:
+            return _NO_WAIT
+        if text is not None:
+            opcode, payload = _OP_TEXT, text.encode("utf-8")
+        else:
+            opcode, payload = _OP_BINARY, bytes(data)
+        if len(payload) > _COMBINE_LIMIT:     # no copy of a large payload
+            self.transport.write(ws_frame_head(opcode, len(payload)))
+            self.transport.write(payload)
+        else:
+            self.transport.write(ws_frame(opcode, payload))
+        return self.transport.suspend()
+
+    def _websocket_close(self, event):
+        code = event.get("code")
+        code = 1000 if code is None else code
+        reason = event.get("reason") or ""
+        if self.state == _CONNECTING and self.denial is None:
+            # PAGI: websocket.close before websocket.accept rejects with 403.
+            self._refuse(403, "Forbidden")
+            self._ended(code, reason)
+        elif self.state == _OPEN:
+            self._start_close(code, reason)
+        return _NO_WAIT
+
+    def _websocket_keepalive(self, event):
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
+        self.keepalive = (event["interval"], event.get("timeout"))
+        if event["interval"] > 0 and self.state in (_CONNECTING, _OPEN):
+            self.ping_timer = self.loop.call_later(event["interval"], self._ping)
+        return _NO_WAIT
+
+    def _ping(self):
+        self.ping_timer = None
+        if self.state != _OPEN:
+            return
+        interval, timeout = self.keepalive
+        self.transport.write(ws_frame(_OP_PING))
+        if timeout and self.pong_timer is None:
+            self.pong_timer = self.loop.call_later(timeout, self._pong_missing)
+        if interval > 0:
+            self.ping_timer = self.loop.call_later(interval, self._ping)
+
+    def _pong_missing(self):
+        self.pong_timer = None
+        self.abort("keepalive_timeout")
+
+    def _websocket_http_response_start(self, event):
+        if self.state != _CONNECTING:
+            return _NO_WAIT      # PAGI: denial events after accept are ignored
+        if self.denial is not None:
+            raise EventError("websocket.http.response.start: already sent")
+        self.denial = [event["status"], [(bytes(n), bytes(v)) for n, v in
+                                         event.get("headers") or ()], False, False]
+        return _NO_WAIT
+
+    def _websocket_http_response_body(self, event):
+        if self.state != _CONNECTING:
+            return _NO_WAIT
+        if self.denial is None:
+            raise EventError("websocket.http.response.body: send "
+                             "websocket.http.response.start first")
+        status, headers, head_sent, chunked = self.denial
+        body = bytes(event.get("body") or b"")
+        more = bool(event.get("more"))
+        out = []
+        if not head_sent:
+            lines = [status_line(status)]
+            lines += [n + b": " + v + b"\r\n" for n, v in headers
+                      if n not in (b"content-length", b"transfer-encoding", b"connection")]
+            if more:
+                lines.append(b"transfer-encoding: chunked\r\n")
+                chunked = True
+            else:
+                lines.append(b"content-length: %d\r\n" % len(body))
+            lines.append(b"connection: close\r\ndate: " + _date.get() + b"\r\n\r\n")
+            out.append(b"".join(lines))
+            self.denial[2:] = [True, chunked]
+        if chunked:
+            out.append((chunk(body) if body else b"") + (b"" if more else LAST_CHUNK))
+        else:
+            out.append(body)
+        self.transport.write(b"".join(out))
+        if not more:
+            # The WebSocket never opened: no websocket.disconnect is owed,
+            # but a receive() still gets one rather than waiting forever.
+            self.state = _CLOSED
+            self.disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+            self._close_after_flush()
+        return self.transport.suspend()
+
+    # -- frames in ----------------------------------------------------------------
+
+    def _resume_reading(self):
+        if not self.reading and not self.closed and not self.peer_eof:
+            self.reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self):
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (ConnectionResetError, ConnectionAbortedError):
+            self.abort("client_closed")
+            return
+        except OSError:
+            self.abort("read_error")
+            return
+        self.last_activity = self.loop.now
+        if not data:
+            self.peer_eof = True
+            if self.state == _CLOSED:
+                self._close()
+            else:
+                self.abort("client_closed")
+            return
+        self.parser.feed(data)
+        self._advance()
+
+    def _advance(self):
+        if self.state not in (_OPEN, _CLOSING) or self.closed:
+            return          # frames wait for the accept (none are expected)
+        limit = self.config.max_receive_queue
+        while self.state in (_OPEN, _CLOSING):
+            if len(self.queue) >= limit:
+                # Inbound backpressure: stop reading until the app catches up.
+                if self.reading:
+                    self.reading = False
+                    self.loop.remove_reader(self.fd)
+                return
+            try:
+                event = self.parser.next_event()
+            except FrameError as err:
+                self._fail(err.code, str(err))
+                return
+            if event is None:
+                return
+            kind = event[0]
+            if kind == "text":
+                if self.state == _OPEN:
+                    self._deliver({"type": "websocket.receive", "text": event[1],
+                                   "bytes": None})
+            elif kind == "bytes":
+                if self.state == _OPEN:
+                    self._deliver({"type": "websocket.receive", "bytes": event[1],
+                                   "text": None})
+            elif kind == "ping":
+                if self.state == _OPEN:   # §5.5.2: answer with the same data
+                    self.transport.write(ws_frame(_OP_PONG, event[1]))
+            elif kind == "pong":
+                if self.pong_timer is not None:
+                    self.pong_timer.cancel()
+                    self.pong_timer = None
+            else:
+                code, reason = event[1], event[2]
+                if self.state == _OPEN:
+                    # §5.5.1: answer a close with a close (echoing its code),
+                    # then the server closes the TCP connection first.
+                    self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code)))
+                self._ended(code, reason)
+                self._close_after_flush()
+                return
+
+    def _start_close(self, code, reason):
+        self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code, reason)))
+        self.state = _CLOSING
+        self.close_timer = self.loop.call_later(_WS_CLOSE_TIMEOUT, self.abort,
+                                                "client_timeout")
+
+    def _fail(self, code, message):
+        """RFC 6455 §7.1.7: fail the connection with a close frame."""
+        self.log.debug("websocket %r: failing with %d: %s", self.client, code, message)
+        if self.state == _OPEN:
+            self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code, message)))
+        self._ended(code, "protocol_error")
+        self._close_after_flush()
+
+    # -- the end --------------------------------------------------------------------
+
+    def _refuse(self, status, message):
+        self.transport.write(error_response(status, message))
+        self.state = _CLOSED
+        self._close_after_flush()
+
+    def _app_exited(self, task):
+        exc = task._exception
+        if exc is not None and self.state != _CLOSED:
+            self.log.error("websocket application raised: %s\n%s",
+                           self.head.target.decode("latin-1"), "".join(
+                               traceback.format_exception(type(exc), exc,
+                                                          exc.__traceback__)).rstrip())
+        elif exc is not None:
+            self.log.debug("websocket application raised after the end: %r", exc)
+        if self.state == _CONNECTING:
+            if self.denial is not None:
+                self.abort("server_error")     # a denial left unfinished
+            elif exc is not None:
+                self._refuse(500, "Internal Server Error")
+            else:
+                self.log.error("websocket application returned without accepting: %s (403 "
+                               "sent)", self.head.target.decode("latin-1"))
+                self._refuse(403, "Forbidden")
+        elif self.state == _OPEN:
+            # An application that ends its session closes it: 1000 normally,
+            # 1011 (internal error) when it raised.
+            self._start_close(1011 if exc is not None else 1000, "")
+
+    def _write_failed(self, exc):
+        self.abort("client_closed" if self.peer_eof else "write_error")
+
+    def abort(self, reason):
+        """The connection ends without a close handshake: code 1006."""
+        if self.closed:
+            return
+        self._ended(1006, reason)
+        self._close()
+
+    def shutdown(self):
+        """Server shutdown: close the session with 1001 (going away)."""
+        if self.state == _OPEN:
+            self._start_close(1001, "server shutdown")
+        elif self.state == _CONNECTING and self.denial is None:
+            self._refuse(503, "Service Unavailable")
+            self._ended(1006, "server_shutdown")
+
+    def check_timeouts(self, now, config):
+        transport = self.transport
+        if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
+            self.abort("write_timeout")
+
+    def _close_after_flush(self):
+        if self.closed or self.closing:
+            return
+        self.closing = True
+        self.transport.when_flushed(self._linger)
+
+    def _linger(self):
+        if self.closed:
+            return
+        self._release()
+        _Linger(self.loop, self.sock)
+
+    def _close(self):
+        if not self.closed:
+            self._release()
+            self.sock.close()
+
+    def _release(self):
+        self.closed = True
+        self.reading = False
+        self.transport.close()
+        self.loop.forget(self.fd)
+        self.server.connection_closed(self)
+
+
+# ============================================================================
+# 8. Lifespan (PAGI Lifespan)
 #
 # One ``lifespan`` scope per server loop, before any connection is accepted
 # and after the last one is gone.  The application's startup can fill
@@ -2732,7 +3422,7 @@ def _resolve(future, value):
 
 
 # ============================================================================
-# 8. Server
+# 9. Server
 #
 # Listeners and accept, admission control, the timeout sweep, and shutdown.
 # Admission: past max_connections a new connection still gets an answer --
@@ -2927,6 +3617,8 @@ class Server:
         self._shutdown_timer = None
         self.access_log = None        # AccessLog while serving, if configured
         self.lifespan = None          # the Lifespan scope, once started
+        # Upgrade tokens (RFC 9110 §7.8) and who takes such a connection over.
+        self.upgrades = {b"websocket": WebSocketConnection}
         self._started = False         # startup() has run
 
     def __repr__(self):
@@ -3051,8 +3743,7 @@ class Server:
             sock.close()
         self.listeners = []
         for conn in list(self.connections):
-            if conn.exchange is None:
-                conn.close()
+            conn.shutdown()
         if timeout is None:
             timeout = self.config.shutdown_timeout
         self._shutdown_timer = self.loop.call_later(timeout, self._shutdown_expired)
@@ -3158,29 +3849,8 @@ class Server:
         now = loop.time()
         config = self.config
         for conn in list(self.connections):
-            if conn.closed:
-                continue
-            transport = conn.transport
-            if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
-                conn.abort("write_timeout")
-                continue
-            if conn.closing:
-                continue
-            exchange = conn.exchange
-            if exchange is None:
-                if conn.parser.buffered or conn.requests == 0:
-                    # slowloris: the head must arrive within header_timeout
-                    if now - conn.head_started > config.header_timeout:
-                        if conn.parser.buffered:
-                            conn.respond_error(408, "Request Timeout", None)
-                        else:
-                            conn.close()
-                elif now - conn.last_activity > config.keepalive_timeout:
-                    conn.close()
-                continue
-            if (not exchange.body_complete and conn.reading and now - max(
-                    conn.last_activity, transport.last_progress) > config.client_timeout):
-                conn.abort("client_timeout")
+            if not conn.closed:
+                conn.check_timeouts(now, config)
         if self.access_log is not None:
             self.access_log.report_drops()
         loop.call_later(_SWEEP_INTERVAL, self._sweep)
@@ -3225,7 +3895,7 @@ def _start_and_serve(server):
 
 
 # ============================================================================
-# 9. Command line
+# 10. Command line
 #
 #   python pagi_ref.py MODULE:ATTR [options]
 #   python -m pagi_ref MODULE:ATTR [options]

@@ -17,9 +17,10 @@ Contents (each section uses only the sections above it):
      5. Outgoing buffer        -- counted bytes, watermarks, pagi.transport
      6. Connections            -- the http scope, receive/send, pagi.connection
      7. WebSocket              -- RFC 6455: handshake, frame codec, the session
-     8. Lifespan               -- startup and shutdown, the state namespace
-     9. Server                 -- listeners, accept, admission, sweep, shutdown
-    10. Command line           -- python pagi_ref.py module:app
+     8. Server-Sent Events     -- the sse scope: event streams over HTTP
+     9. Lifespan               -- startup and shutdown, the state namespace
+    10. Server                 -- listeners, accept, admission, sweep, shutdown
+    11. Command line           -- python pagi_ref.py module:app
 
 Principles:
 
@@ -83,7 +84,7 @@ PAGI_SPEC_VERSION = "0.3"   # scope["pagi"]["spec_version"]: the HTTP sub-spec
 # 1. Configuration
 #
 # One table holds every knob: its name, default, type, unit and help.  The
-# Config class, the command line (section 10) and docs/server.md draw on it,
+# Config class, the command line (section 11) and docs/server.md draw on it,
 # so a limit is added in exactly one place.
 # ============================================================================
 
@@ -886,7 +887,7 @@ class RequestHead:
 
     __slots__ = ("method", "target", "http_version", "path", "query_string",
                  "headers", "keep_alive", "expect_continue", "content_length",
-                 "chunked", "upgrade")
+                 "chunked", "upgrade", "event_stream")
 
     def __init__(self, method, target, http_version, headers):
         self.method = method                # str, e.g. "GET"
@@ -900,6 +901,7 @@ class RequestHead:
         self.content_length = 0             # bytes of body (when not chunked)
         self.chunked = False                # body framed by chunked coding
         self.upgrade = None                 # b"websocket" for an Upgrade request
+        self.event_stream = False           # Accept: text/event-stream (an sse scope)
 
     def __repr__(self):
         return "<RequestHead %s %r HTTP/%s>" % (self.method, self.target, self.http_version)
@@ -1115,6 +1117,11 @@ class RequestParser:
                 cookies += 1
             elif name == b"upgrade":
                 upgrade = value
+            elif name == b"accept":
+                # PAGI SSE "Connection Detection": Accept includes the media
+                # type text/event-stream, whatever the method and path.
+                if b"text/event-stream" in value.lower():
+                    request.event_stream = True
         # RFC 9112 §3.2: a server MUST respond 400 to an HTTP/1.1 request
         # that lacks a Host field or has more than one.
         if request.http_version == "1.1" and host_count != 1:
@@ -1908,6 +1915,8 @@ class Exchange:
     class default, as usual.
     """
 
+    REQUEST = "http.request"      # the type of request-body events
+    FIN_ENDS_RESPONSE = False     # a FIN after the request is a half-close, not a leave
     # request side
     body_complete = False         # the whole request body was parsed
     final_given = False           # the more=0 event was handed out
@@ -1985,10 +1994,10 @@ class Exchange:
             return _resolved(event)
         if self.body_complete and not self.final_given:
             self.final_given = True
-            return _resolved({"type": "http.request", "body": b"", "more": 0})
+            return _resolved({"type": self.REQUEST, "body": b"", "more": 0})
         if self.state._reason is not None or self.response_done:
             # PAGI HTTP "Disconnect": after the response, or once gone.
-            return _resolved({"type": "http.disconnect"})
+            return _resolved(self.disconnect_event())
         if self.waiter is not None:
             return _failed(RuntimeError("receive() called while another receive() is pending"))
         # RFC 9110 §10.1.1: the interim 100 goes out when the application
@@ -1998,6 +2007,9 @@ class Exchange:
             self.conn.transport.write(_CONTINUE)
         self.waiter = waiter = Future(self.conn.loop)
         return waiter
+
+    def disconnect_event(self):
+        return {"type": "http.disconnect"}
 
     def _deliver(self, event):
         waiter = self.waiter
@@ -2013,7 +2025,7 @@ class Exchange:
             return
         if not more and self.waiter is not None:
             self.final_given = True
-        self._deliver({"type": "http.request", "body": data, "more": more})
+        self._deliver({"type": self.REQUEST, "body": data, "more": more})
 
     def end_body(self):
         self.body_complete = True
@@ -2025,7 +2037,7 @@ class Exchange:
             self.queue[-1]["more"] = 0
         elif self.waiter is not None:
             self.final_given = True
-            self._deliver({"type": "http.request", "body": b"", "more": 0})
+            self._deliver({"type": self.REQUEST, "body": b"", "more": 0})
 
     def disconnected(self, reason):
         """The abnormal end: pagi.connection in the spec's order, then
@@ -2033,7 +2045,7 @@ class Exchange:
         if self.state._disconnected(reason):
             self.log_access()
             if self.waiter is not None:
-                self._deliver({"type": "http.disconnect"})
+                self._deliver(self.disconnect_event())
 
     # -- send -------------------------------------------------------------------
 
@@ -2278,7 +2290,7 @@ class Exchange:
         if self.waiter is not None and self.body_complete and self.final_given:
             # PAGI HTTP "Disconnect": a receive() still waiting once the
             # response has been sent gets http.disconnect.
-            self._deliver({"type": "http.disconnect"})
+            self._deliver(self.disconnect_event())
         self.conn.exchange_progress(self)
 
     def log_access(self):
@@ -2459,7 +2471,8 @@ class HTTPConnection:
         exchange = self.exchange
         if exchange is None or self.closing:
             self.close()          # idle, or between requests: nothing is lost
-        elif not exchange.body_complete:
+        elif not exchange.body_complete or (exchange.FIN_ENDS_RESPONSE
+                                            and not exchange.response_done):
             self.abort("client_closed")
         # Otherwise the request is complete and the client only half-closed:
         # the response still goes out, then the connection closes.  (A client
@@ -2529,7 +2542,8 @@ class HTTPConnection:
                 self._hand_over(upgrade, head)
                 return
         self.requests += 1
-        exchange = self.exchange = Exchange(self, head)
+        kind = self.server.event_stream_exchange if head.event_stream else Exchange
+        exchange = self.exchange = kind(self, head)
         if not head.chunked and not head.content_length:
             self.parser.next_event()      # the EndOfMessage of a body-less request
             exchange.body_complete = True
@@ -2749,7 +2763,12 @@ def ws_frame(opcode, payload=b""):
 def ws_close_payload(code, reason=""):
     if code == 1005:
         return b""       # "no status": an empty close frame
-    return code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+    # §5.5: a control frame carries at most 125 bytes; cut the reason on a
+    # character boundary so that it stays UTF-8.
+    encoded = reason.encode("utf-8")
+    if len(encoded) > 123:
+        encoded = encoded[:123].decode("utf-8", "ignore").encode("utf-8")
+    return code.to_bytes(2, "big") + encoded
 
 
 class FrameParser:
@@ -2836,7 +2855,7 @@ class FrameParser:
                 self._parts.append(payload)
             if not fin:
                 continue
-            parts, self._parts = self._parts, None
+            parts, self._parts, self._size = self._parts, None, 0
             if self._text:
                 return ("text", "".join(parts))
             return ("bytes", b"".join(parts))
@@ -2974,6 +2993,7 @@ class WebSocketConnection:
         if self.queue:
             if not self.reading and self.state in (_OPEN, _CLOSING):
                 self._resume_reading()
+                self.loop.call_soon(self._advance)    # frames parked in the parser
             return _resolved(self.queue.popleft())
         if self.disconnect is not None:
             return _resolved(dict(self.disconnect))
@@ -3033,6 +3053,7 @@ class WebSocketConnection:
             lines.append(bytes(name) + b": " + bytes(value) + b"\r\n")
         self.transport.write(b"".join(lines) + b"\r\n")
         self.state = _OPEN
+        self._resume_reading()
         self.loop.call_soon(self._advance)   # frames that came early
         return self.transport.suspend()
 
@@ -3068,9 +3089,10 @@ class WebSocketConnection:
         return _NO_WAIT
 
     def _websocket_keepalive(self, event):
-        if self.ping_timer is not None:
-            self.ping_timer.cancel()
-            self.ping_timer = None
+        for timer in (self.ping_timer, self.pong_timer):
+            if timer is not None:
+                timer.cancel()
+        self.ping_timer = self.pong_timer = None
         self.keepalive = (event["interval"], event.get("timeout"))
         if event["interval"] > 0 and self.state in (_CONNECTING, _OPEN):
             self.ping_timer = self.loop.call_later(event["interval"], self._ping)
@@ -3078,9 +3100,12 @@ class WebSocketConnection:
 
     def _ping(self):
         self.ping_timer = None
+        interval, timeout = self.keepalive
+        if self.state == _CONNECTING:       # pings begin once accepted
+            self.ping_timer = self.loop.call_later(interval, self._ping)
+            return
         if self.state != _OPEN:
             return
-        interval, timeout = self.keepalive
         self.transport.write(ws_frame(_OP_PING))
         if timeout and self.pong_timer is None:
             self.pong_timer = self.loop.call_later(timeout, self._pong_missing)
@@ -3162,7 +3187,15 @@ class WebSocketConnection:
                 self.abort("client_closed")
             return
         self.parser.feed(data)
+        if self.state == _CONNECTING and len(self.parser._buf) > _PIPELINE_BUFFER:
+            self._pause_reading()     # a client talking before the 101: wait
+            return
         self._advance()
+
+    def _pause_reading(self):
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
 
     def _advance(self):
         if self.state not in (_OPEN, _CLOSING) or self.closed:
@@ -3171,9 +3204,13 @@ class WebSocketConnection:
         while self.state in (_OPEN, _CLOSING):
             if len(self.queue) >= limit:
                 # Inbound backpressure: stop reading until the app catches up.
-                if self.reading:
-                    self.reading = False
-                    self.loop.remove_reader(self.fd)
+                self._pause_reading()
+                return
+            if self.transport.buffered_amount() >= self.transport.high_water_mark():
+                # What we answer (pongs) is not being read: stop reading
+                # until the client drains its side.
+                self._pause_reading()
+                self.transport.suspend().add_done_callback(self._drained)
                 return
             try:
                 event = self.parser.next_event()
@@ -3208,6 +3245,11 @@ class WebSocketConnection:
                 self._close_after_flush()
                 return
 
+    def _drained(self, _future):
+        if self.state in (_OPEN, _CLOSING) and not self.closed:
+            self._resume_reading()
+            self._advance()
+
     def _start_close(self, code, reason):
         self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code, reason)))
         self.state = _CLOSING
@@ -3240,7 +3282,14 @@ class WebSocketConnection:
             self.log.debug("websocket application raised after the end: %r", exc)
         if self.state == _CONNECTING:
             if self.denial is not None:
-                self.abort("server_error")     # a denial left unfinished
+                # A denial response left unfinished: as HTTP does, a 500 if
+                # nothing is on the wire yet, else a visible truncation.
+                self.log.error("websocket application returned before finishing its "
+                               "denial response: %s", self.head.target.decode("latin-1"))
+                if self.denial[2]:
+                    self.abort("server_error")
+                else:
+                    self._refuse(500, "Internal Server Error")
             elif exc is not None:
                 self._refuse(500, "Internal Server Error")
             else:
@@ -3301,7 +3350,178 @@ class WebSocketConnection:
 
 
 # ============================================================================
-# 8. Lifespan (PAGI Lifespan)
+# 8. Server-Sent Events (WHATWG HTML "Server-sent events"; PAGI "SSE")
+#
+# A request whose Accept includes text/event-stream gets an ``sse`` scope.
+# On the wire an event stream is an ordinary chunked HTTP response, so
+# SSEExchange is an Exchange (section 6) that speaks sse.* events: it
+# formats each dispatch (WHATWG §9.2.6: "event:", one "data:" per line,
+# "id:", "retry:", a blank line) and hands the bytes to the HTTP framing.
+# Instead of streaming, an application may decline with an ordinary
+# response (sse.http.response.*): the first send decides which it is.
+# ============================================================================
+
+SSE_SEND_EVENTS = {
+    "sse.start": {"status": ("status", False), "headers": ("headers", False)},
+    "sse.send": {"data": ("text", True), "event": ("text", False), "id": ("text", False),
+                 "retry": ("count", False)},
+    "sse.comment": {"comment": ("text", True)},
+    "sse.keepalive": {"interval": ("seconds", True), "comment": ("text", False)},
+    "sse.close": {"reason": ("text", False)},
+    "sse.http.response.start": {"status": ("status", True), "headers": ("headers", False)},
+    "sse.http.response.body": {"body": ("bytes", False), "more": ("flag", False)},
+}
+_SSE_SEND_SCHEMA = compile_schema(SSE_SEND_EVENTS)
+_SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")   # WHATWG: CRLF, CR or LF ends a line
+
+
+def sse_dispatch(data, event=None, id=None, retry=None):
+    """The bytes of one SSE dispatch (WHATWG HTML §9.2.6)."""
+    lines = []
+    if event is not None:
+        lines.append("event: " + event)
+    for line in _SSE_LINE_BREAK.split(data):
+        lines.append("data: " + line)
+    if id is not None:
+        lines.append("id: " + id)
+    if retry is not None:
+        lines.append("retry: %d" % retry)
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+class SSEExchange(Exchange):
+    """One event-stream request: an Exchange whose events are sse.*."""
+
+    REQUEST = "sse.request"
+    # An event-stream client that sends FIN has gone: it has nothing more
+    # to send and would only ever read (unlike an HTTP half-close).
+    FIN_ENDS_RESPONSE = True
+    mode = None                   # "stream" after sse.start, "response" after a decline
+    stream_closed = False         # sse.close was sent (or the stream ended)
+    keepalive_timer = None        # sse.keepalive's next comment
+
+    def scope(self):
+        scope = Exchange.scope(self)
+        scope["type"] = "sse"
+        del scope["pagi.connection"]     # PAGI: not applicable to sse
+        scope["extensions"] = {}
+        return scope
+
+    def disconnect_event(self):
+        # A stream the application ended itself has no abnormal reason.
+        return {"type": "sse.disconnect", "reason": self.state._reason or ""}
+
+    def send(self, event):
+        if self.state._reason is not None or self.conn.closed:
+            return _NO_WAIT   # PAGI core: send after a disconnect is a no-op
+        try:
+            etype = validate_event(event, _SSE_SEND_SCHEMA)
+            if etype.startswith("sse.http.response."):
+                if self.mode == "stream":
+                    raise EventError("%s: the event stream has started (first send wins)"
+                                     % etype)
+                self.mode = "response"
+                if etype == "sse.http.response.start":
+                    self.app_close = True     # PAGI: the connection closes after it
+                    return self._send_start(event)
+                return self._send_body({"body": event.get("body"), "more": event.get("more")})
+            if self.mode == "response":
+                raise EventError("%s: the request was declined with an HTTP response "
+                                 "(first send wins)" % etype)
+            if etype == "sse.start":
+                return self._start_stream(event)
+            if self.mode is None:
+                raise EventError("%s: send sse.start first" % etype)
+            if etype == "sse.close":
+                self._end_stream()
+                return _NO_WAIT
+            if self.stream_closed:
+                raise EventError("%s: the stream is closed (sse.close)" % etype)
+            if etype == "sse.send":
+                for field in ("event", "id"):
+                    value = event.get(field)
+                    if value is not None and ("\r" in value or "\n" in value):
+                        # PAGI SSE "Field validation": a line break would
+                        # forge a dispatch boundary.
+                        raise EventError("sse.send: %r contains CR or LF" % field)
+                return self._write(sse_dispatch(event["data"], event.get("event"),
+                                                event.get("id"), event.get("retry")))
+            if etype == "sse.comment":
+                return self._write(self._comment(event["comment"]))
+            return self._keepalive(event)
+        except (EventError, OSError) as exc:
+            return _failed(exc)
+
+    @staticmethod
+    def _comment(text):
+        if "\r" in text or "\n" in text:
+            raise EventError("sse.comment: 'comment' contains CR or LF")
+        return (text if text.startswith(":") else ":" + text).encode("utf-8") + b"\n\n"
+
+    def _start_stream(self, event):
+        if self.mode == "stream":
+            raise EventError("sse.start: the stream has already started")
+        headers = list(event.get("headers") or ())
+        names = {bytes(n) for n, _ in headers}
+        # PAGI SSE "Start": what an event stream needs, unless given.
+        if b"content-type" not in names:
+            headers.append((b"content-type", b"text/event-stream"))
+        if b"cache-control" not in names:
+            headers.append((b"cache-control", b"no-cache"))
+        self.mode = "stream"
+        self._send_start({"status": event.get("status") or 200, "headers": headers})
+        if self.head.http_version == "1.1" and self.keep_alive and not self.app_close:
+            self.headers.append((b"connection", b"keep-alive"))
+        return self._send_body({"body": b"", "more": 1})    # the head goes out now
+
+    def _write(self, data):
+        return self._send_body({"body": data, "more": 1})
+
+    def _keepalive(self, event):
+        if self.keepalive_timer is not None:
+            self.keepalive_timer.cancel()
+            self.keepalive_timer = None
+        if event["interval"] > 0:
+            comment = self._comment(event.get("comment") or "")
+            self.keepalive_timer = self.conn.loop.call_later(
+                event["interval"], self._keepalive_tick, event["interval"], comment)
+        return _NO_WAIT
+
+    def _keepalive_tick(self, interval, comment):
+        self.keepalive_timer = None
+        if self.stream_closed or self.state._reason is not None or self.conn.closed:
+            return
+        self._write(comment)
+        self.keepalive_timer = self.conn.loop.call_later(
+            interval, self._keepalive_tick, interval, comment)
+
+    def _end_stream(self):
+        """sse.close, or the application returned: the last chunk goes out."""
+        if self.stream_closed:
+            return          # PAGI: a second sse.close is ignored
+        self.stream_closed = True
+        if self.keepalive_timer is not None:
+            self.keepalive_timer.cancel()
+            self.keepalive_timer = None
+        if not self.body_ended:
+            self._send_body({"body": b"", "more": 0})
+
+    def disconnected(self, reason):
+        if self.keepalive_timer is not None:
+            self.keepalive_timer.cancel()
+            self.keepalive_timer = None
+        Exchange.disconnected(self, reason)
+
+    def app_exited(self, task):
+        # PAGI SSE: returning after sse.start ends the stream as sse.close does.
+        if (self.mode == "stream" and task._exception is None
+                and self.state._reason is None and not self.conn.closed):
+            self._end_stream()
+        Exchange.app_exited(self, task)
+
+
+# ============================================================================
+# 9. Lifespan (PAGI Lifespan)
 #
 # One ``lifespan`` scope per server loop, before any connection is accepted
 # and after the last one is gone.  The application's startup can fill
@@ -3422,7 +3642,7 @@ def _resolve(future, value):
 
 
 # ============================================================================
-# 9. Server
+# 10. Server
 #
 # Listeners and accept, admission control, the timeout sweep, and shutdown.
 # Admission: past max_connections a new connection still gets an answer --
@@ -3619,6 +3839,8 @@ class Server:
         self.lifespan = None          # the Lifespan scope, once started
         # Upgrade tokens (RFC 9110 §7.8) and who takes such a connection over.
         self.upgrades = {b"websocket": WebSocketConnection}
+        # What serves a request that asks for an event stream (an sse scope).
+        self.event_stream_exchange = SSEExchange
         self._started = False         # startup() has run
 
     def __repr__(self):
@@ -3895,7 +4117,7 @@ def _start_and_serve(server):
 
 
 # ============================================================================
-# 10. Command line
+# 11. Command line
 #
 #   python pagi_ref.py MODULE:ATTR [options]
 #   python -m pagi_ref MODULE:ATTR [options]

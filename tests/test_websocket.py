@@ -473,6 +473,24 @@ def test_denial_response(srv):
         assert ws.reader.eof
 
 
+def test_denial_abandoned_after_start_is_logged(srv):
+    """An app that sends websocket.http.response.start and finishes without
+    the body is an application error, logged as HTTP-ERR-7/HTTP-ERR-4 log
+    it for http; the client sees a 500 (nothing was written yet) or a close."""
+    def app(scope, receive, send):
+        yield receive()
+        yield send({"type": "websocket.http.response.start", "status": 401, "headers": []})
+
+    path = route(app)
+    with WS(srv.port) as ws:
+        ws.sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        b"Sec-WebSocket-Version: 13\r\n\r\n" % path.encode())
+        data = ws.reader.read_all()
+        assert data == b"" or data.startswith(b"HTTP/1.1 500 "), data
+    assert wait_until(lambda: any(path in l for l in srv.errors), 2), srv.errors
+
+
 def test_denial_events_after_accept_are_ignored(srv):
     """WS-DENY-2: they resolve, nothing reaches the wire, the session goes on."""
     def body(rec, receive, send):
@@ -647,11 +665,11 @@ def test_message_over_the_limit_is_1009(how):
     app, rec = ws_app()
     with serve(app, ws_max_message_size=1000) as s:
         with WS(s.port).open("/") as ws:
-            ws.binary(b"x" * 1000)                   # at the limit: fine
-            assert ws.recv_message() == ("bytes", b"x" * 1000)
             if how == "single":
+                ws.binary(b"x" * 1000)               # at the limit: fine
+                assert ws.recv_message() == ("bytes", b"x" * 1000)
                 ws.binary(b"y" * 1001)
-            else:
+            else:                                    # each frame under it, the sum over
                 ws.send(TEXT, b"a" * 600, fin=False)
                 ws.send(CONT, b"b" * 401)
             f = ws.expect_close()
@@ -995,3 +1013,180 @@ def test_upgrade_request_with_body_header_and_keepalive_http_before_it(srv):
         ws.open(path)
         ws.text("upgraded")
         assert ws.recv_message() == ("text", "upgraded")
+
+
+# -- limits and resource bounds ------------------------------------------------------------------
+
+def test_message_limit_is_per_message_not_carried_over():
+    """ws_max_message_size bounds one message: two 600-byte messages under a
+    1000-byte limit are both fine, also when the second is fragmented."""
+    app, rec = ws_app()
+    with serve(app, ws_max_message_size=1000) as s:
+        with WS(s.port).open("/") as ws:
+            ws.binary(b"a" * 600)
+            assert ws.recv_message() == ("bytes", b"a" * 600)
+            ws.binary(b"b" * 600)
+            kind, value = ws.recv_message()
+            assert (kind, value) == ("bytes", b"b" * 600), (kind, value)
+            ws.send(TEXT, b"c" * 300, fin=False)
+            ws.send(CONT, b"d" * 300)
+            assert ws.recv_message() == ("text", "c" * 300 + "d" * 300)
+
+
+def test_frames_read_while_the_queue_was_full_are_delivered():
+    """Inbound backpressure: many small messages arrive in one read while the
+    app is not receiving; once it receives, every one of them is delivered
+    (no further byte from the client is needed to get them parsed)."""
+    n = 100
+    gate = threading.Event()
+
+    def body(rec, receive, send):
+        yield pagi_ref.to_thread(gate.wait, WAIT)
+        yield from echo_body(rec, receive, send)
+
+    app, rec = ws_app(body=body)
+    with serve(app, max_receive_queue=16) as s:
+        with WS(s.port).open("/") as ws:
+            ws.send_raw(b"".join(frame(TEXT, b"m%d" % i) for i in range(n)))
+
+            def queue_full():
+                conns = [c for c in list(s.server.connections)
+                         if isinstance(c, pagi_ref.WebSocketConnection)]
+                return conns and len(conns[0].queue) >= 16
+            assert wait_until(queue_full), "the inbound queue never filled"
+            gate.set()
+            for i in range(n):
+                assert ws.recv_message() == ("text", "m%d" % i), i
+
+
+def test_keepalive_sent_before_accept_starts_after_accept(srv):
+    def app(scope, receive, send):
+        yield receive()
+        yield send({"type": "websocket.keepalive", "interval": 0.05})
+        yield pagi_ref.sleep(0.15)       # the first ping falls due before the accept
+        yield send({"type": "websocket.accept"})
+        while (yield receive())["type"] != "websocket.disconnect":
+            pass
+
+    with WS(srv.port) as ws:
+        ws.open(route(app))
+        kind, _ = ws.recv_message(skip_pings=False)
+        assert kind == "ping"
+
+
+def test_keepalive_interval_0_cancels_the_pending_pong_deadline(srv):
+    """'interval 0 stops it': no keepalive_timeout after keepalive was
+    turned off, even though the last ping went unanswered."""
+    def body(rec, receive, send):
+        yield send({"type": "websocket.keepalive", "interval": 0.05, "timeout": 0.3})
+        while True:
+            ev = yield receive()
+            rec.events.append(ev)
+            if ev["type"] == "websocket.disconnect":
+                rec.disconnected.set()
+                return
+            if ev.get("text") == "stop":
+                yield send({"type": "websocket.keepalive", "interval": 0})
+                yield send({"type": "websocket.send", "text": "stopped"})
+            else:
+                yield send({"type": "websocket.send", "text": ev["text"]})
+
+    ws, rec = open_echo(srv, body=body)
+    with ws:
+        kind, _ = ws.recv_message(skip_pings=False)
+        assert kind == "ping"                       # not answered
+        ws.text("stop")
+        while True:
+            kind, payload = ws.recv_message(skip_pings=False)
+            if kind == "text":
+                break
+        assert not rec.disconnected.wait(0.5), rec.disconnect()
+        ws.text("still")
+        assert ws.recv_message(skip_pings=False) == ("text", "still")
+
+
+def test_app_close_reason_on_the_wire_is_valid_utf8_and_fits(srv):
+    """A control frame carries at most 125 bytes: a long reason is either
+    refused (EventError) or cut at a character boundary, never mid-character."""
+    def body(rec, receive, send):
+        try:
+            yield send({"type": "websocket.close", "code": 1000, "reason": "\u00e9" * 100})
+            rec.notes["close"] = None
+        except pagi_ref.EventError as exc:
+            rec.notes["close"] = exc
+            yield send({"type": "websocket.close", "code": 1000, "reason": "short"})
+
+    ws, rec = open_echo(srv, body=body)
+    with ws:
+        f = ws.recv_frame()
+        assert f.opcode == CLOSE and f.close_code == 1000
+        assert len(f.payload) <= 125
+        f.close_reason.decode("utf-8")              # raises on a cut character
+
+
+def test_read_ahead_before_accept_is_bounded(srv):
+    """While the app has not answered the handshake the server must not
+    buffer whatever the client sends without limit (as the HTTP side bounds
+    pipelined bytes): a client pushing 32 MiB is stopped by TCP backpressure."""
+    gate = threading.Event()
+
+    def app(scope, receive, send):
+        yield receive()
+        yield pagi_ref.to_thread(gate.wait, 10)
+        yield send({"type": "websocket.close"})
+
+    with WS(srv.port) as ws:
+        ws.sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        b"Sec-WebSocket-Version: 13\r\n\r\n" % route(app).encode())
+        chunk = frame(BINARY, b"z" * 65000) * 16     # ~1 MiB of valid frames
+        ws.sock.settimeout(1.0)
+        sent = 0
+        try:
+            while sent < 32 << 20:
+                ws.sock.sendall(chunk)
+                sent += len(chunk)
+        except socket.timeout:
+            pass
+        finally:
+            gate.set()
+        assert sent < 32 << 20, "the server read 32 MiB ahead of the accept"
+
+
+def test_ping_flood_from_a_client_that_does_not_read_is_bounded(srv):
+    """Pongs are output too: a client that sends pings and never reads must
+    not make the server's outgoing buffer grow without bound (it stops
+    reading, or drops the connection)."""
+    ws = WS(srv.port, rcvbuf=4096)
+    app, rec = ws_app()
+    ws.open(route(app))
+    with ws:
+        ping = frame(PING, b"p" * 125)
+        burst = ping * 8000                           # ~1 MiB of pings
+        ws.sock.settimeout(1.0)
+        sent = 0
+        try:
+            while sent < 32 << 20:
+                ws.sock.sendall(burst)
+                sent += len(burst)
+        except (socket.timeout, ConnectionError):
+            pass
+        t = rec.scope["pagi.transport"]
+        amount = t.buffered_amount()
+        assert amount <= 4 << 20, "%d bytes of pongs buffered for a client that " \
+                                  "does not read (%d bytes of pings sent)" % (amount, sent)
+
+
+def test_server_shutdown_closes_with_1001():
+    app, rec = ws_app()
+    with serve(app) as s:
+        with WS(s.port).open("/") as ws:
+            ws.text("x")
+            assert ws.recv_message() == ("text", "x")
+            s.server.stop(timeout=2)
+            f = ws.expect_close()
+            assert f.close_code == 1001, f
+            ws.close(1001)
+            assert ws.eof()
+        ev = rec.disconnect()
+        assert ev["code"] in (1001, 1006), ev

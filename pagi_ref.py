@@ -20,7 +20,8 @@ Contents (each section uses only the sections above it):
      8. Server-Sent Events     -- the sse scope: event streams over HTTP
      9. Lifespan               -- startup and shutdown, the state namespace
     10. Server                 -- listeners, accept, admission, sweep, shutdown
-    11. Command line           -- python pagi_ref.py module:app
+    11. Workers                -- the pre-fork supervisor and its signals
+    12. Command line           -- python pagi_ref.py module:app
 
 Principles:
 
@@ -53,6 +54,7 @@ import logging
 import os
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -84,7 +86,7 @@ PAGI_SPEC_VERSION = "0.3"   # scope["pagi"]["spec_version"]: the HTTP sub-spec
 # 1. Configuration
 #
 # One table holds every knob: its name, default, type, unit and help.  The
-# Config class, the command line (section 11) and docs/server.md draw on it,
+# Config class, the command line (section 12) and docs/server.md draw on it,
 # so a limit is added in exactly one place.
 # ============================================================================
 
@@ -106,6 +108,7 @@ _CONFIG_FIELDS = [
     ("host", "127.0.0.1", str, "interface to bind"),
     ("port", 8000, int, "TCP port to bind (0: the OS picks one)"),
     ("backlog", 1024, int, "listen() backlog (connections)"),
+    ("workers", 1, int, "processes serving the one listener (more than 1: pre-forked)"),
     ("root_path", "", str, "scope['root_path']: the application's mount point"),
     ("max_header_size", 8192, int,
      "bytes; the request line and the header block each (414 / 431 past it)"),
@@ -184,6 +187,8 @@ class Config:
                 % (self.write_low_watermark, self.write_high_watermark))
         if self.max_receive_queue < 1:
             raise ConfigError("max_receive_queue must be at least 1")
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
         if self.lifespan not in ("auto", "on", "off"):
@@ -3811,6 +3816,23 @@ _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
 _SHUTDOWN_GRACE = 0.1       # seconds aborted applications get to clean up
 
 
+def listening_socket(config):
+    """A bound, listening, non-blocking socket for config.host:config.port."""
+    infos = socket.getaddrinfo(config.host, config.port, socket.AF_UNSPEC,
+                               socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, kind, proto, _name, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(config.backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Server:
     """Serves one PAGI application on one loop.
 
@@ -3819,8 +3841,10 @@ class Server:
     call.  Two servers in one process share nothing.
     """
 
-    def __init__(self, app, config=None, logger=None):
+    def __init__(self, app, config=None, logger=None, worker_num=None):
         self.app = app
+        self.worker_num = worker_num  # 1..N under a Supervisor, else None
+        self.supervisor_pid = None    # a worker's parent: if it dies, shut down
         self.config = config or Config()
         self.log = logger or logging.getLogger("pagi_ref")
         self.loop = Loop(logger=self.log)
@@ -3834,6 +3858,7 @@ class Server:
         self._accept_failures = 0     # failed accepts in this episode (0: none)
         self._refused = 0             # connections answered 503
         self._signals = 0             # shutdown signals received
+        self._escalate = True         # a second signal exits at once
         self._shutdown_timer = None
         self.access_log = None        # AccessLog while serving, if configured
         self.lifespan = None          # the Lifespan scope, once started
@@ -3851,19 +3876,11 @@ class Server:
     # -- listening ------------------------------------------------------------------
 
     def bind(self):
-        config = self.config
-        infos = socket.getaddrinfo(config.host, config.port, socket.AF_UNSPEC,
-                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        family, kind, proto, _name, sockaddr = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(config.backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        return self.use_listener(listening_socket(self.config))
+
+    def use_listener(self, sock):
+        """Serve on an already bound, listening, non-blocking socket (a
+        worker's, inherited from the supervisor)."""
         self.listeners.append(sock)
         self.address = sock.getsockname()[:2]
         return self.address
@@ -3878,7 +3895,8 @@ class Server:
         mode = self.config.lifespan
         if mode == "off":
             return True
-        self.lifespan = Lifespan(self.app, self.loop, self.log, self.state)
+        worker = {"is_worker": 1, "worker_num": self.worker_num} if self.worker_num else None
+        self.lifespan = Lifespan(self.app, self.loop, self.log, self.state, worker)
         self.loop.call_soon(self.lifespan.start)
         started = self.lifespan.started
         self.loop.run_until(started)
@@ -3943,15 +3961,21 @@ class Server:
         config.shutdown_timeout), then close the rest (server_shutdown)."""
         self.loop.call_soon_threadsafe(self._shutdown, timeout)
 
-    def install_signal_handlers(self):
-        """SIGTERM and SIGINT shut down gracefully (main thread only)."""
+    def install_signal_handlers(self, escalate=True):
+        """SIGTERM and SIGINT shut down gracefully (main thread only); with
+        ``escalate`` a second one exits at once.  A worker does not escalate:
+        it may get a signal both from its supervisor and from whoever
+        signalled the process group, and the supervisor escalates for it."""
+        self._escalate = escalate
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
         self._signals += 1
         if self._signals > 1:
-            os._exit(1)    # the second signal: exit at once
+            if self._escalate:
+                os._exit(1)    # the second signal: exit at once
+            return
         self.log.info("pagi_ref: %s received, shutting down",
                       signal.Signals(signum).name)
         self.loop.call_soon_threadsafe(self._shutdown, None)
@@ -4073,6 +4097,13 @@ class Server:
         for conn in list(self.connections):
             if not conn.closed:
                 conn.check_timeouts(now, config)
+        if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
+            # The supervisor is gone (even SIGKILL): a worker must not go on
+            # alone, holding the port.
+            self.log.warning("the supervisor (pid %d) is gone; shutting down",
+                             self.supervisor_pid)
+            self.supervisor_pid = None
+            self._shutdown(None)
         if self.access_log is not None:
             self.access_log.report_drops()
         loop.call_later(_SWEEP_INTERVAL, self._sweep)
@@ -4117,7 +4148,160 @@ def _start_and_serve(server):
 
 
 # ============================================================================
-# 11. Command line
+# 11. Workers (pre-fork; PAGI Lifespan "Execution Model")
+#
+# With --workers N the process binds the listener once, then forks N
+# children; each builds its own Server (its own loop -- nothing of the
+# parent's loop may cross a fork) around the inherited listener, runs its
+# own lifespan (pagi.is_worker 1, pagi.worker_num 1..N) and serves.  The
+# kernel hands each new connection to one of the children that are
+# waiting in accept.  The supervisor only watches: it prints the listening
+# line once every worker has started, replaces a worker that dies, and on
+# SIGTERM or SIGINT tells every worker to shut down gracefully (SIGTERM),
+# then exits once they have; a second signal kills them at once.
+# ============================================================================
+
+_WORKER_REFUSED = 3          # a worker's exit status when its app refused to start
+_RESPAWN_LIMIT = 5           # deaths within _RESPAWN_WINDOW that stop the supervisor
+_RESPAWN_WINDOW = 10.0       # seconds
+
+
+class Supervisor:
+    """Forks ``config.workers`` servers on one listener and keeps them alive."""
+
+    def __init__(self, app, config, log):
+        self.app = app
+        self.config = config
+        self.log = log
+        self.children = {}        # pid -> worker number
+        self.stopping = False     # a shutdown signal arrived
+        self.signals = 0
+        self.deaths = []          # times of unexpected worker exits
+        self.exit_status = 0
+
+    def run(self, sock):
+        """Serve with workers on the bound ``sock``; returns the exit status."""
+        ready_r, ready_w = os.pipe()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        for number in range(1, self.config.workers + 1):
+            self._spawn(number, sock, ready_r, ready_w)
+        os.close(ready_w)
+        if self._wait_ready(ready_r, sock):
+            self.log.info("pagi_ref: %d workers started", self.config.workers)
+            sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % sock.getsockname()[:2])
+            sys.stderr.flush()
+        os.close(ready_r)
+        self._watch(sock)
+        sock.close()
+        return self.exit_status
+
+    def _spawn(self, number, sock, ready_r=None, ready_w=None):
+        pid = os.fork()
+        if pid:
+            self.children[pid] = number
+            return
+        # The child: never returns into the supervisor's code.
+        status = 1
+        try:
+            if ready_r is not None:
+                os.close(ready_r)
+            status = self._serve_child(number, sock, ready_w)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+
+    def _serve_child(self, number, sock, ready_w):
+        server = Server(self.app, self.config, logger=self.log, worker_num=number)
+        server.supervisor_pid = os.getppid()
+        server.use_listener(sock)
+        server.install_signal_handlers(escalate=False)
+        # Ctrl-C reaches the whole process group; the supervisor turns it
+        # into one SIGTERM per worker, so a worker ignores SIGINT itself.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if not server.startup():
+            server.close()
+            return _WORKER_REFUSED
+        if ready_w is not None:
+            os.write(ready_w, b"r")
+            os.close(ready_w)
+        server.serve()
+        return 0
+
+    def _wait_ready(self, ready_r, sock):
+        """Until every worker has started: True, or False if one refused."""
+        started = 0
+        while started < self.config.workers and not self.stopping:
+            readable, _, _ = select.select([ready_r], [], [], 0.1)
+            if readable:
+                data = os.read(ready_r, 64)
+                started += len(data)
+                if not data:
+                    break
+            self._reap(sock, block=False)
+            if self.exit_status == _WORKER_REFUSED:
+                return False
+        return started >= self.config.workers
+
+    def _watch(self, sock):
+        while self.children:
+            self._reap(sock, block=True)
+
+    def _reap(self, sock, block):
+        try:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            self.children.clear()
+            return
+        if pid == 0:
+            return
+        number = self.children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if number is None or self.stopping:
+            return
+        if code == _WORKER_REFUSED:
+            self.log.error("worker %d refused to start; stopping", number)
+            self.exit_status = _WORKER_REFUSED
+            self._stop()
+            return
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < _RESPAWN_WINDOW] + [now]
+        if len(self.deaths) > _RESPAWN_LIMIT:
+            self.log.error("workers keep dying (%d in %.0f s); stopping",
+                           len(self.deaths), _RESPAWN_WINDOW)
+            self.exit_status = 1
+            self._stop()
+            return
+        self.log.warning("worker %d (pid %d) exited with status %d; starting another",
+                         number, pid, code)
+        self._spawn(number, sock)
+
+    def _on_signal(self, signum, frame):
+        self.signals += 1
+        if self.signals > 1:
+            for pid in list(self.children):
+                _kill(pid, signal.SIGKILL)
+            os._exit(1)
+        self.log.info("pagi_ref: %s received, stopping %d workers",
+                      signal.Signals(signum).name, len(self.children))
+        self._stop()
+
+    def _stop(self):
+        self.stopping = True
+        for pid in list(self.children):
+            _kill(pid, signal.SIGTERM)
+
+
+def _kill(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+# ============================================================================
+# 12. Command line
 #
 #   python pagi_ref.py MODULE:ATTR [options]
 #   python -m pagi_ref MODULE:ATTR [options]
@@ -4213,13 +4397,16 @@ def main(argv=None):
             sys.stderr.write("pagi_ref: error: cannot open the access log %s: %s\n"
                              % (config.access_log, exc.strerror or exc))
             return 2
-    server = Server(app, config, logger=_error_log(config))
     try:
-        server.bind()
+        sock = listening_socket(config)
     except OSError as exc:
         sys.stderr.write("pagi_ref: error: cannot listen on %s:%d: %s\n"
                          % (config.host, config.port, exc.strerror or exc))
         return 1
+    if config.workers > 1:
+        return Supervisor(app, config, _error_log(config)).run(sock)
+    server = Server(app, config, logger=_error_log(config))
+    server.use_listener(sock)
     return 0 if _start_and_serve(server) else 3
 
 

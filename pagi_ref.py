@@ -2,9 +2,10 @@
 
 PAGI is an asynchronous gateway interface in the spirit of ASGI: the server
 turns every connection into a ``scope`` and the application talks to it only
-through ``receive()`` and ``send(event)``.  This module serves PAGI ``http``
-applications over HTTP/1.1 and is written to be read from top to bottom as an
-executable specification (the protocol itself: ``docs/spec.md``).
+through ``receive()`` and ``send(event)``.  This module serves the PAGI scope
+types ``http``, ``websocket``, ``sse`` and ``lifespan`` over HTTP/1.1, in one
+process or pre-forked workers, and is written to be read from top to bottom
+as an executable specification (the protocol itself: ``docs/spec.md``).
 
 Standard library only, CPython 3.9+.  One file: copy it anywhere.
 
@@ -3234,8 +3235,9 @@ class WebSocketConnection:
                     self._deliver({"type": "websocket.receive", "bytes": event[1],
                                    "text": None})
             elif kind == "ping":
-                if self.state == _OPEN:   # §5.5.2: answer with the same data
-                    self.transport.write(ws_frame(_OP_PONG, event[1]))
+                # §5.5.2: answer with the same data -- also while our close
+                # frame waits for the client's (only its close ends that).
+                self.transport.write(ws_frame(_OP_PONG, event[1]))
             elif kind == "pong":
                 if self.pong_timer is not None:
                     self.pong_timer.cancel()
@@ -3849,7 +3851,7 @@ class Server:
         self.log = logger or logging.getLogger("pagi_ref")
         self.loop = Loop(logger=self.log)
         self.state = {}               # the lifespan "state" namespace
-        self.connections = set()      # open HTTPConnections
+        self.connections = set()      # open connections: HTTP, WebSocket
         self.listeners = []           # listening sockets
         self.address = None           # (host, port) actually bound
         self.shutting_down = False

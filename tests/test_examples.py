@@ -339,3 +339,165 @@ def test_lifespan_off_the_startup_never_runs():
         resp = get(srv.port, "/")
     assert resp.status == 503
     assert resp.body == b"no pool: run me with --lifespan auto or on\n"
+
+
+# -- WebSocket: ws_chat ------------------------------------------------------------------
+#
+# A minimal raw-socket WebSocket client: the handshake, masked text frames
+# out, frames in.  (tests/test_websocket.py has the full one, which also
+# sends broken frames.)
+
+WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+class ChatClient:
+    def __init__(self, port, path, rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        self.reader = Reader(self.sock)
+        self.sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: chat.test\r\n"
+                          b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: " + WS_KEY + b"\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+        self.response = self.reader.read_response(head_request=True)
+
+    def send(self, opcode, payload):
+        key = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(head + key + masked)
+
+    def say(self, text):
+        self.send(0x1, text.encode("utf-8"))
+
+    def frame(self):
+        """(opcode, payload) of the next frame; server frames are not masked."""
+        b0, b1 = self.reader.read_exact(2)
+        assert not b1 & 0x80, "a server frame is masked"
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(self.reader.read_exact(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self.reader.read_exact(8), "big")
+        return b0 & 0x0F, self.reader.read_exact(n)
+
+    def hear(self):
+        """The next text message (pings are answered and skipped)."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x9:
+                self.send(0xA, payload)
+                continue
+            assert opcode == 0x1, (opcode, payload)
+            return payload.decode("utf-8")
+
+    def close(self):
+        self.sock.close()
+
+
+def test_ws_echo_sends_every_message_back():
+    with serve(load("ws_echo").app) as srv:
+        ws = ChatClient(srv.port, "/")
+        assert ws.response.status == 101
+        ws.say("h\u00e9llo")
+        assert ws.frame() == (0x1, "h\u00e9llo".encode("utf-8"))
+        ws.send(0x2, b"\x00\xff" * 40000)
+        assert ws.frame() == (0x2, b"\x00\xff" * 40000)
+        ws.send(0x8, b"\x03\xe8")                  # close, 1000
+        assert ws.frame() == (0x8, b"\x03\xe8")    # answered with the same code
+        assert ws.reader.read_all() == b""
+        ws.close()
+
+
+def test_ws_chat_broadcast_join_leave_and_quit():
+    room = load("ws_chat").ChatRoom()
+    with serve(room) as srv:
+        bob = ChatClient(srv.port, "/?name=bob")
+        assert bob.response.status == 101
+        assert bob.hear() == "* bob joined"
+        alice = ChatClient(srv.port, "/?name=alice")
+        assert alice.hear() == "* alice joined"
+        assert bob.hear() == "* alice joined"
+        alice.say("hello")
+        assert alice.hear() == "alice: hello"       # the speaker hears it too
+        assert bob.hear() == "alice: hello"
+        bob.send(0x2, b"\x00\x01")                   # binary: dropped, text only
+        bob.say("hi, alice")
+        assert alice.hear() == "bob: hi, alice"
+        assert bob.hear() == "bob: hi, alice"
+        # The name is taken: websocket.close before accept is a 403.
+        taken = ChatClient(srv.port, "/?name=bob")
+        assert taken.response.status == 403
+        taken.close()
+        # /quit: the server's close frame, 1000 "bye"; the client answers it.
+        alice.say("/quit")
+        opcode, payload = alice.frame()
+        assert (opcode, payload) == (0x8, b"\x03\xe8bye")
+        alice.send(0x8, payload[:2])
+        assert alice.reader.read_all() == b""        # then the server closes TCP
+        assert bob.hear() == "* alice left"
+        # A client that just drops the connection leaves too (code 1006).
+        bob.close()
+        assert wait_until(lambda: not room.members)
+        # A guest name when none is given.
+        guest = ChatClient(srv.port, "/")
+        assert guest.hear() == "* guest-1 joined"
+        guest.close()
+
+
+def test_ws_chat_an_http_request_is_a_500():
+    with serve(load("ws_chat").ChatRoom()) as srv:
+        resp = get(srv.port, "/")
+        assert wait_until(lambda: srv.errors)
+    assert resp.status == 500
+    assert "this application serves websocket only, not 'http'" in srv.errors[0]
+
+
+def test_ws_chat_a_member_that_does_not_read_misses_messages_and_is_told():
+    """Backpressure: while bob does not read, his buffer stays bounded and the
+    room skips him; once he reads, every message alice sent either reached
+    him or was counted in a "you missed" notice."""
+    module = load("ws_chat")
+    room = module.ChatRoom()
+    with serve(room, write_high_watermark=65536, write_low_watermark=16384) as srv:
+        bob = ChatClient(srv.port, "/?name=bob", rcvbuf=16384)
+        alice = ChatClient(srv.port, "/?name=alice")
+        assert alice.hear() == "* alice joined"
+        line = "x" * 32768
+        sent = peak = 0
+        # Alice talks, reading her own messages back, until bob has missed
+        # some (the kernel's socket buffers take a few MB first).
+        while not room.members["bob"].missed and sent < 2000:
+            alice.say("%d %s" % (sent, line))
+            assert alice.hear() == "alice: %d %s" % (sent, line)
+            sent += 1
+            peak = max(peak, room.members["bob"].transport.buffered_amount())
+        assert room.members["bob"].missed, "bob never fell behind"
+        for _ in range(5):                  # some more while bob is behind
+            alice.say("%d %s" % (sent, line))
+            alice.hear()
+            sent += 1
+        assert len(room.members["bob"].outbox) <= module.OUTBOX_LIMIT
+        heard, missed = [], 0
+        assert bob.hear() == "* bob joined"
+        assert bob.hear() == "* alice joined"
+        while len(heard) + missed < sent:
+            text = bob.hear()
+            if text.startswith("* you missed "):
+                missed += int(text.split()[3])
+            else:
+                heard.append(int(text.split()[1]))
+        assert missed > 0, (sent, missed)
+        assert heard == sorted(heard)       # in order, with gaps
+        assert peak <= 65536 + 32800        # the high mark plus one message
+        alice.close()
+        bob.close()

@@ -2396,7 +2396,49 @@ class _Linger:
             self.on_closed()
 
 
-class HTTPConnection:
+class Connection:
+    """What every kind of client connection shares: its socket and Transport,
+    and the two ways it ends -- abort() now, dropping what is queued, or
+    close_after_flush(), which lets the queued bytes out and then lingers
+    (_Linger) so that the last response is not destroyed by a reset."""
+
+    closed = False          # the socket is closed (or handed to a _Linger)
+    closing = False         # no more requests: flushing, then closing
+    reading = False         # the reader callback is registered
+
+    def close_after_flush(self):
+        if self.closing or self.closed:
+            return
+        self.closing = True
+        self.transport.when_flushed(self._linger)
+
+    def _linger(self):
+        if self.closed:
+            return
+        self._release()
+        _Linger(self.loop, self.sock)
+
+    def close(self):
+        """A normal close: nothing in flight."""
+        if not self.closed:
+            self._release()
+            self.sock.close()
+
+    def _release(self):
+        self.closed = True
+        self.reading = False
+        self.transport.close()
+        self.loop.forget(self.fd)
+        self.server.connection_closed(self)
+
+    def write_timed_out(self, now, config):
+        """The client has left a full buffer unread for write_timeout."""
+        transport = self.transport
+        return bool(transport.buffered_amount()) and \
+            now - transport.last_progress > config.write_timeout
+
+
+class HTTPConnection(Connection):
     """One client socket: parser in, transport out, one exchange at a time."""
 
     def __init__(self, server, sock, client):
@@ -2414,10 +2456,7 @@ class HTTPConnection:
                                    config.write_low_watermark, self._write_failed)
         self.exchange = None          # the request being served
         self.socket_open = [True]     # shared by this socket's pagi.connection objects
-        self.reading = False          # the reader callback is registered
         self.peer_eof = False         # the client sent FIN
-        self.closing = False          # no more requests: flushing, then closing
-        self.closed = False
         self.advancing = False        # inside _advance (no re-entry)
         self.requests = 0             # requests begun on this connection
         now = self.loop.now
@@ -2587,7 +2626,7 @@ class HTTPConnection:
     def check_timeouts(self, now, config):
         """The server's sweep: which timeout, if any, has this connection hit?"""
         transport = self.transport
-        if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
+        if self.write_timed_out(now, config):
             self.abort("write_timeout")
         elif self.closing:
             pass
@@ -2667,18 +2706,6 @@ class HTTPConnection:
         exchange.disconnected(reason)
         self.close_after_flush()
 
-    def close_after_flush(self):
-        if self.closing or self.closed:
-            return
-        self.closing = True
-        self.transport.when_flushed(self._linger)
-
-    def _linger(self):
-        if self.closed:
-            return
-        self._release()
-        _Linger(self.loop, self.sock)
-
     def _write_failed(self, exc):
         self.abort("client_closed" if self.peer_eof else "write_error")
 
@@ -2692,19 +2719,9 @@ class HTTPConnection:
         if exchange is not None:
             exchange.disconnected(reason)
 
-    def close(self):
-        """A normal close: nothing in flight."""
-        if not self.closed:
-            self._release()
-            self.sock.close()
-
     def _release(self):
-        self.closed = True
-        self.reading = False
-        self.transport.close()
-        self.loop.forget(self.fd)
         self.socket_open[0] = False   # every request's is_connected() is now False
-        self.server.connection_closed(self)
+        Connection._release(self)
 
 
 # ============================================================================
@@ -2917,7 +2934,7 @@ def _websocket_handshake_error(head):
     return None
 
 
-class WebSocketConnection:
+class WebSocketConnection(Connection):
     """One upgraded socket: the ``websocket`` scope, frames in and out."""
 
     def __init__(self, server, sock, client, server_address, transport, head, leftover):
@@ -2932,12 +2949,9 @@ class WebSocketConnection:
         self.transport = transport
         transport.on_error = self._write_failed
         self.state = _CONNECTING
-        self.closed = False           # the socket is closed (or lingering)
-        self.closing = False          # used by the server's shutdown and sweep
         self.queue = collections.deque([{"type": "websocket.connect"}])
         self.waiter = None            # a pending receive()
         self.disconnect = None        # the websocket.disconnect event, once decided
-        self.reading = False
         self.peer_eof = False
         self.parser = FrameParser(self.config.ws_max_message_size)
         self.parser.feed(leftover)
@@ -2951,7 +2965,7 @@ class WebSocketConnection:
             status, message, headers = error
             transport.write(error_response(status, message, headers))
             self.state = _CLOSED
-            self._close_after_flush()
+            self.close_after_flush()
             return
         server.connections.add(self)
         subprotocols = []
@@ -3163,7 +3177,7 @@ class WebSocketConnection:
             # but a receive() still gets one rather than waiting forever.
             self.state = _CLOSED
             self.disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
-            self._close_after_flush()
+            self.close_after_flush()
         return self.transport.suspend()
 
     # -- frames in ----------------------------------------------------------------
@@ -3188,7 +3202,7 @@ class WebSocketConnection:
         if not data:
             self.peer_eof = True
             if self.state == _CLOSED:
-                self._close()
+                self.close()
             else:
                 self.abort("client_closed")
             return
@@ -3249,7 +3263,7 @@ class WebSocketConnection:
                     # then the server closes the TCP connection first.
                     self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code)))
                 self._ended(code, reason)
-                self._close_after_flush()
+                self.close_after_flush()
                 return
 
     def _drained(self, _future):
@@ -3269,14 +3283,14 @@ class WebSocketConnection:
         if self.state == _OPEN:
             self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code, message)))
         self._ended(code, "protocol_error")
-        self._close_after_flush()
+        self.close_after_flush()
 
     # -- the end --------------------------------------------------------------------
 
     def _refuse(self, status, message):
         self.transport.write(error_response(status, message))
         self.state = _CLOSED
-        self._close_after_flush()
+        self.close_after_flush()
 
     def _app_exited(self, task):
         exc = task._exception
@@ -3316,7 +3330,7 @@ class WebSocketConnection:
         if self.closed:
             return
         self._ended(1006, reason)
-        self._close()
+        self.close()
 
     def shutdown(self):
         """Server shutdown: close the session with 1001 (going away)."""
@@ -3327,33 +3341,8 @@ class WebSocketConnection:
             self._ended(1006, "server_shutdown")
 
     def check_timeouts(self, now, config):
-        transport = self.transport
-        if transport.buffered_amount() and now - transport.last_progress > config.write_timeout:
+        if self.write_timed_out(now, config):
             self.abort("write_timeout")
-
-    def _close_after_flush(self):
-        if self.closed or self.closing:
-            return
-        self.closing = True
-        self.transport.when_flushed(self._linger)
-
-    def _linger(self):
-        if self.closed:
-            return
-        self._release()
-        _Linger(self.loop, self.sock)
-
-    def _close(self):
-        if not self.closed:
-            self._release()
-            self.sock.close()
-
-    def _release(self):
-        self.closed = True
-        self.reading = False
-        self.transport.close()
-        self.loop.forget(self.fd)
-        self.server.connection_closed(self)
 
 
 # ============================================================================

@@ -1923,6 +1923,7 @@ class Exchange:
 
     REQUEST = "http.request"      # the type of request-body events
     FIN_ENDS_RESPONSE = False     # a FIN after the request is a half-close, not a leave
+    ANNOUNCE_KEEP_ALIVE = False   # say "Connection: keep-alive" in HTTP/1.1 too
     # request side
     body_complete = False         # the whole request body was parsed
     final_given = False           # the more=0 event was handed out
@@ -2016,6 +2017,9 @@ class Exchange:
 
     def disconnect_event(self):
         return {"type": "http.disconnect"}
+
+    def shutdown(self):
+        """Server shutdown: an HTTP response is let finish."""
 
     def _deliver(self, event):
         waiter = self.waiter
@@ -2136,6 +2140,8 @@ class Exchange:
         if head.http_version == "1.1":
             if not keep_alive:
                 headers.append((b"connection", b"close"))
+            elif self.ANNOUNCE_KEEP_ALIVE:
+                headers.append((b"connection", b"keep-alive"))
         else:
             headers.append((b"connection", b"keep-alive" if keep_alive else b"close"))
         self.keep_alive = keep_alive
@@ -2649,6 +2655,8 @@ class HTTPConnection(Connection):
         its response (Connection: close)."""
         if self.exchange is None:
             self.close()
+        else:
+            self.exchange.shutdown()
 
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""
@@ -3417,10 +3425,16 @@ class SSEExchange(Exchange):
                     raise EventError("%s: the event stream has started (first send wins)"
                                      % etype)
                 self.mode = "response"
-                if etype == "sse.http.response.start":
-                    self.app_close = True     # PAGI: the connection closes after it
-                    return self._send_start(event)
-                return self._send_body({"body": event.get("body"), "more": event.get("more")})
+                try:
+                    if etype == "sse.http.response.start":
+                        self.app_close = True     # PAGI: the connection closes after it
+                        return self._send_start(event)
+                    return self._send_body({"body": event.get("body"),
+                                            "more": event.get("more")})
+                except EventError as exc:
+                    # The HTTP machinery names http.response.*; the
+                    # application sent sse.http.response.* (CORE-ERR-4).
+                    raise EventError(str(exc).replace("http.response.", "sse.http.response."))
             if self.mode == "response":
                 raise EventError("%s: the request was declined with an HTTP response "
                                  "(first send wins)" % etype)
@@ -3465,9 +3479,8 @@ class SSEExchange(Exchange):
         if b"cache-control" not in names:
             headers.append((b"cache-control", b"no-cache"))
         self.mode = "stream"
+        self.ANNOUNCE_KEEP_ALIVE = True       # PAGI SSE: HTTP/1.1 streams say so
         self._send_start({"status": event.get("status") or 200, "headers": headers})
-        if self.head.http_version == "1.1" and self.keep_alive and not self.app_close:
-            self.headers.append((b"connection", b"keep-alive"))
         return self._send_body({"body": b"", "more": 1})    # the head goes out now
 
     def _write(self, data):
@@ -3507,6 +3520,18 @@ class SSEExchange(Exchange):
             self.keepalive_timer.cancel()
             self.keepalive_timer = None
         Exchange.disconnected(self, reason)
+
+    def shutdown(self):
+        """Server shutdown: an event stream never ends by itself, so the
+        server ends it -- sse.disconnect (server_shutdown) for the
+        application, the last chunk for the client -- and closes."""
+        if self.mode != "stream" or self.stream_closed or self.state._reason is not None:
+            return
+        self.disconnected("server_shutdown")
+        self.stream_closed = True
+        if not self.body_ended:
+            self._send_body({"body": b"", "more": 0})
+        self.conn.close_after_flush()
 
     def app_exited(self, task):
         # PAGI SSE: returning after sse.start ends the stream as sse.close does.
@@ -3997,7 +4022,9 @@ class Server:
         if self.shutting_down and not self.connections:
             if self._shutdown_timer is not None:
                 self._shutdown_timer.cancel()
-            self.loop.stop()
+            # Two more turns before stopping: applications woken by the last
+            # closes (a disconnect event, say) get to see it.
+            self.loop.call_soon(self.loop.call_soon, self.loop.stop)
 
     def connection_closed(self, conn):
         self.connections.discard(conn)
@@ -4098,44 +4125,6 @@ class Server:
         if self.access_log is not None:
             self.access_log.report_drops()
         loop.call_later(_SWEEP_INTERVAL, self._sweep)
-
-
-def _error_log(config):
-    """The "pagi_ref" logger to stderr at config.log_level, set up once."""
-    log = logging.getLogger("pagi_ref")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(_LOG_LEVELS[config.log_level])
-    return log
-
-
-def run(app, host="127.0.0.1", port=8000, **config):
-    """Serve ``app`` until SIGTERM/SIGINT: for people who vendor this file.
-    Prints the listening line (with the real port) as the command line does."""
-    config = Config(host=host, port=port, **config)
-    server = Server(app, config, logger=_error_log(config))
-    server.bind()
-    if not _start_and_serve(server):
-        raise RuntimeError("pagi_ref: the application refused to start (lifespan)")
-
-
-def _start_and_serve(server):
-    """What main() and run() share: signals, the lifespan startup, then the
-    listening line -- the moment a supervisor may send traffic -- and serve.
-    False if the application refused to start."""
-    if threading.current_thread() is threading.main_thread():
-        server.install_signal_handlers()   # before the line a supervisor waits for
-    if not server.startup():
-        server.close()
-        return False
-    if not server.shutting_down:        # a signal may have come during startup
-        sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % server.address)
-        sys.stderr.flush()
-    server.serve()
-    return True
 
 
 # ============================================================================
@@ -4292,16 +4281,60 @@ def _kill(pid, signum):
 
 
 # ============================================================================
-# 12. Command line
+# 12. Command line (and run(), its Python twin)
 #
 #   python pagi_ref.py MODULE:ATTR [options]
 #   python -m pagi_ref MODULE:ATTR [options]
+#   pagi_ref.run(app, host=..., port=..., **config_fields)
 #
 # MODULE is a dotted module name or a path to a .py file.  Every Config field
 # is an option (--max-header-size, --write-high-watermark, ...).  An
 # application that does ``import pagi_ref`` gets this very module, also when
 # it runs as __main__ (see the bottom of the file).
 # ============================================================================
+
+def _error_log(config):
+    """The "pagi_ref" logger to stderr at config.log_level, set up once."""
+    log = logging.getLogger("pagi_ref")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(_LOG_LEVELS[config.log_level])
+    return log
+
+
+def run(app, host="127.0.0.1", port=8000, **config):
+    """Serve ``app`` until SIGTERM/SIGINT: for people who vendor this file.
+    Prints the listening line (with the real port) as the command line does."""
+    config = Config(host=host, port=port, **config)
+    if config.workers > 1:
+        status = Supervisor(app, config, _error_log(config)).run(listening_socket(config))
+        if status:
+            raise RuntimeError("pagi_ref: the workers stopped with status %d" % status)
+        return
+    server = Server(app, config, logger=_error_log(config))
+    server.bind()
+    if not _start_and_serve(server):
+        raise RuntimeError("pagi_ref: the application refused to start (lifespan)")
+
+
+def _start_and_serve(server):
+    """What main() and run() share: signals, the lifespan startup, then the
+    listening line -- the moment a supervisor may send traffic -- and serve.
+    False if the application refused to start."""
+    if threading.current_thread() is threading.main_thread():
+        server.install_signal_handlers()   # before the line a supervisor waits for
+    if not server.startup():
+        server.close()
+        return False
+    if not server.shutting_down:        # a signal may have come during startup
+        sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % server.address)
+        sys.stderr.flush()
+    server.serve()
+    return True
+
 
 class _UsageError(Exception):
     pass

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -250,10 +251,9 @@ def with_disconnect_log(app, reasons):
 
 
 def test_longpoll_waiter_at_the_end_of_shutdown_timeout():
-    # Another documented limitation (docs/tutorial.md, "Shutdown"): when
-    # shutdown_timeout ends, on_disconnect callbacks run with server_shutdown,
-    # but the loop stops in the same turn, so the application's Task is never
-    # resumed: the code after its yield does not run.
+    # When shutdown_timeout ends, on_disconnect callbacks run with
+    # server_shutdown and the loop runs a little longer, so the waiting
+    # application is resumed and sees that the client is gone.
     app = load("longpoll").LongPoll()
     reasons = []
     with serve(with_disconnect_log(app, reasons)) as srv:
@@ -264,7 +264,7 @@ def test_longpoll_waiter_at_the_end_of_shutdown_timeout():
             seen = Reader(s).read_all()
     assert seen == b""      # closed without a response
     assert reasons == ["server_shutdown"]
-    assert app.stats["left"] == 0     # the "if first is gone" branch never ran
+    assert app.stats["left"] == 1     # the "if first is gone" branch ran
 
 
 # -- concurrency helpers ----------------------------------------------------------------
@@ -501,3 +501,148 @@ def test_ws_chat_a_member_that_does_not_read_misses_messages_and_is_told():
         assert peak <= 65536 + 32800        # the high mark plus one message
         alice.close()
         bob.close()
+
+
+# -- Server-Sent Events: sse_clock ----------------------------------------------------------
+
+SSE_ACCEPT = ("Accept", "text/event-stream")
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def dispatches(body):
+    """The blocks of an event stream as dicts of field -> value; a comment
+    block is {"comment": text}.  (Enough of WHATWG HTML §9.2.6 for these
+    tests: the server writes LF line ends and a space after each colon.)"""
+    out = []
+    for block in body.decode("utf-8").split("\n\n")[:-1]:
+        fields = {}
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                fields["comment"] = line[1:]
+            else:
+                name, _, value = line.partition(": ")
+                fields[name] = fields[name] + "\n" + value if name in fields else value
+        out.append(fields)
+    return out
+
+
+def clock_stream(port, path, headers=()):
+    raw = req(path, headers=[SSE_ACCEPT] + list(headers))
+    with connect(port, timeout=3) as s:
+        s.sendall(raw)
+        return Reader(s).read_response()
+
+
+def test_sse_clock_ticks_with_ids_then_says_bye_and_ends_the_stream():
+    with serve(load("sse_clock").make_app(interval=0.05)) as srv:
+        resp = clock_stream(srv.port, "/clock?count=3")
+    assert resp.status == 200 and resp.chunked and resp.complete
+    assert resp.header("content-type") == b"text/event-stream"
+    assert resp.header("cache-control") == b"no-cache"
+    assert resp.header("connection") == b"keep-alive"
+    ticks = [d for d in dispatches(resp.body) if "comment" not in d]
+    assert [t.get("id") for t in ticks] == ["1", "2", "3", None]
+    assert all(ISO_UTC.match(t["data"]) for t in ticks[:3]), ticks
+    assert ticks[0]["retry"] == "5000" and "retry" not in ticks[1]
+    assert ticks[3] == {"event": "bye", "data": "3 ticks"}
+
+
+def test_sse_clock_counts_on_from_last_event_id():
+    with serve(load("sse_clock").make_app(interval=0.05)) as srv:
+        resp = clock_stream(srv.port, "/clock?count=2", [("Last-Event-ID", "41")])
+        bad = clock_stream(srv.port, "/clock?count=1", [("Last-Event-ID", "x")])
+    assert [d.get("id") for d in dispatches(resp.body)] == ["42", "43", None]
+    assert dispatches(bad.body)[0]["id"] == "1"
+
+
+def test_sse_clock_keepalive_comments_between_ticks():
+    with serve(load("sse_clock").make_app(interval=0.5, keepalive=0.1)) as srv:
+        resp = clock_stream(srv.port, "/clock?count=2")
+    items = dispatches(resp.body)
+    assert items[0]["id"] == "1" and items[-1]["event"] == "bye"
+    comments = [d for d in items if "comment" in d]
+    assert 2 <= len(comments) <= 6, items
+    assert all(d == {"comment": "keepalive"} for d in comments)
+    assert b":keepalive\n\n" in resp.body
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/clock"), ("GET", "/nowhere")])
+def test_sse_clock_declines_with_a_404(method, path):
+    raw = req(path, method, [SSE_ACCEPT, ("Content-Length", "0")])
+    with serve(load("sse_clock").app) as srv:
+        with connect(srv.port, timeout=3) as s:
+            s.sendall(raw)
+            reader = Reader(s)
+            resp = reader.read_response()
+            rest = reader.read_all()            # the server closes after a decline
+        errors = srv.errors
+    assert resp.status == 404 and resp.header("connection") == b"close"
+    assert resp.header("content-type") == b"text/plain; charset=utf-8"
+    assert resp.body == b"no event stream here: GET /clock\n"
+    assert rest == b"" and errors == []
+
+
+def test_sse_clock_serves_its_page_to_a_plain_request():
+    with serve(load("sse_clock").app) as srv:
+        page = get(srv.port, "/")
+        other = get(srv.port, "/clock")         # no Accept: an http scope
+    assert page.status == 200 and page.header("content-type") == b"text/html; charset=utf-8"
+    assert b'new EventSource("/clock")' in page.body
+    assert other.status == 404
+
+
+def test_sse_clock_stops_when_the_client_leaves():
+    ended = []
+    received = []
+
+    def watched(scope, receive, send):
+        def recording_receive():
+            future = receive()
+            future.add_done_callback(lambda f: received.append(f.result()))
+            return future
+        yield from clock(scope, recording_receive, send)
+        ended.append(scope["type"])
+
+    clock = load("sse_clock").make_app(interval=0.05)
+    with serve(watched) as srv:
+        with connect(srv.port, timeout=3) as s:
+            s.sendall(req("/clock", headers=[SSE_ACCEPT]))
+            reader = Reader(s)
+            reader.read_until(b"id: 2\n")
+            # A FIN, the socket still open: for an event stream that is the
+            # client leaving, and the clock, waiting in wait_any(sleep,
+            # receive()), returns at once.
+            s.shutdown(socket.SHUT_WR)
+            assert wait_until(lambda: ended, 2)
+            assert wait_until(lambda: not srv.server.connections, 2)
+        errors = srv.errors
+    assert ended == ["sse"] and errors == []
+    assert received == [{"type": "sse.request", "body": b"", "more": 0},
+                        {"type": "sse.disconnect", "reason": "client_closed"}]
+
+
+class LaggingTransport:
+    """Stands in for pagi.transport: reports a client that lags while it is
+    asked about the 2nd and 3rd ticks."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def high_water_mark(self):
+        return 1000
+
+    def buffered_amount(self):
+        self.asked += 1
+        return 800 if self.asked in (2, 3) else 0
+
+
+def test_sse_clock_skips_ticks_while_the_client_lags():
+    clock = load("sse_clock").make_app(interval=0.02)
+
+    def lagging(scope, receive, send):
+        return clock(dict(scope, **{"pagi.transport": LaggingTransport()}), receive, send)
+
+    with serve(lagging) as srv:
+        resp = clock_stream(srv.port, "/clock?count=5")
+    assert [d.get("id") for d in dispatches(resp.body)] == ["1", "4", "5", None]
+    assert dispatches(resp.body)[-1] == {"event": "bye", "data": "5 ticks"}

@@ -85,7 +85,7 @@ def render():
                 pend = next((f for p, f in PENDING_PREFIXES.items() if c.startswith(p)), None)
                 cell = "<br>".join("`%s`" % n for n in names) or "**none**"
                 if pend and names:
-                    cell += "<br>(pending until the server implements %s)" % pend
+                    cell += "<br>(reported as pending by a server without %s)" % pend
                 lines.append("| %s | %s | %s |" % (c, level, cell))
         elif obs == "process":
             lines += ["| clause | level | in-process tests | also on the wire |", "|---|---|---|---|"]

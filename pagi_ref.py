@@ -75,8 +75,10 @@ __all__ = [
     "Loop", "get_loop",
     "Future", "Task", "CancelledError", "sleep", "spawn", "wait_any", "wait_all", "to_thread",
     "HTTPError", "EventError", "RequestParser", "RequestHead", "EndOfMessage",
-    "Transport", "ConnectionState",
-    "Server", "run", "main",
+    "Transport", "ConnectionState", "Exchange", "HTTPConnection",
+    "FrameParser", "FrameError", "WebSocketConnection",
+    "SSEExchange", "Lifespan", "LifespanFailed",
+    "Server", "Supervisor", "run", "main",
 ]
 
 PAGI_VERSION = "0.3"        # scope["pagi"]["version"]: the core spec

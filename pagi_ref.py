@@ -126,6 +126,9 @@ _CONFIG_FIELDS = [
      "bytes buffered for a client at which send() suspends"),
     ("write_low_watermark", 16384, int,
      "bytes buffered for a client below which a suspended send() resumes"),
+    ("write_buffer_limit", 1024 * 1024, int,
+     "bytes buffered for a client past which a write made without waiting for the "
+     "drain drops the connection (queue_overflow; 0: no limit)"),
     ("max_connections", None, int,
      "open client connections; past it new ones get 503"),
     ("header_timeout", 10.0, float,
@@ -188,6 +191,10 @@ class Config:
             raise ConfigError(
                 "write_low_watermark (%d) must not be above write_high_watermark (%d)"
                 % (self.write_low_watermark, self.write_high_watermark))
+        if self.write_buffer_limit and self.write_buffer_limit < self.write_high_watermark:
+            raise ConfigError("write_buffer_limit (%d) must be 0 or at least "
+                              "write_high_watermark (%d)"
+                              % (self.write_buffer_limit, self.write_high_watermark))
         if self.max_receive_queue < 1:
             raise ConfigError("max_receive_queue must be at least 1")
         if self.workers < 1:
@@ -1393,12 +1400,13 @@ class Transport:
     on_high_water and on_drain; the rest is the server's side of it.
     """
 
-    def __init__(self, sock, loop, high, low, on_error):
+    def __init__(self, sock, loop, high, low, on_error, limit=0):
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = loop
         self._high = high                 # bytes: the high-water mark
         self._low = low                   # bytes: the low-water mark
+        self._limit = limit               # bytes: the hard limit (0: none)
         self._queue = collections.deque()  # bytes, memoryview or _FileSlice
         self._buffered = 0                # bytes in _queue
         self._above = False               # high edge seen, drain edge not yet
@@ -1446,6 +1454,13 @@ class Transport:
     def write(self, data):
         """Queue bytes for the socket, writing at once what the kernel takes."""
         if self.closed or not data:
+            return
+        if self._above and self._limit and self._buffered > self._limit:
+            # A writer that does not wait for the drain (a send() not
+            # awaited): the watermarks cannot hold it, so the connection
+            # goes (PAGI reason queue_overflow) rather than the memory.
+            self._fail(BufferError("%d bytes queued for the client, over the limit of %d"
+                                   % (self._buffered, self._limit)))
             return
         if not self._queue:
             try:
@@ -2446,6 +2461,13 @@ class Connection:
             now - transport.last_progress > config.write_timeout
 
 
+def _write_failure_reason(exc, peer_eof):
+    """The PAGI reason for a Transport failure."""
+    if isinstance(exc, BufferError):
+        return "queue_overflow"
+    return "client_closed" if peer_eof else "write_error"
+
+
 class HTTPConnection(Connection):
     """One client socket: parser in, transport out, one exchange at a time."""
 
@@ -2461,7 +2483,8 @@ class HTTPConnection(Connection):
         self.server_address = sock.getsockname()[:2]
         self.parser = RequestParser(config)
         self.transport = Transport(sock, self.loop, config.write_high_watermark,
-                                   config.write_low_watermark, self._write_failed)
+                                   config.write_low_watermark, self._write_failed,
+                                   config.write_buffer_limit)
         self.exchange = None          # the request being served
         self.socket_open = [True]     # shared by this socket's pagi.connection objects
         self.peer_eof = False         # the client sent FIN
@@ -2717,7 +2740,7 @@ class HTTPConnection(Connection):
         self.close_after_flush()
 
     def _write_failed(self, exc):
-        self.abort("client_closed" if self.peer_eof else "write_error")
+        self.abort(_write_failure_reason(exc, self.peer_eof))
 
     def abort(self, reason):
         """An abnormal end: the socket closes now and queued bytes are dropped."""
@@ -3333,7 +3356,7 @@ class WebSocketConnection(Connection):
             self._start_close(1011 if exc is not None else 1000, "")
 
     def _write_failed(self, exc):
-        self.abort("client_closed" if self.peer_eof else "write_error")
+        self.abort(_write_failure_reason(exc, self.peer_eof))
 
     def abort(self, reason):
         """The connection ends without a close handshake: code 1006."""

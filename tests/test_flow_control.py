@@ -1021,3 +1021,35 @@ def test_pipelined_bytes_read_ahead_are_bounded_while_a_response_is_slow():
             gate.set()
         finally:
             s.close()
+
+
+def test_sends_not_awaited_hit_the_hard_limit_with_queue_overflow():
+    """Bounded everything: an application that does not wait for its sends
+    cannot make the server hold more than write_buffer_limit for a client
+    that does not read; the connection goes, with reason queue_overflow."""
+    reasons = []
+    peak = []
+    done = threading.Event()
+
+    def app(scope, receive, send):
+        conn = scope["pagi.connection"]
+        conn.on_disconnect(reasons.append)
+        transport = scope["pagi.transport"]
+        yield send({"type": "http.response.start", "status": 200, "headers": []})
+        chunk = b"x" * 65536
+        for _ in range(200):                     # 12.5 MiB, never awaited
+            send({"type": "http.response.body", "body": chunk, "more": 1})
+            peak.append(transport.buffered_amount())
+        done.set()
+        yield pagi_ref.sleep(0)
+
+    with serve(app, write_buffer_limit=512 * 1024) as srv:
+        s = small_rcvbuf_connect(srv.port, rcvbuf=8192)
+        try:
+            s.sendall(req("/"))
+            assert done.wait(10)
+            assert wait_until(lambda: reasons, 5)
+        finally:
+            s.close()
+    assert reasons == ["queue_overflow"]
+    assert max(peak) <= 512 * 1024 + 65536 + 16, max(peak)

@@ -995,6 +995,7 @@ class RequestParser:
         self.max_body_size = config.max_body_size
         self._buf = b""           # bytes received, not yet handed out
         self._pos = 0             # where the first line not yet read starts in _buf
+        self._scan = 0            # where to look for its LF (no LF before it)
         self._state = _HEAD
         self._error = None        # the HTTPError raised, once the parser is dead
         # The head (or trailer section) being read, line by line:
@@ -1027,7 +1028,7 @@ class RequestParser:
         bytes of the new protocol); the parser keeps none."""
         data = self._buf[self._pos:]
         self._buf = b""
-        self._pos = 0
+        self._pos = self._scan = 0
         return data
 
     @property
@@ -1065,7 +1066,7 @@ class RequestParser:
         self._state = _ERROR
         self._error = err
         self._buf = b""
-        self._pos = 0
+        self._pos = self._scan = 0
 
     # -- lines ----------------------------------------------------------------
 
@@ -1075,28 +1076,29 @@ class RequestParser:
         the bytes seen so far are held to it before the line is complete."""
         buf = self._buf
         pos = self._pos
-        lf = buf.find(b"\n", pos)
+        lf = buf.find(b"\n", self._scan)
         if lf < 0:
             if len(buf) - pos > budget:
                 raise HTTPError(status, message)
+            self._scan = len(buf)         # a trickled line is searched once
             return None
         if lf + 1 - pos > budget:
             raise HTTPError(status, message)
         # RFC 9112 §2.2: a line ends with CRLF; a bare LF may be rejected.
         if lf == pos or buf[lf - 1] != 13:
             raise HTTPError(400, "bare LF in request head")
-        self._pos = lf + 1
+        self._pos = self._scan = lf + 1
         return buf[pos:lf - 1]
 
     def _consume(self):
         """Drop the lines read so far from the buffer."""
         self._buf = self._buf[self._pos:]
-        self._pos = 0
+        self._pos = self._scan = 0
 
     # -- the head -------------------------------------------------------------
 
     def _read_head(self):
-        if self._pos == 0 and self._request is None:
+        if self._scan == 0 and self._request is None:
             head = self._read_whole_head()
             if head is not None:
                 return head
@@ -3420,7 +3422,7 @@ class WebSocketConnection(Connection):
                 self.abort("client_closed")
             return
         self.parser.feed(data)
-        if self.state == _CONNECTING and self.parser.buffered > _PIPELINE_BUFFER:
+        if self.state == _CONNECTING and len(self.parser._buf) > _PIPELINE_BUFFER:
             self._pause_reading()     # a client talking before the 101: wait
             return
         self._advance()

@@ -299,3 +299,101 @@ def test_decode_path():
     assert pagi_ref.decode_path(b"/caf%C3%A9") == "/caf\u00e9"
     # Not UTF-8: the percent-decoded bytes, one character per byte.
     assert pagi_ref.decode_path(b"/%FF%FE") == "/\xff\xfe"
+
+
+# -- segmentation independence ---------------------------------------------------
+#
+# The answer to a byte stream never depends on how it was split into
+# packets: the same events, or the same error (status and message), whether
+# it arrives whole, one byte at a time, or in two pieces split at any offset.
+
+def outcome(pieces, **config):
+    """('ok', summary) or ('error', status, message) for bytes fed in pieces."""
+    parser = RequestParser(Config(**config))
+    events = []
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+            while True:
+                ev = parser.next_event()
+                if ev is None:
+                    break
+                events.append(ev)
+    except HTTPError as err:
+        assert err.__cause__ is None, "a bug in the parser: %r" % err.__cause__
+        return ("error", err.status, err.message)
+    return ("ok", summarize(events))
+
+
+def splits(data):
+    yield [data]
+    yield [data[i:i + 1] for i in range(len(data))]
+    for cut in range(1, len(data)):
+        yield [data[:cut], data[cut:]]
+
+
+SPLIT_CASES = ([(name, data) for name, data, _ in GOOD] + [(name, data) for name, data, _ in BAD]
+               + [("pipelined", GOOD[0][1] + GOOD[1][1] + b"\r\n" + GOOD[0][1])])
+
+
+@pytest.mark.parametrize("name,data", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_every_split_gives_the_same_outcome(name, data):
+    if len(data) > 600:
+        pytest.skip("long case: covered whole and bytewise above")
+    expected = outcome([data])
+    for pieces in splits(data):
+        assert outcome(pieces) == expected, [len(p) for p in pieces]
+
+
+@pytest.mark.parametrize("limit", [40, 41, 42, 43, 60])
+def test_limits_do_not_depend_on_splits(limit):
+    """At and around the size limits: the request line, the header block,
+    the trailers, and the line ends right at the limit."""
+    for data in (b"GET /" + b"a" * 30 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"b" * 20 + b"\r\n\r\n",
+                 b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"0\r\nX-T: " + b"t" * 25 + b"\r\nX-U: 1\r\n\r\n",
+                 b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+        expected = outcome([data], max_header_size=limit)
+        for pieces in splits(data):
+            assert outcome(pieces, max_header_size=limit) == expected, (data, [len(p) for p in pieces])
+
+
+def test_the_parser_is_dead_after_an_error():
+    parser = RequestParser(Config())
+    parser.feed(b"GET / HTTP/1.1\r\nHost : x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(HTTPError) as first:
+        parser.next_event()
+    parser.feed(b"GET /more HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(HTTPError) as again:
+        parser.next_event()
+    assert again.value is first.value
+    assert parser.buffered == 0
+
+
+def test_a_bug_in_the_parser_is_a_400_not_an_escape():
+    """Only HTTPError leaves the parser: any other exception becomes a 400
+    whose __cause__ is the bug, and the parser is dead after it."""
+    class Broken(RequestParser):
+        def _frame(self, request):
+            raise ValueError("a bug")
+    parser = Broken(Config())
+    parser.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.status == 400
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(HTTPError):
+        parser.next_event()
+
+
+def test_smuggling_through_a_long_content_length_is_a_body():
+    """The 4,300-digit Content-Length that used to escape int(): the bytes
+    it declares are the body, never a second request."""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"0" * 4300
+            + b"%d\r\n\r\n" % len(smuggled) + smuggled)
+    result = outcome([data])
+    assert result[0] == "ok"
+    assert [e[0] for e in result[1]] == ["head", "body", "end"]
+    assert result[1][1] == ("body", smuggled)

@@ -4968,20 +4968,20 @@ class _Conversation:
             lines.append(b"user-agent: testclient")
         lines.extend(n + b": " + v for n, v in list(extra) + fields)
         self.wire = _Wire(client.address, timeout, "the request " + self.what)
+        if body is None:
+            body = b""
         if isinstance(body, bytes):
             if body or method in ("POST", "PUT", "PATCH"):
                 lines.append(b"content-length: %d" % len(body))
             self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n" + body, "the request " + self.what)
         else:
-            if body is not None:
-                lines.append(b"transfer-encoding: chunked")
+            lines.append(b"transfer-encoding: chunked")
             self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n", "the request " + self.what)
-            for piece in body or ():
+            for piece in body:
                 piece = piece.encode("utf-8") if isinstance(piece, str) else bytes(piece)
                 if piece:
                     self.wire.send(chunk(piece), "the request body of " + self.what)
-            if body is not None:
-                self.wire.send(b"0\r\n\r\n", "the request body of " + self.what)
+            self.wire.send(LAST_CHUNK, "the request body of " + self.what)
 
     def read_head(self, upgrade=False):
         """A Response without its body; interim 1xx answers are skipped
@@ -5228,6 +5228,7 @@ class _EventStreamParser:
     def __init__(self):
         self.text = ""             # undecoded remainder: an incomplete line
         self.first = True          # a U+FEFF at the very start is dropped
+        self.after_cr = False      # the last text fed ended with CR
         self.data = []             # the data buffer, line by line
         self.event = ""            # the event type buffer
         self.retry = None          # this event's retry field
@@ -5239,11 +5240,14 @@ class _EventStreamParser:
             self.first = False
             if text.startswith("\ufeff"):
                 text = text[1:]
+        if self.after_cr and text.startswith("\n"):
+            text = text[1:]         # the LF of a CRLF split between two reads
+            self.after_cr = False
+        if text:
+            self.after_cr = text.endswith("\r")
         text = self.text + text
         events, start = [], 0
         for match in _SSE_LINE_BREAK.finditer(text):
-            if match.group() == "\r" and match.end() == len(text):
-                break       # a CR at the end may be the first half of a CRLF
             event = self._line(text[start:match.start()])
             if event is not None:
                 events.append(event)

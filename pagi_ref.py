@@ -4892,8 +4892,15 @@ class _Wire:
         del self.buf[:size]
         return out
 
-    def close(self):
+    def close(self, abort=False):
+        """``abort``: a reset (SO_LINGER 0) instead of a FIN, for a client
+        that leaves in the middle of a response; the server learns of it at
+        its next read or write, as when a browser tab is closed."""
         try:
+            if abort:
+                # struct linger {l_onoff 1, l_linger 0}, in either byte order
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     b"\x01\0\0\0\0\0\0\0")
             self.sock.close()
         except OSError:
             pass
@@ -4959,6 +4966,7 @@ class _Conversation:
         self.chunked = self.length = None
         self.response = None
         self.received = []          # the body's pieces so far
+        self.complete = False       # the response was read to its end
         fields = _header_pairs(headers)
         names = {n.lower() for n, _ in fields}
         lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))]
@@ -5035,6 +5043,7 @@ class _Conversation:
             if keep:
                 self.received.append(piece)
             yield piece
+        self.complete = True
 
     def _pieces(self):
         wire, response = self.wire, self.response
@@ -5111,7 +5120,7 @@ class _Conversation:
                 raise error
             return
         self.ended = True
-        self.wire.close()
+        self.wire.close(abort=not self.complete)
         if quiet:
             return
         self.client._after_call(self.wire.local, self.what,
@@ -5492,6 +5501,7 @@ class WebSocketSession:
             self.close_sent = True
         self.closed = True
         self.close_code, self.close_reason = code, reason
+        self._conversation.complete = True      # a clean close: a FIN, not a reset
         self._conversation.end()
         raise WebSocketDisconnect(code, reason)
 

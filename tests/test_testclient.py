@@ -394,6 +394,20 @@ def test_a_lifespan_shutdown_failure_is_raised_on_exit():
             pass
 
 
+def test_a_lifespan_exception_after_startup_is_raised_at_the_next_request():
+    def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            yield receive()
+            yield send({"type": "lifespan.startup.complete"})
+            raise AppBug("after startup")
+        yield from respond(send, 200, b"ok")
+
+    with TestClient(app) as client:
+        with pytest.raises(AppBug, match="after startup"):
+            client.get("/")
+        assert client.get("/").text == "ok"      # and the server goes on serving
+
+
 # -- timeouts -------------------------------------------------------------------------------
 
 def test_a_response_that_never_comes_times_out_naming_what_was_awaited():

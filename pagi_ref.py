@@ -4682,7 +4682,7 @@ _TEST_HOST = "testserver"                 # the Host header the client sends
 _CLIENT_MAX_HEAD = 65536                  # bytes of one response head
 _CLIENT_MAX_LINE = 4096                   # bytes of one chunk-size or trailer line
 _CLIENT_MAX_BODY = 256 * 1024 * 1024      # bytes of a body read whole (stream() for more)
-_CLIENT_MAX_MESSAGE = 64 * 1024 * 1024    # bytes of one WebSocket message
+_CLIENT_MAX_MESSAGE = 64 * 1024 * 1024    # bytes of a WebSocket message, characters of an event
 # Printable ASCII but space: what a request target may hold as it is
 # (RFC 9112 §3.2); anything else is percent-encoded as UTF-8.
 _TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
@@ -5239,6 +5239,7 @@ class _EventStreamParser:
         self.first = True          # a U+FEFF at the very start is dropped
         self.after_cr = False      # the last text fed ended with CR
         self.data = []             # the data buffer, line by line
+        self.data_size = 0         # characters in it (bounded: _CLIENT_MAX_MESSAGE)
         self.event = ""            # the event type buffer
         self.retry = None          # this event's retry field
         self.last_event_id = ""    # carries over from event to event
@@ -5262,6 +5263,9 @@ class _EventStreamParser:
                 events.append(event)
             start = match.end()
         self.text = text[start:]
+        if len(self.text) + self.data_size > _CLIENT_MAX_MESSAGE:
+            raise TestClientError("an event of the stream passed %d characters"
+                                  % _CLIENT_MAX_MESSAGE)
         return events
 
     def _line(self, line):
@@ -5276,6 +5280,7 @@ class _EventStreamParser:
             self.event = value
         elif field == "data":
             self.data.append(value)
+            self.data_size += len(value) + 1
         elif field == "id":
             if "\0" not in value:
                 self.last_event_id = value
@@ -5286,7 +5291,7 @@ class _EventStreamParser:
 
     def _dispatch(self):
         data, event, retry = self.data, self.event, self.retry
-        self.data, self.event, self.retry = [], "", None
+        self.data, self.event, self.retry, self.data_size = [], "", None, 0
         if not data:
             return None                     # no data: nothing is dispatched
         return ServerSentEvent("\n".join(data), event or "message", self.last_event_id, retry)

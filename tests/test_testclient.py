@@ -768,6 +768,13 @@ def test_event_stream_parser_follows_whatwg(pieces, expected):
     assert [(e.event, e.data, e.id) for e in events] == expected
 
 
+def test_event_stream_parser_is_bounded():
+    parser = pagi_ref._EventStreamParser()
+    with pytest.raises(TestClientError, match="passed"):
+        for _ in range(70):
+            parser.feed("data: " + "x" * (1 << 20) + "\n")
+
+
 def test_event_stream_parser_retry_only_digits():
     parser = pagi_ref._EventStreamParser()
     events = parser.feed("retry: 10\ndata: a\n\nretry: x1\ndata: b\n\n")

@@ -1098,6 +1098,8 @@ class RequestParser:
     # -- the head -------------------------------------------------------------
 
     def _read_head(self):
+        if not self._buf:
+            return None
         if self._scan == 0 and self._request is None:
             head = self._read_whole_head()
             if head is not None:

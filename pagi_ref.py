@@ -1103,6 +1103,8 @@ class RequestParser:
     # -- the head -------------------------------------------------------------
 
     def _read_head(self):
+        if not self._buf:
+            return None
         if self._scan == 0 and self._request is None:
             head = self._read_whole_head()
             if head is not None:
@@ -1966,11 +1968,50 @@ _FIELD_CHECKS = {"bytes": _check_bytes, "flag": _check_flag, "status": _check_st
                  "close_code": _check_close_code}
 
 
+# ASGI habits, named.  ASGI events look like PAGI's but differ in a few
+# keys and types, and PAGI allows extra fields -- so without these tables
+# an ASGI habit is accepted and silently means something else (an
+# http.response.body with ASGI's "more_body": True ends the response).
+# Each ASGI key or type that PAGI spells differently fails with a message
+# that names the PAGI way (docs/tutorial.md, "Coming from ASGI").
+#   ASGI key -> (what to say, the event types where ASGI has it)
+ASGI_KEYS = {
+    "more_body": ("PAGI uses 'more', not ASGI's 'more_body'",
+                  ("http.response.body", "websocket.http.response.body",
+                   "sse.http.response.body")),
+    "more_trailers": ("PAGI sends all trailers in one http.response.trailers event; "
+                      "ASGI's 'more_trailers' has no PAGI meaning",
+                      ("http.response.trailers",)),
+}
+#   ASGI event type -> what to send in PAGI instead
+ASGI_TYPES = {
+    "http.response.pathsend": "PAGI sends a file with http.response.body's 'file' field, "
+                              "not ASGI's http.response.pathsend",
+    "http.response.zerocopy": "PAGI sends an open file with http.response.body's 'fh', "
+                              "'offset' and 'length' fields, not ASGI's http.response.zerocopy",
+    "http.response.push": "PAGI has no server push (ASGI's http.response.push)",
+    "http.response.early_hint": "PAGI has no interim responses (ASGI's "
+                                "http.response.early_hint); send the final response",
+}
+
+
+def _asgi_key_check(message):
+    def check(etype, field, value):
+        raise EventError("%s: %s" % (etype, message))
+    return check
+
+
 def compile_schema(table):
-    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}"""
-    return {etype: tuple((field, _FIELD_CHECKS[kind], required)
-                         for field, (kind, required) in fields.items())
-            for etype, fields in table.items()}
+    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}
+
+    A type that ASGI spells with another key (ASGI_KEYS) refuses that key."""
+    compiled = {}
+    for etype, fields in table.items():
+        checks = [(field, _FIELD_CHECKS[kind], required) for field, (kind, required) in fields.items()]
+        checks += [(key, _asgi_key_check(message), False)
+                   for key, (message, types) in ASGI_KEYS.items() if etype in types]
+        compiled[etype] = tuple(checks)
+    return compiled
 
 
 _HTTP_SEND_SCHEMA = compile_schema(HTTP_SEND_EVENTS)
@@ -1986,6 +2027,8 @@ def validate_event(event, schema):
     if fields is None:
         if not isinstance(etype, str):
             raise EventError("event has no 'type' string: %r" % (event,))
+        if etype in ASGI_TYPES:
+            raise EventError("%s: %s" % (etype, ASGI_TYPES[etype]))
         raise EventError("%s: unknown event type for this scope (expected one of %s)"
                          % (etype, ", ".join(sorted(schema))))
     for field, check, required in fields:

@@ -4729,6 +4729,7 @@ _CLIENT_MAX_MESSAGE = 64 * 1024 * 1024    # bytes of a WebSocket message, charac
 # Printable ASCII but space: what a request target may hold as it is
 # (RFC 9112 §3.2); anything else is percent-encoded as UTF-8.
 _TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")    # RFC 9110 §5.6.2
 
 
 class TestClientError(Exception):
@@ -5010,6 +5011,8 @@ class _Conversation:
         self.response = None
         self.received = []          # the body's pieces so far
         self.complete = False       # the response was read to its end
+        if not _TOKEN.fullmatch(method):
+            raise ValueError("a method is a token (RFC 9110 §9.1), not %r" % method)
         fields = _header_pairs(headers)
         names = {n.lower() for n, _ in fields}
         lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))]
@@ -5018,21 +5021,36 @@ class _Conversation:
         if b"user-agent" not in names:
             lines.append(b"user-agent: testclient")
         lines.extend(n + b": " + v for n, v in list(extra) + fields)
-        self.wire = _Wire(client.address, timeout, "the request " + self.what)
+        # Framing the test wrote itself (a lying Content-Length, say) is sent
+        # as it is, and the body without any of ours.
+        framed = b"content-length" in names or b"transfer-encoding" in names
         if body is None:
             body = b""
-        if isinstance(body, bytes):
-            if body or method in ("POST", "PUT", "PATCH"):
-                lines.append(b"content-length: %d" % len(body))
-            self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n" + body, "the request " + self.what)
-        else:
+        if isinstance(body, bytes) and not framed and (body or method in ("POST", "PUT", "PATCH")):
+            lines.append(b"content-length: %d" % len(body))
+        elif not isinstance(body, bytes) and not framed:
             lines.append(b"transfer-encoding: chunked")
+        self.wire = _Wire(client.address, timeout, "the request " + self.what)
+        try:
+            if isinstance(body, bytes):
+                self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n" + body,
+                               "the request " + self.what)
+                return
             self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n", "the request " + self.what)
             for piece in body:
-                piece = piece.encode("utf-8") if isinstance(piece, str) else bytes(piece)
+                if isinstance(piece, str):
+                    piece = piece.encode("utf-8")
+                elif not isinstance(piece, (bytes, bytearray, memoryview)):
+                    raise TypeError("a piece of content= is bytes or str, not %s"
+                                    % type(piece).__name__)
                 if piece:
-                    self.wire.send(chunk(piece), "the request body of " + self.what)
-            self.wire.send(LAST_CHUNK, "the request body of " + self.what)
+                    self.wire.send(bytes(piece) if framed else chunk(bytes(piece)),
+                                   "the request body of " + self.what)
+            if not framed:
+                self.wire.send(LAST_CHUNK, "the request body of " + self.what)
+        except BaseException:
+            self.wire.close(abort=True)
+            raise
 
     def read_head(self, upgrade=False):
         """A Response without its body; interim 1xx answers are skipped

@@ -5751,8 +5751,9 @@ class _ServerThread:
 
     def stop(self, timeout):
         """Graceful stop (lifespan shutdown included); False if the thread
-        is still running after ``timeout`` seconds (twice: requests, then
-        the lifespan shutdown, as for the server), plus a margin."""
+        is still running after twice ``timeout`` (the shutdown timeout: for
+        the requests, then for the lifespan shutdown, as the server does),
+        plus a margin."""
         self.server.stop(timeout)
         self.thread.join(2 * timeout + 5.0)
         return not self.thread.is_alive()
@@ -5794,6 +5795,7 @@ class TestClient:
         self.raise_server_exceptions = raise_server_exceptions
         self.timeout = timeout
         config.setdefault("access_log", None)
+        config.setdefault("shutdown_timeout", timeout)     # a test waits no longer
         config.update(host="127.0.0.1", port=0)
         Config(**config)                # a bad field fails here, not at the first request
         self._config = config
@@ -5832,7 +5834,8 @@ class TestClient:
         server = Server(recording, Config(**config), logger=self.log)
         server.bind()
         self._running = running = _ServerThread(server)
-        self._finalizer = weakref.finalize(self, _stop_forgotten, running, self.timeout)
+        self._finalizer = weakref.finalize(self, _stop_forgotten, running,
+                                           server.config.shutdown_timeout)
         running.thread.start()
         if not running.ready.wait(self.timeout):
             self._stop(raise_errors=False)
@@ -5855,9 +5858,10 @@ class TestClient:
         if running is None:
             return
         self._finalizer.detach()
-        if not running.stop(self.timeout):
+        shutdown_timeout = running.server.config.shutdown_timeout
+        if not running.stop(shutdown_timeout):
             raise TestClientTimeout("the server did not stop within %g s"
-                                    % (2 * self.timeout + 5.0))
+                                    % (2 * shutdown_timeout + 5.0))
         if raise_errors:
             self._raise_pending()
 

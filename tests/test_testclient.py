@@ -434,6 +434,16 @@ def test_a_response_that_never_comes_times_out_naming_what_was_awaited():
             client.get("/slow")
 
 
+def test_a_startup_that_never_completes_times_out():
+    def app(scope, receive, send):
+        yield receive()
+        yield pagi_ref.sleep(60)
+
+    with pytest.raises(TestClientTimeout, match="lifespan startup did not complete within 0.3 s"):
+        with TestClient(app, timeout=0.3):
+            pass
+
+
 def test_an_application_that_outlives_its_client_times_out():
     def app(scope, receive, send):
         yield from respond(send, 200, b"done")

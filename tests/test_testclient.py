@@ -856,3 +856,30 @@ def test_the_module_docstring_and_all_name_section_13():
     for name in ("TestClient", "TestClientError", "TestClientTimeout", "WebSocketDisconnect",
                  "WebSocketRejected"):
         assert name in pagi_ref.__all__
+
+
+# -- nothing left behind ---------------------------------------------------------------------------
+
+def test_a_client_leaves_no_thread_and_no_descriptor_behind():
+    def used():
+        threads = [t for t in threading.enumerate() if t.name == "pagi_ref.TestClient"]
+        return threads, len(os.listdir("/proc/self/fd"))
+
+    def session():
+        with TestClient(ws_app([])) as client:
+            with client.websocket_connect("/chat") as ws:
+                ws.send_text("x")
+                assert ws.receive_text() == "X"
+        with TestClient(sse_app([])) as client:
+            with client.sse("/events") as events:
+                assert len(list(events)) == 3
+        with TestClient(echo_scope) as client:
+            with client.stream("POST", "/", content=b"abc") as response:
+                assert response.read()
+
+    session()                       # whatever is created once (caches, pools) exists now
+    before = used()
+    for _ in range(3):
+        session()
+    assert used() == before
+    assert before[0] == []

@@ -2417,7 +2417,6 @@ class _Linger:
         self.sock = sock
         self.fd = sock.fileno()
         self.on_closed = on_closed
-        self.since = loop.now
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:

@@ -150,14 +150,14 @@ def test_a_trickling_head_gets_408_and_its_slot_serves_a_normal_client():
 
 def test_a_slow_client_above_the_minimum_rates_is_not_cut():
     # 10 bytes every 50 ms (200 bytes/s) for the head and for the body,
-    # four times the minimum of 50 bytes/s, long past both grace periods.
+    # ten times the minimum of 20 bytes/s, long past both grace periods.
     rec = Recorder()
     body = b"y" * 300
     head = req("/body", method="POST", headers=[("Content-Length", str(len(body))),
                                                  ("X-Pad", "p" * 100),
                                                  ("Connection", "close")])
-    with serve(make_app(rec), header_grace=0.2, header_min_rate=50, body_grace=0.2,
-               body_min_rate=50, header_timeout=60) as srv, connect(srv.port) as s:
+    with serve(make_app(rec), header_grace=0.5, header_min_rate=20, body_grace=0.5,
+               body_min_rate=20, header_timeout=60) as srv, connect(srv.port) as s:
         got = trickle(s, chunks_of(head + body, 10) + [b""] * 100, 0.05)
         assert got.startswith(b"HTTP/1.1 200 "), got[:100]
         assert got.endswith(b"got 300")
@@ -185,11 +185,11 @@ def test_the_body_clock_stops_while_reading_is_paused_by_backpressure():
 
 def test_the_body_clock_starts_when_100_continue_is_sent():
     # RFC 9110 §10.1.1: the client waits for the 100 before sending; the
-    # application asks for the body only after 1 s, far past the grace.
+    # application asks for the body only after 1.5 s, far past the grace.
     rec = Recorder()
-    with serve(make_app(rec), body_grace=0.2, body_min_rate=100) as srv, \
+    with serve(make_app(rec), body_grace=0.5, body_min_rate=100) as srv, \
             connect(srv.port) as s:
-        s.sendall(req("/body?wait=1.0", method="POST",
+        s.sendall(req("/body?wait=1.5", method="POST",
                       headers=[("Content-Length", "5"), ("Expect", "100-continue")]))
         r = Reader(s)
         interim = r.read_until(b"\r\n\r\n")

@@ -339,3 +339,60 @@ def test_a_burst_of_refusals_never_exhausts_descriptors():
         for s in held + burst:
             s.close()
         server.close()
+
+
+def test_a_connection_whose_next_head_has_begun_is_not_idle():
+    # A and B are idle, A the older; A starts its next request (one byte):
+    # the newcomer's room is made by closing B, and A's request is served.
+    with serve(make_app(Recorder()), max_connections=2, keepalive_timeout=60) as srv, \
+            connect(srv.port) as a, connect(srv.port) as b:
+        ra, rb = Reader(a), Reader(b)
+        for c, r in ((a, ra), (b, rb)):
+            c.sendall(req("/"))
+            assert r.read_response().status == 200
+        assert wait_until(lambda: len(srv.server.idle) == 2)
+        a.sendall(b"G")
+        assert wait_until(lambda: len(srv.server.idle) == 1)
+        assert get_ok(srv.port) == 200
+        assert read_to_eof(b) == b""
+        a.sendall(req("/")[1:])
+        assert ra.read_response().status == 200
+
+
+def _tcp_pair(listener):
+    client = socket.create_connection(listener.getsockname()[:2])
+    server_side, address = listener.accept()
+    server_side.setblocking(False)
+    return client, server_side, address
+
+
+def test_eviction_leaves_a_connection_whose_request_waits_unread_in_the_kernel():
+    # The loop has not read it yet, but the bytes are there: evict() peeks
+    # (MSG_PEEK) and finds the connection busy.  Driven by hand: a Server
+    # that is not serving, real sockets.
+    server = pagi_ref.Server(make_app(Recorder()),
+                             pagi_ref.Config(port=0, max_connections=2, lifespan="off"))
+    server.bind()
+    listener = server.listeners[0]
+    listener.setblocking(True)
+    pairs = []
+    try:
+        conns = []
+        for _ in range(2):
+            client, side, address = _tcp_pair(listener)
+            pairs.append((client, side))
+            conn = pagi_ref.HTTPConnection(server, side, address)
+            server.connections.add(conn)
+            server.idle[conn] = None
+            conns.append(conn)
+        older, younger = conns
+        pairs[0][0].sendall(b"GET / HTTP/1.1\r\n")
+        assert select.select([pairs[0][1]], [], [], 5)[0]
+        assert server._make_room() is True
+        assert not older.closed and younger.closed
+        assert server._make_room() is False          # nothing idle is left
+        assert read_to_eof(pairs[1][0]) == b""       # the younger one's client sees the close
+    finally:
+        for client, _side in pairs:
+            client.close()
+        server.close()

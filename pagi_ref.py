@@ -2741,6 +2741,7 @@ class HTTPConnection(Connection):
         # The minimum data rates (section 1): byte counts, and the body's
         # clock, which runs only while the server waits for body bytes.
         self.bytes_in = 0             # bytes received on this socket
+        self.idle_set = server.idle   # the server's idle connections (section 10)
         self.head_base = 0            # bytes_in when the current head began
         self.body_started = None      # when the wait for this body began (None: not yet)
         self.body_base = 0            # bytes_in then
@@ -2812,7 +2813,7 @@ class HTTPConnection(Connection):
             # The first bytes of a head: the connection is no longer idle.
             self.head_started = now
             self.head_base = self.bytes_in
-            self.server.idle.pop(self, None)
+            self.idle_set.pop(self, None)
         self.bytes_in += len(data)
         parser.feed(data)
         self._advance()
@@ -3036,13 +3037,16 @@ class HTTPConnection(Connection):
         self.exchange = None
         self.transport.forget_callbacks()   # they belonged to that request
         self.last_activity = self.head_started = self.loop.now
-        self.head_base = self.bytes_in - self.parser.buffered
         self.resume_reading()
-        if not self.parser.buffered:
+        buffered = self.parser.buffered
+        if not buffered:
             # Idle: a candidate for eviction at max_connections (section 10).
-            self.server.idle[self] = None
-        elif not self.advancing:
-            self._advance()
+            # The next head's first bytes set head_base (_on_readable).
+            self.idle_set[self] = None
+        else:
+            self.head_base = self.bytes_in - buffered   # pipelined: already here
+            if not self.advancing:
+                self._advance()
 
     def respond_error(self, status, message, reason):
         """A server-generated response, then close.  ``reason`` is reported on

@@ -883,3 +883,22 @@ def test_a_client_leaves_no_thread_and_no_descriptor_behind():
         session()
     assert used() == before
     assert before[0] == []
+
+
+def test_section_13_shadows_no_name_of_the_sections_above():
+    """One module: a module-level name section 13 defines again would
+    replace the one a section above relies on."""
+    import ast
+    with open(os.path.join(ROOT, "pagi_ref.py"), encoding="utf-8") as f:
+        source = f.read()
+    start = source[:source.index("# 13. Test client")].count("\n") + 1
+    above, here = set(), set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = {node.name}
+        elif isinstance(node, ast.Assign):
+            names = {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        else:
+            continue
+        (here if node.lineno > start else above).update(names)
+    assert not here & above, here & above

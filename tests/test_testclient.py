@@ -793,11 +793,15 @@ def test_event_stream_parser_follows_whatwg(pieces, expected):
     assert [(e.event, e.data, e.id) for e in events] == expected
 
 
-def test_event_stream_parser_is_bounded():
+def test_event_stream_parser_is_bounded(monkeypatch):
+    monkeypatch.setattr(pagi_ref, "_CLIENT_MAX_MESSAGE", 1000)
     parser = pagi_ref._EventStreamParser()
-    with pytest.raises(TestClientError, match="passed"):
-        for _ in range(70):
-            parser.feed("data: " + "x" * (1 << 20) + "\n")
+    parser.feed("data: " + "x" * 400 + "\n" + "data: " + "x" * 400 + "\n\n")   # fits
+    with pytest.raises(TestClientError, match="passed 1000 characters"):
+        for _ in range(3):
+            parser.feed("data: " + "x" * 400 + "\n")
+    with pytest.raises(TestClientError, match="passed 1000 characters"):
+        pagi_ref._EventStreamParser().feed("data: " + "x" * 1001)     # a line without its end
 
 
 def test_event_stream_parser_retry_only_digits():

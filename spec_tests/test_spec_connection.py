@@ -71,6 +71,8 @@ def test_state_before_and_after_start(addr):
 @clause("CONN-5")
 def test_response_complete_progress(addr):
     entries = completed(addr)
+    if at(entries, "begin")[0]["response_complete"] is None:
+        pytest.skip("not observable: the server has no response_complete (CONN-2)")
     assert at(entries, "begin")[0]["response_complete"] is False
     assert at(entries, "after_start")[0]["response_complete"] is False
     assert at(entries, "streaming")[0]["response_complete"] is False
@@ -167,7 +169,7 @@ def test_body_too_large_reason(addr, max_body_size):
             c.send(b"%x\r\n%s\r\n" % (len(piece), piece))
         if rest:
             c.send(b"%x\r\n%s\r\n" % (rest, b"y" * rest))
-        c.send(b"1\r\n")
+        c.send(b"1\r\nz\r\n")     # one byte past the limit
         resp = c.read()
     assert resp.status == 413
     entries = wait_journal(addr, token, lambda es: len(at(es, "on_disconnect:1")) > 0)

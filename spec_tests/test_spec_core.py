@@ -55,7 +55,7 @@ def test_server_survives_application_errors(addr):
 def test_scope_is_a_dict_with_type(addr):
     s = scope_of(addr)
     assert s["type"] == "http"
-    assert s["kinds"]["type"] == "text"
+    assert s["kinds"]["type"] in TEXT
     assert all(isinstance(k, str) for k in s["keys"])
 
 
@@ -64,9 +64,9 @@ def test_scope_pagi_versions(addr):
     s = scope_of(addr)
     assert s["kinds"]["pagi"] == "map"
     assert s["pagi"]["version"] == "0.3"
-    assert s["pagi_kinds"]["version"] == "text"
+    assert s["pagi_kinds"]["version"] in TEXT
     if "spec_version" in s["pagi"]:
-        assert s["pagi_kinds"]["spec_version"] == "text"
+        assert s["pagi_kinds"]["spec_version"] in TEXT
 
 
 @clause("REF-CORE-SCOPE-2")
@@ -152,7 +152,10 @@ def test_return_value_is_ignored(addr):
 def bad_event(addr, case):
     resp = request(addr, "GET", "/bad-event?case=" + case)
     assert resp.status == 200, resp
-    return json_body(resp)
+    report = json_body(resp)
+    if report.get("inexpressible"):
+        pytest.skip("not observable: the application's language cannot express %s" % case)
+    return report
 
 
 @clause("CORE-ERR-1", "CORE-ERR-5")

@@ -294,7 +294,7 @@ def test_half_closed_client_gets_the_response(addr, path, body):
 @clause("HTTP-FRAME-13", "HTTP-REQ-2")
 def test_request_one_byte_at_a_time(addr):
     raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-           b"Connection: close\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n")
+           b"Connection: close\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
     with Client(addr) as c:
         for i in range(len(raw)):
             c.send(raw[i:i + 1])

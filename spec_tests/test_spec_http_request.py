@@ -137,7 +137,7 @@ def test_queued_body_then_disconnect(addr):
     assert body == 10, entries
 
 
-@clause("HTTP-REQ-8", "HTTP-DISC-2")
+@clause("REF-HTTP-REQ-8")
 def test_receive_pending_across_the_response_gets_disconnect(addr):
     token = new_token()
     with Client(addr) as c:

@@ -1,4 +1,4 @@
-"""A tiny HTTP/1.1 client for the spec suite: raw sockets, nothing hidden.
+"""A tiny HTTP/1.1 client for the spec suite (and tests/): raw sockets, nothing hidden.
 
 Every test asserts what a client sees on the wire, so the client here does
 no more than read bytes and split them into status line, headers and body,

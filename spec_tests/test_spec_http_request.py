@@ -91,7 +91,7 @@ def test_first_piece_delivered_before_the_rest_is_sent(addr):
     assert e["type"] == "http.request" and e["body"] == "hello" and e["more"]
 
 
-@clause("HTTP-REQ-6", "HTTP-REQ-2")
+@clause("HTTP-REQ-6")
 def test_request_trailers_are_consumed(addr):
     with Client(addr) as c:
         c.send(chunked_head("/echo").replace(b"Connection: close\r\n", b"")

@@ -182,12 +182,16 @@ def test_unknown_event_type_fails_the_send(addr, case):
 
 
 @clause("CORE-ERR-5")
-@pytest.mark.parametrize("case", ["missing-status", "no-type", "unknown-type", "double-start"])
-def test_a_failed_send_has_no_effect(addr, case):
+@pytest.mark.parametrize("path", ["/bad-event?case=missing-status", "/bad-event?case=no-type",
+                                  "/bad-event?case=unknown-type",
+                                  "/bad-event?case=double-start",
+                                  "/bad-header?case=crlf-value", "/bad-header?case=nul-name"])
+def test_a_failed_send_has_no_effect(addr, path):
     # the application goes on after the failure: its report arrives as a
     # well-formed response, the only one on the wire
+    case = path.partition("case=")[2]
     with Client(addr) as c:
-        resp = c.request("GET", "/bad-event?case=" + case)
+        resp = c.request("GET", path)
         assert resp.status == 200 and resp.complete, resp
         report = json_body(resp)
         assert report["case"] == case, report

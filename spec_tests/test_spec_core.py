@@ -166,9 +166,9 @@ def test_missing_field_fails_the_send(addr, case):
 
 
 @clause("CORE-ERR-2")
-@pytest.mark.parametrize("case", ["status-str", "headers-not-list", "header-str-value",
-                                  "header-triple", "body-str", "body-int", "more-str",
-                                  "not-a-dict"])
+@pytest.mark.parametrize("case", ["status-text", "headers-not-list", "header-text-value",
+                                  "header-triple", "body-text", "body-integer", "more-text",
+                                  "not-a-map"])
 def test_mistyped_field_fails_the_send(addr, case):
     report = bad_event(addr, case)
     assert report["raised"] is True, report
@@ -201,10 +201,10 @@ def test_a_failed_send_has_no_effect(addr, path):
 @clause("CORE-ERR-4")
 @pytest.mark.parametrize("case,event_type,field", [
     ("missing-status", "http.response.start", "status"),
-    ("status-str", "http.response.start", "status"),
+    ("status-text", "http.response.start", "status"),
     ("headers-not-list", "http.response.start", "headers"),
-    ("body-str", "http.response.body", "body"),
-    ("more-str", "http.response.body", "more"),
+    ("body-text", "http.response.body", "body"),
+    ("more-text", "http.response.body", "more"),
 ])
 def test_event_error_names_event_and_field(addr, case, event_type, field):
     report = bad_event(addr, case)

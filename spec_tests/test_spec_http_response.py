@@ -35,7 +35,7 @@ def test_status_written(addr, code):
 
 @clause("CORE-ERR-2")
 def test_status_of_the_wrong_type_fails(addr):
-    report = json_body(request(addr, "GET", "/bad-event?case=status-str"))
+    report = json_body(request(addr, "GET", "/bad-event?case=status-text"))
     assert report["raised"] is True, report
 
 

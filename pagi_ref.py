@@ -95,7 +95,8 @@ PAGI_SPEC_VERSION = "0.3"   # scope["pagi"]["spec_version"]: the HTTP sub-spec
 
 def _default_max_connections():
     """Leave headroom under RLIMIT_NOFILE for the process's own files
-    (listeners, self-pipe, log files, files being served)."""
+    (listeners, self-pipe, log files, files being served) and for the
+    sockets of refused connections (section 10, _REFUSAL_RESERVE)."""
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ValueError, OSError):
@@ -138,6 +139,19 @@ _CONFIG_FIELDS = [
      "seconds a request may go with no byte moving either way"),
     ("write_timeout", 60.0, float,
      "seconds the client may leave a full outgoing buffer unread"),
+    # Minimum data rates, Apache mod_reqtimeout's rule: a head or a body gets
+    # its grace period, then one more second for every min-rate bytes that
+    # arrive; a client slower than that is answered 408 (issue 9).
+    ("header_grace", 5.0, float,
+     "seconds a request head may take before header_min_rate applies"),
+    ("header_min_rate", 500, int,
+     "bytes/s a request head must average once header_grace is over "
+     "(408; 0: no minimum; header_timeout still caps the head)"),
+    ("body_grace", 20.0, float,
+     "seconds the server may wait for a request body before body_min_rate applies"),
+    ("body_min_rate", 500, int,
+     "bytes/s a request body must average, counting only the time the server "
+     "waits for it, once body_grace is over (408, reason client_timeout; 0: no minimum)"),
     ("shutdown_timeout", 30.0, float,
      "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
     ("access_log", None, str, "access log: '-' (stdout) or a file path; off when absent"),
@@ -850,9 +864,29 @@ def to_thread(function, *args):
 # answer with -- for input that breaks the grammar or a limit.  No socket is
 # touched here, so every rule is tested with bytes alone.
 #
-# Before you edit: the head is parsed in one pass over a complete header
-# block (found with bytes.find), because that is the common case; the
-# grammar checks are regular expressions over whole lines.
+# What must not go in here: PAGI scope types, disconnect reasons, anything
+# about what the server does after an error.  The parser says *what* is
+# wrong; the connection decides what to do about it.
+#
+# Before you edit -- three properties the tests hold this section to:
+#
+#   * Linear time on every input.  Nothing a client sends meets a pattern
+#     that can match the same bytes two ways (the regular expressions left
+#     here are single character classes, or sequences whose classes cannot
+#     overlap), and no digit string reaches int() before its length is
+#     checked (CPython refuses more than 4,300 decimal digits).
+#   * The same answer however the bytes are split.  A head is read line by
+#     line, left to right, each line decided when its LF arrives; the limits
+#     are checked on the bytes seen so far, before the grammar, so a prefix
+#     that breaks a limit breaks it in the whole message too.
+#     RequestParser._read_head is that definition; _read_whole_head is a
+#     shortcut for a complete, ordinary head that gives the same result or
+#     hands over to the definition.
+#   * Only HTTPError escapes.  After an error the parser is dead: every
+#     later next_event() raises the same error, so the bytes after a broken
+#     head are never read as a request.  An exception that is not an
+#     HTTPError (a bug) is turned into a 400 whose __cause__ is that
+#     exception, for the connection to log.
 # ============================================================================
 
 class HTTPError(Exception):
@@ -872,18 +906,25 @@ class HTTPError(Exception):
 # RFC 9110 §5.6.2: token = 1*tchar; tchar = "!" / "#" / "$" / "%" / "&" / "'"
 #   / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TCHARS = bytes(c for c in range(256) if re.fullmatch(rb"[%s]" % _TCHAR, bytes([c])))
 _TOKEN = re.compile(rb"[%s]+" % _TCHAR)
-# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS.  No white
-# space is allowed between the name and the colon (§5.1: reject with 400).
-# RFC 9110 §5.5: field-value is VCHAR / obs-text / SP / HTAB inside; CR, LF,
-# NUL and the other controls are invalid (we reject them all).
-_FIELD = rb"([%s]+):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*" % _TCHAR
-_FIELD_LINE = re.compile(_FIELD)                       # one line, for diagnosis
-_FIELD_LINES = re.compile(rb"(?:%s\r\n)*" % _FIELD)     # a whole block, checked at once
-_FIELD_PAIRS = re.compile(_FIELD + rb"\r\n")            # its (name, value) pairs
-# RFC 9112 §3: request-line = method SP request-target SP HTTP-version
+# RFC 9110 §5.5: field-value = *field-content, made of VCHAR, obs-text, SP
+# and HTAB.  CR, LF, NUL and the other controls are invalid (RFC 9110 §5.5
+# lets a recipient reject them, and we do).
+_FIELD_VALUE_BYTES = bytes([0x09]) + bytes(range(0x20, 0x7f)) + bytes(range(0x80, 0x100))
+# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS.  The pattern
+# for a whole block of field lines: a name (tchar, never ":"), the colon, then
+# everything up to CR as the value (OWS stripped afterwards).  The classes do
+# not overlap at their borders, so a block matches in at most one way.
+_FIELD_VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
+_FIELD_BLOCK = re.compile(rb"(?:[%s]+:%s\r\n)*" % (_TCHAR, _FIELD_VALUE))
+_FIELD_PAIRS = re.compile(rb"([%s]+):(%s)\r\n" % (_TCHAR, _FIELD_VALUE))
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version;
+# HTTP-version = "HTTP/" DIGIT "." DIGIT.
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
-_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
+# RFC 9112 §3.2: the request-target is ASCII without controls or SP (RFC
+# 3986 characters); raw UTF-8 or any byte above 0x7E is a 400.
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ], where
 # uri-host = IP-literal / IPv4address / reg-name (unreserved, pct-encoded,
 # sub-delims).  An invalid value is a 400, like a missing one.
@@ -893,6 +934,15 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~%]+)?\]"
 # bytes must be visible characters, SP or HTAB).
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _MAX_CHUNK_LINE = 4096      # bytes in a chunk-size line, extensions included
+# RFC 9110 §8.6: "a recipient MUST anticipate potentially large decimal
+# numerals and prevent parsing errors due to integer conversion overflows".
+# Leading zeros are grammar (1*DIGIT) and are skipped; more significant
+# digits than these mean more bytes than any server will take: 413.
+_MAX_LENGTH_DIGITS = 18     # Content-Length: below 10**18
+_MAX_CHUNK_DIGITS = 16      # chunk-size: below 2**64
+# RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF)
+# before the request-line.  We ignore up to this many, then answer 400.
+_MAX_EMPTY_LINES = 16
 
 # The transfer codings of RFC 9112 §7 and RFC 9110 §8.4.1; we decode only
 # chunked.  A known coding we do not implement is 501; an unknown one too.
@@ -903,8 +953,8 @@ class RequestHead:
     """A parsed request line and header block."""
 
     __slots__ = ("method", "target", "http_version", "path", "query_string",
-                 "headers", "keep_alive", "expect_continue", "content_length",
-                 "chunked", "upgrade", "event_stream")
+                 "authority", "headers", "keep_alive", "expect_continue",
+                 "content_length", "chunked", "upgrade", "event_stream")
 
     def __init__(self, method, target, http_version, headers):
         self.method = method                # str, e.g. "GET"
@@ -912,6 +962,7 @@ class RequestHead:
         self.http_version = http_version    # "1.1" or "1.0"
         self.path = b"/"                    # bytes: raw path of the target
         self.query_string = b""             # bytes: after "?", still encoded
+        self.authority = None               # bytes: host[:port] of an absolute-form target
         self.headers = headers              # [(lower-case name, value)], bytes
         self.keep_alive = http_version == "1.1"
         self.expect_continue = False        # "Expect: 100-continue" was sent
@@ -942,7 +993,7 @@ _METHODS = {m: m.decode("ascii") for m in (
 _VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
 
 # Parser states.
-_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS = range(6)
+_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _ERROR = range(7)
 
 
 class RequestParser:
@@ -956,15 +1007,23 @@ class RequestParser:
         self.max_header_size = config.max_header_size
         self.max_header_count = config.max_header_count
         self.max_body_size = config.max_body_size
-        self._buf = b""           # bytes received, not yet parsed
+        self._buf = b""           # bytes received, not yet handed out
+        self._pos = 0             # where the first line not yet read starts in _buf
+        self._scan = 0            # where to look for its LF (no LF before it)
         self._state = _HEAD
+        self._error = None        # the HTTPError raised, once the parser is dead
+        # The head (or trailer section) being read, line by line:
+        self._request = None      # the RequestHead, once its request line is read
+        self._fields = []         # (name, value) pairs read so far
+        self._block_size = 0      # bytes of the field block so far
+        self._empty_lines = 0     # empty lines skipped before this request line
         self._remaining = 0       # body or chunk bytes still expected
         self._body_seen = 0       # body bytes of this message so far
         self.messages = 0         # requests whose head has been parsed
 
     def __repr__(self):
         return "<RequestParser state=%d buffered=%d messages=%d>" % (
-            self._state, len(self._buf), self.messages)
+            self._state, self.buffered, self.messages)
 
     def feed(self, data):
         if self._buf:
@@ -974,7 +1033,17 @@ class RequestParser:
 
     @property
     def buffered(self):
+        """Bytes received and not yet handed out (the lines of a head not yet
+        complete count: the head has begun)."""
         return len(self._buf)
+
+    def take_buffered(self):
+        """Hand out the bytes not yet parsed (an upgraded connection's first
+        bytes of the new protocol); the parser keeps none."""
+        data = self._buf[self._pos:]
+        self._buf = b""
+        self._pos = self._scan = 0
+        return data
 
     @property
     def body_exhausted(self):
@@ -988,49 +1057,125 @@ class RequestParser:
 
     def next_event(self):
         state = self._state
-        if state == _HEAD:
-            return self._parse_head()
-        if state == _BODY:
-            return self._parse_body()
-        return self._parse_chunked()
+        try:
+            if state == _HEAD:
+                return self._read_head()
+            if state == _BODY:
+                return self._read_body()
+            if state == _ERROR:
+                raise self._error
+            return self._read_chunked()
+        except HTTPError as err:
+            self._fail(err)
+            raise
+        except Exception as exc:
+            # A bug, not the client's fault -- but the bytes are still not a
+            # request we understood: 400, and never read past them.
+            err = HTTPError(400, "unparseable request (%s)" % type(exc).__name__)
+            err.__cause__ = exc
+            self._fail(err)
+            raise err
+
+    def _fail(self, err):
+        self._state = _ERROR
+        self._error = err
+        self._buf = b""
+        self._pos = self._scan = 0
+
+    # -- lines ----------------------------------------------------------------
+
+    def _read_line(self, budget, status, message):
+        """The next complete line without its CRLF, or None if its LF has
+        not arrived.  ``budget`` bounds the bytes of the line with its CRLF;
+        the bytes seen so far are held to it before the line is complete."""
+        buf = self._buf
+        pos = self._pos
+        lf = buf.find(b"\n", self._scan)
+        if lf < 0:
+            if len(buf) - pos > budget:
+                raise HTTPError(status, message)
+            self._scan = len(buf)         # a trickled line is searched once
+            return None
+        if lf + 1 - pos > budget:
+            raise HTTPError(status, message)
+        # RFC 9112 §2.2: a line ends with CRLF; a bare LF may be rejected.
+        if lf == pos or buf[lf - 1] != 13:
+            raise HTTPError(400, "bare LF in request head")
+        self._pos = self._scan = lf + 1
+        return buf[pos:lf - 1]
+
+    def _consume(self):
+        """Drop the lines read so far from the buffer."""
+        self._buf = self._buf[self._pos:]
+        self._pos = self._scan = 0
 
     # -- the head -------------------------------------------------------------
 
-    def _parse_head(self):
-        buf = self._buf
-        if not buf:
+    def _read_head(self):
+        if not self._buf:
             return None
-        # RFC 9112 §2.2: a server SHOULD ignore at least one empty line
-        # (CRLF) received prior to the request-line.
-        if buf[:2] == b"\r\n":
-            buf = self._buf = buf.lstrip(b"\r\n")
+        if self._scan == 0 and self._request is None:
+            head = self._read_whole_head()
+            if head is not None:
+                return head
+        while True:
+            if self._request is None:
+                line = self._read_line(self.max_header_size + 2, 414, "request line too long")
+                if line is None:
+                    return None
+                if not line:
+                    # RFC 9112 §2.2: a server SHOULD ignore at least one
+                    # empty line (CRLF) received prior to the request-line.
+                    self._empty_lines += 1
+                    if self._empty_lines > _MAX_EMPTY_LINES:
+                        raise HTTPError(400, "too many empty lines before the request line")
+                    continue
+                self._request = self._parse_request_line(line)
+                continue
+            line = self._read_line(self.max_header_size - self._block_size,
+                                   431, "header block too large")
+            if line is None:
+                return None
+            self._block_size += len(line) + 2
+            if line:
+                self._fields.append(self._parse_field_line(line))
+                if len(self._fields) > self.max_header_count:
+                    raise HTTPError(431, "too many header fields")
+                continue
+            request, request.headers = self._request, self._fields
+            self._request, self._fields, self._block_size, self._empty_lines = None, [], 0, 0
+            self._consume()
+            return self._head_done(request)
+
+    def _read_whole_head(self):
+        """The common case, in a few calls over the whole block: a head that
+        is all here, with no empty line before it, no bare LF, within the
+        limits and well formed.  Anything else returns None, and _read_head
+        reads it line by line -- the definition, which finds the error."""
+        buf = self._buf
         end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            self._check_partial_head(buf)
+        if end < 0 or buf[:1] in (b"\r", b"\n"):
+            return None
+        if buf.count(b"\n", 0, end + 4) != buf.count(b"\r\n", 0, end + 4):
             return None
         line_end = buf.find(b"\r\n")
-        if line_end > self.max_header_size:
-            raise HTTPError(414, "request line too long")
-        if end + 4 > self.max_header_size + line_end + 2:
-            raise HTTPError(431, "header block too large")
-        self._buf = buf[end + 4:]
+        if line_end > self.max_header_size or end + 2 - line_end > self.max_header_size:
+            return None
+        block = buf[line_end + 2:end + 2]
+        if _FIELD_BLOCK.fullmatch(block) is None or \
+                block.count(b"\r\n") > self.max_header_count:
+            return None
         request = self._parse_request_line(buf[:line_end])
-        if line_end < end:
-            request.headers = self._parse_fields(buf[line_end + 2:end + 2])
+        self._buf = buf[end + 4:]
+        strip = bytes.strip
+        request.headers = [(name.lower(), strip(value, b" \t"))
+                           for name, value in _FIELD_PAIRS.findall(block)]
+        return self._head_done(request)
+
+    def _head_done(self, request):
         self._frame(request)
         self.messages += 1
         return request
-
-    def _check_partial_head(self, buf):
-        line_end = buf.find(b"\r\n")
-        if line_end < 0:
-            if len(buf) > self.max_header_size:
-                raise HTTPError(414, "request line too long")
-        elif len(buf) - line_end - 2 > self.max_header_size:
-            raise HTTPError(431, "header block too large")
-        # A lone LF (or CR) as a line end: RFC 9112 §2.2 lets us reject it.
-        if b"\n" in buf.replace(b"\r\n", b""):
-            raise HTTPError(400, "bare LF in request head")
 
     def _parse_request_line(self, line):
         parts = line.split(b" ")
@@ -1044,9 +1189,15 @@ class RequestParser:
             name = method.decode("ascii")
         http_version = _VERSIONS.get(version)
         if http_version is None:
-            if _HTTP_VERSION.fullmatch(version) is None:
+            match = _HTTP_VERSION.fullmatch(version)
+            if match is None:
                 raise HTTPError(400, "malformed HTTP version")
-            raise HTTPError(505, "HTTP version not supported")
+            # RFC 9110 §2.5: a higher minor version of a major version we
+            # implement SHOULD be processed as the highest minor version we
+            # conform to -- HTTP/1.2 is read (and answered) as HTTP/1.1.
+            if match.group(1) != b"1":
+                raise HTTPError(505, "HTTP version not supported")
+            http_version = "1.1"
         if not target or _TARGET_BAD.search(target):
             raise HTTPError(400, "malformed request target")
         request = RequestHead(name, target, http_version, [])
@@ -1061,37 +1212,50 @@ class RequestParser:
         elif request.method == "CONNECT":
             raise HTTPError(501, "CONNECT is not implemented")
         else:
-            scheme, sep, rest = target.partition(b"://")
-            if not sep or scheme.lower() not in (b"http", b"https"):
-                raise HTTPError(400, "malformed request target")
-            slash = rest.find(b"/")
-            question = rest.find(b"?")
-            cut = min(i for i in (slash, question, len(rest)) if i >= 0)
-            path_query = rest[cut:]
-            if path_query[:1] != b"/":
-                path_query = b"/" + path_query
-            path, _, query = path_query.partition(b"?")
+            path, query = self._absolute_form(request, target)
         request.path = path
         request.query_string = query
         return request
 
-    def _parse_fields(self, block):
-        """The (name, value) pairs of a header or trailer block: field lines,
-        each ending in CRLF.  One regex checks the whole block; only a block
-        that fails is looked at line by line, to say what is wrong."""
-        if _FIELD_LINES.fullmatch(block) is None:
-            for line in block.split(b"\r\n"):
-                if line and _FIELD_LINE.fullmatch(line) is None:
-                    if line[:1] in (b" ", b"\t"):
-                        # RFC 9112 §5.2: obs-fold; a server MUST reject it
-                        # or unfold it.  We reject it.
-                        raise HTTPError(400, "obsolete line folding in header field")
-                    break
+    def _absolute_form(self, request, target):
+        """RFC 9112 §3.2.2: absolute-form = absolute-URI.  Its authority
+        replaces Host (see _frame); its path and query are the request's."""
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise HTTPError(400, "malformed request target")
+        cut = len(rest)
+        for delimiter in (b"/", b"?", b"#"):
+            found = rest.find(delimiter)
+            if 0 <= found < cut:
+                cut = found
+        authority = rest[:cut]
+        # RFC 9110 §4.2.4: a recipient SHOULD treat userinfo in an http(s)
+        # URI as an error.  §4.2.1: an empty host MUST be rejected.
+        if b"@" in authority:
+            raise HTTPError(400, "userinfo in the request target")
+        if authority[:1] in (b"", b":") or not _HOST.fullmatch(authority):
+            raise HTTPError(400, "invalid authority in the request target")
+        request.authority = authority
+        path_query = rest[cut:]
+        if path_query[:1] != b"/":
+            path_query = b"/" + path_query
+        path, _, query = path_query.partition(b"?")
+        return path, query
+
+    def _parse_field_line(self, line):
+        """One field line -> (lower-case name, value without OWS)."""
+        name, colon, value = line.partition(b":")
+        # RFC 9112 §5.1: no white space between the name and the colon
+        # (400); the name is a token.
+        if not colon or not name or name.translate(None, _TCHARS):
+            if line[:1] in (b" ", b"\t"):
+                # RFC 9112 §5.2: obs-fold; a server MUST reject it or
+                # unfold it.  We reject it.
+                raise HTTPError(400, "obsolete line folding in header field")
             raise HTTPError(400, "malformed header field")
-        pairs = _FIELD_PAIRS.findall(block)
-        if len(pairs) > self.max_header_count:
-            raise HTTPError(431, "too many header fields")
-        return [(name.lower(), value) for name, value in pairs]
+        if value.translate(None, _FIELD_VALUE_BYTES):
+            raise HTTPError(400, "malformed header field")
+        return name.lower(), value.strip(b" \t")
 
     def _frame(self, request):
         """Decide connection and body framing from the header fields."""
@@ -1112,7 +1276,10 @@ class RequestParser:
                 # is 400), the strict reading of RFC 9112 §6.3 rule 5.
                 if content_length is not None or not value.isdigit():
                     raise HTTPError(400, "invalid or repeated Content-Length")
-                content_length = int(value)
+                digits = value.lstrip(b"0")
+                if len(digits) > _MAX_LENGTH_DIGITS:
+                    raise HTTPError(413, "request body too large", "body_too_large")
+                content_length = int(digits or b"0")
             elif name == b"transfer-encoding":
                 transfer_encoding = value if transfer_encoding is None \
                     else transfer_encoding + b"," + value
@@ -1145,28 +1312,13 @@ class RequestParser:
             raise HTTPError(400, "HTTP/1.1 requires exactly one Host header")
         if host_count > 1:
             raise HTTPError(400, "more than one Host header")
+        if request.authority is not None:
+            # RFC 9112 §3.2.2: with an absolute-form target the server MUST
+            # ignore the received Host field and use the target's authority.
+            request.headers = [(n, v) for n, v in request.headers if n != b"host"]
+            request.headers.append((b"host", request.authority))
         if transfer_encoding is not None:
-            # RFC 9112 §6.1: a server MAY reject a request with both
-            # Content-Length and Transfer-Encoding (we do); Transfer-Encoding
-            # in HTTP/1.0 cannot be trusted (§6.1, last paragraph).
-            if content_length is not None:
-                raise HTTPError(400, "both Content-Length and Transfer-Encoding")
-            if request.http_version == "1.0":
-                raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
-            codings = [c for c in codings if c]
-            # RFC 9112 §6.3 rule 4: final coding not chunked -> 400.
-            if not codings or codings[-1] != b"chunked":
-                raise HTTPError(400, "final transfer coding is not chunked")
-            # RFC 9112 §7: chunked MUST NOT be applied more than once.
-            if codings.count(b"chunked") > 1:
-                raise HTTPError(400, "chunked applied more than once")
-            # RFC 9112 §6.1: a coding we do not understand -> 501.
-            if len(codings) > 1:
-                raise HTTPError(501, "transfer coding not implemented: %s"
-                                % codings[0].decode("latin-1"))
-            request.chunked = True
-            self._state = _CHUNK_SIZE_LINE
+            self._transfer_codings(request, content_length, transfer_encoding)
         elif content_length:
             if self.max_body_size and content_length > self.max_body_size:
                 raise HTTPError(413, "request body too large", "body_too_large")
@@ -1188,9 +1340,37 @@ class RequestParser:
             rest.append((b"cookie", joined))
             request.headers = rest
 
+    def _transfer_codings(self, request, content_length, transfer_encoding):
+        # RFC 9112 §6.1: a server MAY reject a request with both
+        # Content-Length and Transfer-Encoding (we do); Transfer-Encoding
+        # in HTTP/1.0 cannot be trusted (§6.1, last paragraph).
+        if content_length is not None:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        if request.http_version == "1.0":
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
+        # RFC 9110 §5.6.1 asks recipients to ignore empty list elements; in
+        # this one field we refuse them instead (as h11 does): a proxy that
+        # reads ", chunked" differently from us is a request-smuggling
+        # desync, and a 400 never is (docs/deviations.md).
+        if b"" in codings:
+            raise HTTPError(400, "empty element in Transfer-Encoding")
+        # RFC 9112 §6.3 rule 4: final coding not chunked -> 400.
+        if codings[-1] != b"chunked":
+            raise HTTPError(400, "final transfer coding is not chunked")
+        # RFC 9112 §7: chunked MUST NOT be applied more than once.
+        if codings.count(b"chunked") > 1:
+            raise HTTPError(400, "chunked applied more than once")
+        # RFC 9112 §6.1: a coding we do not understand -> 501.
+        if len(codings) > 1:
+            raise HTTPError(501, "transfer coding not implemented: %s"
+                            % codings[0].decode("latin-1"))
+        request.chunked = True
+        self._state = _CHUNK_SIZE_LINE
+
     # -- the body -------------------------------------------------------------
 
-    def _parse_body(self):
+    def _read_body(self):
         remaining = self._remaining
         if remaining == 0:
             self._state = _HEAD
@@ -1206,22 +1386,22 @@ class RequestParser:
         self._remaining = 0
         return buf[:remaining]
 
-    def _parse_chunked(self):
+    def _read_chunked(self):
         # RFC 9112 §7.1: chunked-body = *chunk last-chunk trailer-section CRLF
         while True:
             state = self._state
-            buf = self._buf
             if state == _CHUNK_SIZE_LINE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_CHUNK_LINE:
-                        raise HTTPError(400, "chunk size line too long")
+                line = self._read_line(_MAX_CHUNK_LINE + 2, 400, "chunk size line too long")
+                if line is None:
                     return None
-                m = _CHUNK_SIZE.fullmatch(buf[:end])
-                if m is None or end > _MAX_CHUNK_LINE:
+                self._consume()
+                match = _CHUNK_SIZE.fullmatch(line)
+                if match is None:
                     raise HTTPError(400, "malformed chunk size line")
-                size = int(m.group(1), 16)
-                self._buf = buf[end + 2:]
+                digits = match.group(1).lstrip(b"0")
+                if len(digits) > _MAX_CHUNK_DIGITS:
+                    raise HTTPError(413, "request body too large", "body_too_large")
+                size = int(digits or b"0", 16)
                 if size == 0:
                     self._state = _TRAILERS
                     continue
@@ -1231,6 +1411,7 @@ class RequestParser:
                 self._remaining = size
                 self._state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
+                buf = self._buf
                 if not buf:
                     return None
                 remaining = self._remaining
@@ -1243,26 +1424,30 @@ class RequestParser:
                     self._state = _CHUNK_CRLF
                 return data
             elif state == _CHUNK_CRLF:
+                buf = self._buf
                 if len(buf) < 2:
+                    if buf[:1] not in (b"", b"\r"):
+                        raise HTTPError(400, "chunk data not followed by CRLF")
                     return None
                 if buf[:2] != b"\r\n":
                     raise HTTPError(400, "chunk data not followed by CRLF")
                 self._buf = buf[2:]
                 self._state = _CHUNK_SIZE_LINE
-            else:   # _TRAILERS: trailer-section = *( field-line CRLF ) CRLF
-                if buf[:2] == b"\r\n":
-                    self._buf = buf[2:]
-                    self._state = _HEAD
-                    return EndOfMessage()
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > self.max_header_size:
-                        raise HTTPError(431, "trailer section too large")
+            else:
+                # _TRAILERS: trailer-section = *( field-line CRLF ), then the
+                # CRLF that ends the message; the header limits apply.
+                line = self._read_line(self.max_header_size - self._block_size,
+                                       431, "trailer section too large")
+                if line is None:
                     return None
-                if end > self.max_header_size:
-                    raise HTTPError(431, "trailer section too large")
-                self._buf = buf[end + 4:]
-                trailers = self._parse_fields(buf[:end + 2])
+                self._block_size += len(line) + 2
+                if line:
+                    self._fields.append(self._parse_field_line(line))
+                    if len(self._fields) > self.max_header_count:
+                        raise HTTPError(431, "too many trailer fields")
+                    continue
+                trailers, self._fields, self._block_size = self._fields, [], 0
+                self._consume()
                 self._state = _HEAD
                 return EndOfMessage(trailers)
 
@@ -1792,11 +1977,50 @@ _FIELD_CHECKS = {"bytes": _check_bytes, "flag": _check_flag, "status": _check_st
                  "close_code": _check_close_code}
 
 
+# ASGI habits, named.  ASGI events look like PAGI's but differ in a few
+# keys and types, and PAGI allows extra fields -- so without these tables
+# an ASGI habit is accepted and silently means something else (an
+# http.response.body with ASGI's "more_body": True ends the response).
+# Each ASGI key or type that PAGI spells differently fails with a message
+# that names the PAGI way (docs/tutorial.md, "Coming from ASGI").
+#   ASGI key -> (what to say, the event types where ASGI has it)
+ASGI_KEYS = {
+    "more_body": ("PAGI uses 'more', not ASGI's 'more_body'",
+                  ("http.response.body", "websocket.http.response.body",
+                   "sse.http.response.body")),
+    "more_trailers": ("PAGI sends all trailers in one http.response.trailers event; "
+                      "ASGI's 'more_trailers' has no PAGI meaning",
+                      ("http.response.trailers",)),
+}
+#   ASGI event type -> what to send in PAGI instead
+ASGI_TYPES = {
+    "http.response.pathsend": "PAGI sends a file with http.response.body's 'file' field, "
+                              "not ASGI's http.response.pathsend",
+    "http.response.zerocopy": "PAGI sends an open file with http.response.body's 'fh', "
+                              "'offset' and 'length' fields, not ASGI's http.response.zerocopy",
+    "http.response.push": "PAGI has no server push (ASGI's http.response.push)",
+    "http.response.early_hint": "PAGI has no interim responses (ASGI's "
+                                "http.response.early_hint); send the final response",
+}
+
+
+def _asgi_key_check(message):
+    def check(etype, field, value):
+        raise EventError("%s: %s" % (etype, message))
+    return check
+
+
 def compile_schema(table):
-    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}"""
-    return {etype: tuple((field, _FIELD_CHECKS[kind], required)
-                         for field, (kind, required) in fields.items())
-            for etype, fields in table.items()}
+    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}
+
+    A type that ASGI spells with another key (ASGI_KEYS) refuses that key."""
+    compiled = {}
+    for etype, fields in table.items():
+        checks = [(field, _FIELD_CHECKS[kind], required) for field, (kind, required) in fields.items()]
+        checks += [(key, _asgi_key_check(message), False)
+                   for key, (message, types) in ASGI_KEYS.items() if etype in types]
+        compiled[etype] = tuple(checks)
+    return compiled
 
 
 _HTTP_SEND_SCHEMA = compile_schema(HTTP_SEND_EVENTS)
@@ -1812,6 +2036,8 @@ def validate_event(event, schema):
     if fields is None:
         if not isinstance(etype, str):
             raise EventError("event has no 'type' string: %r" % (event,))
+        if etype in ASGI_TYPES:
+            raise EventError("%s: %s" % (etype, ASGI_TYPES[etype]))
         raise EventError("%s: unknown event type for this scope (expected one of %s)"
                          % (etype, ", ".join(sorted(schema))))
     for field, check, required in fields:
@@ -2031,6 +2257,7 @@ class Exchange:
         if self.head.expect_continue and not self.continue_sent and not self.head_sent:
             self.continue_sent = True
             self.conn.transport.write(_CONTINUE)
+            self.conn.start_body_clock()
         self.waiter = waiter = Future(self.conn.loop)
         return waiter
 
@@ -2376,14 +2603,26 @@ _LINGER_SECONDS = 2.0    # how long a closing socket keeps draining input
 _PIPELINE_BUFFER = 65536  # bytes of pipelined requests read ahead of the current one
 
 
+def _below_min_rate(waited, received, grace, min_rate):
+    """Apache mod_reqtimeout's rule: ``grace`` seconds, then one second more
+    for every ``min_rate`` bytes received.  So a client must average at
+    least ``min_rate`` bytes/s after the grace, and bytes sent early are
+    credit for later.  ``min_rate`` 0: no minimum."""
+    return min_rate > 0 and waited > grace + received / min_rate
+
+
 class _Linger:
     """Close a socket without losing the response just written to it.
 
     RFC 9112 §9.6: closing while the client is still sending makes the
     kernel answer with RST, which can destroy the response in flight.  So we
     shut down our side, read and drop what still arrives until the client
-    closes too or a short time passes, then close.
+    closes too or a short time passes, then close.  ``on_closed(linger)``
+    tells the server (section 10) that the descriptor is free, which may
+    also ask for it sooner: cut_short().
     """
+
+    timer = None
 
     def __init__(self, loop, sock, on_closed=None):
         self.loop = loop
@@ -2408,17 +2647,23 @@ class _Linger:
             pass
         self.close()
 
+    def cut_short(self):
+        """The descriptor is needed now: drop what has arrived (so that the
+        close sends no RST for it), then close."""
+        if self.sock is not None:
+            self._drain()
+        self.close()
+
     def close(self):
         if self.sock is None:
             return
-        timer = getattr(self, "timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         self.loop.forget(self.fd)
         self.sock.close()
         self.sock = None
         if self.on_closed is not None:
-            self.on_closed()
+            self.on_closed(self)
 
 
 class Connection:
@@ -2441,7 +2686,7 @@ class Connection:
         if self.closed:
             return
         self._release()
-        _Linger(self.loop, self.sock)
+        self.server.linger(self.sock)
 
     def close(self):
         """A normal close: nothing in flight."""
@@ -2495,6 +2740,15 @@ class HTTPConnection(Connection):
         now = self.loop.now
         self.last_activity = now      # last byte received
         self.head_started = now       # when the current head began to arrive
+        # The minimum data rates (section 1): byte counts, and the body's
+        # clock, which runs only while the server waits for body bytes.
+        self.bytes_in = 0             # bytes received on this socket
+        self.idle_set = server.idle   # the server's idle connections (section 10)
+        self.head_base = 0            # bytes_in when the current head began
+        self.body_started = None      # when the wait for this body began (None: not yet)
+        self.body_base = 0            # bytes_in then
+        self.paused_at = None         # when reading last paused (None: reading)
+        self.paused_for = 0.0         # seconds of this body's wait spent paused
 
     def __repr__(self):
         return "<HTTPConnection fd=%d client=%r requests=%d %s>" % (
@@ -2510,6 +2764,9 @@ class HTTPConnection(Connection):
     def resume_reading(self):
         if not self.reading and not self.closed and not self.peer_eof:
             self.reading = True
+            if self.paused_at is not None:
+                self.paused_for += self.loop.now - self.paused_at
+                self.paused_at = None
             self.loop.add_reader(self.fd, self._on_readable)
             # What was parked may need no more bytes (an end of message).
             if not self.advancing:
@@ -2518,7 +2775,23 @@ class HTTPConnection(Connection):
     def pause_reading(self):
         if self.reading:
             self.reading = False
+            self.paused_at = self.loop.now
             self.loop.remove_reader(self.fd)
+
+    def start_body_clock(self):
+        """The server now waits for body bytes: the body's minimum rate
+        counts from here.  Bytes that came with the head are the body's."""
+        self.body_started = now = self.loop.now
+        self.body_base = self.bytes_in - self.parser.buffered
+        self.paused_for = 0.0
+        self.paused_at = None if self.reading else now
+
+    def body_waited(self, now):
+        """Seconds the server has waited for this body, pauses excluded."""
+        paused = self.paused_for
+        if self.paused_at is not None:
+            paused += now - self.paused_at
+        return now - self.body_started - paused
 
     def _on_readable(self):
         try:
@@ -2539,7 +2812,11 @@ class HTTPConnection(Connection):
             return        # a closing connection drops what still arrives
         parser = self.parser
         if parser.in_head and not parser.buffered:
+            # The first bytes of a head: the connection is no longer idle.
             self.head_started = now
+            self.head_base = self.bytes_in
+            self.idle_set.pop(self, None)
+        self.bytes_in += len(data)
         parser.feed(data)
         self._advance()
 
@@ -2577,6 +2854,7 @@ class HTTPConnection(Connection):
                 try:
                     event = parser.next_event()
                 except HTTPError as err:
+                    self._parser_failed(err)
                     self.respond_error(err.status, err.message, None)
                     return
                 if event is None:
@@ -2597,6 +2875,7 @@ class HTTPConnection(Connection):
             try:
                 event = parser.next_event()
             except HTTPError as err:
+                self._parser_failed(err)
                 self._body_error(exchange, err)
                 return
             if event is None:
@@ -2625,6 +2904,10 @@ class HTTPConnection(Connection):
         if not head.chunked and not head.content_length:
             self.parser.next_event()      # the EndOfMessage of a body-less request
             exchange.body_complete = True
+        elif head.expect_continue:
+            self.body_started = None      # the client waits for the 100 (Exchange.receive)
+        else:
+            self.start_body_clock()
         try:
             coro = self.app(exchange.scope(), exchange.receive, exchange.send)
         except Exception as exc:
@@ -2652,30 +2935,60 @@ class HTTPConnection(Connection):
         self.reading = False
         self.loop.remove_reader(self.fd)
         self.server.connections.discard(self)
-        leftover, self.parser._buf = self.parser._buf, b""
+        leftover = self.parser.take_buffered()
         upgrade(self.server, self.sock, self.client, self.server_address,
                 self.transport, head, leftover)
 
     def check_timeouts(self, now, config):
         """The server's sweep: which timeout, if any, has this connection hit?"""
         transport = self.transport
+        exchange = self.exchange
         if self.write_timed_out(now, config):
             self.abort("write_timeout")
         elif self.closing:
             pass
-        elif self.exchange is None:
+        elif exchange is None:
             if self.parser.buffered or self.requests == 0:
-                # slowloris: the head must arrive within header_timeout
-                if now - self.head_started > config.header_timeout:
+                # slowloris: the head must arrive within header_timeout, and
+                # at header_min_rate once its grace is over
+                took = now - self.head_started
+                if took > config.header_timeout:
                     if self.parser.buffered:
                         self.respond_error(408, "Request Timeout", None)
                     else:
                         self.close()
+                elif self.parser.buffered and _below_min_rate(
+                        took, self.bytes_in - self.head_base,
+                        config.header_grace, config.header_min_rate):
+                    self.respond_error(408, "Request Timeout", None)
             elif now - self.last_activity > config.keepalive_timeout:
                 self.close()
-        elif (not self.exchange.body_complete and self.reading and now - max(
-                self.last_activity, transport.last_progress) > config.client_timeout):
+        elif exchange.body_complete:
+            pass
+        elif self.reading and now - max(
+                self.last_activity, transport.last_progress) > config.client_timeout:
             self.abort("client_timeout")
+        elif self.body_started is not None and _below_min_rate(
+                self.body_waited(now), self.bytes_in - self.body_base,
+                config.body_grace, config.body_min_rate):
+            self._body_error(exchange, HTTPError(
+                408, "Request Timeout: the request body arrives too slowly",
+                "client_timeout"))
+
+    def evict(self):
+        """Admission control (section 10) needs this idle connection's slot:
+        close it, as RFC 9112 §9.6 lets a server close an idle connection at
+        any time.  False if the next request has in fact begun to arrive."""
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK):
+                return False      # bytes wait in the kernel: busy, not idle
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass                  # a reset: closing is all that is left
+        self.log.debug("%s: idle connection closed to admit a new one", self.client)
+        self.close()
+        return True
 
     def shutdown(self):
         """Server shutdown: an idle connection closes now; a busy one after
@@ -2684,6 +2997,15 @@ class HTTPConnection(Connection):
             self.close()
         else:
             self.exchange.shutdown()
+
+    def _parser_failed(self, err):
+        """A parser error caused by a bug in the parser, not by the client,
+        still answers 400 -- and goes to the error log with its traceback."""
+        if err.__cause__ is not None:
+            self.log.error("the request parser failed on input from %s\n%s",
+                           self.client, "".join(
+                               traceback.format_exception(type(err.__cause__), err.__cause__,
+                                                          err.__cause__.__traceback__)).rstrip())
 
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""
@@ -2718,8 +3040,15 @@ class HTTPConnection(Connection):
         self.transport.forget_callbacks()   # they belonged to that request
         self.last_activity = self.head_started = self.loop.now
         self.resume_reading()
-        if self.parser.buffered and not self.advancing:
-            self._advance()
+        buffered = self.parser.buffered
+        if not buffered:
+            # Idle: a candidate for eviction at max_connections (section 10).
+            # The next head's first bytes set head_base (_on_readable).
+            self.idle_set[self] = None
+        else:
+            self.head_base = self.bytes_in - buffered   # pipelined: already here
+            if not self.advancing:
+                self._advance()
 
     def respond_error(self, status, message, reason):
         """A server-generated response, then close.  ``reason`` is reported on
@@ -3688,12 +4017,19 @@ class Lifespan:
 # 10. Server
 #
 # Listeners and accept, admission control, the timeout sweep, and shutdown.
-# Admission: past max_connections a new connection still gets an answer --
-# 503 with Retry-After -- and the ones already open keep being served.  When
-# accept() itself fails for want of descriptors (EMFILE, ENFILE) the
-# listener is unwatched for a short back-off instead of spinning.  Timeouts
-# are a periodic sweep over last-activity times, so a busy connection pays
-# nothing per read or write for them.
+# Admission: max_connections slots, each holding one client descriptor: an
+# open connection, or the socket of a closed one still lingering (section
+# 6, _Linger).  When they are all taken, a new connection makes room by
+# cutting short the oldest lingering socket, else by closing the oldest
+# idle keep-alive connection; only when every slot is busy does it get an
+# answer of its own -- 503 with Retry-After -- and the ones already open
+# keep being served.  Refused sockets linger in a small reserve of their
+# own; when it is full, accept rests until one is let go.  So descriptors
+# are bounded by the admission limit, not by the rate of closes.  When
+# accept() fails anyway (EMFILE, ENFILE: a limit set above what ulimit
+# allows) the listener is unwatched for a short back-off instead of
+# spinning.  Timeouts are a periodic sweep over last-activity times and
+# byte counts, so a busy connection pays nothing per read or write for them.
 # ============================================================================
 
 # -- the access log ------------------------------------------------------------
@@ -3852,6 +4188,7 @@ _ACCEPT_BATCH = 64          # connections accepted per readiness event
 _ACCEPT_BACKOFF = 0.5       # seconds the listener rests after EMFILE/ENFILE
 _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
 _SHUTDOWN_GRACE = 0.1       # seconds aborted applications get to clean up
+_REFUSAL_RESERVE = 16       # refused (503) sockets lingering at once, beyond max_connections
 
 
 def listening_socket(config):
@@ -3888,6 +4225,11 @@ class Server:
         self.loop = Loop(logger=self.log)
         self.state = {}               # the lifespan "state" namespace
         self.connections = set()      # open connections: HTTP, WebSocket
+        # Admission (see the banner).  Ordered dicts used as ordered sets,
+        # oldest first, so that eviction takes the oldest in O(1).
+        self.idle = collections.OrderedDict()       # HTTP connections between requests
+        self.lingering = collections.OrderedDict()  # closed connections' _Lingers: slots
+        self.refusing = collections.OrderedDict()   # refused sockets' _Lingers: the reserve
         self.listeners = []           # listening sockets
         self.address = None           # (host, port) actually bound
         self.shutting_down = False
@@ -3895,6 +4237,7 @@ class Server:
         self._backoff_timer = None    # the listener rests after EMFILE/ENFILE
         self._accept_failures = 0     # failed accepts in this episode (0: none)
         self._refused = 0             # connections answered 503
+        self._evicted = 0             # idle connections closed to admit new ones
         self._signals = 0             # shutdown signals received
         self._escalate = True         # a second signal exits at once
         self._shutdown_timer = None
@@ -3907,9 +4250,9 @@ class Server:
         self._started = False         # startup() has run
 
     def __repr__(self):
-        return "<Server %s connections=%d refused=%d%s>" % (
-            self.address, len(self.connections), self._refused,
-            " shutting-down" if self.shutting_down else "")
+        return "<Server %s connections=%d idle=%d lingering=%d refused=%d evicted=%d%s>" % (
+            self.address, len(self.connections), len(self.idle), len(self.lingering),
+            self._refused, self._evicted, " shutting-down" if self.shutting_down else "")
 
     # -- listening ------------------------------------------------------------------
 
@@ -3988,6 +4331,8 @@ class Server:
             self.loop.forget(sock.fileno())
             sock.close()
         self.listeners = []
+        for linger in list(self.lingering) + list(self.refusing):
+            linger.close()
         self.loop.close()
         if self.access_log is not None:
             self.access_log.close()
@@ -4050,15 +4395,32 @@ class Server:
 
     def connection_closed(self, conn):
         self.connections.discard(conn)
+        self.idle.pop(conn, None)
         if self._backoff_timer is not None:
             self._end_backoff()    # a descriptor was freed: try again now
         if self.shutting_down:
             self._maybe_finished()
 
+    def linger(self, sock):
+        """A closed connection's socket drains (RFC 9112 §9.6) in its slot."""
+        linger = _Linger(self.loop, sock, self._linger_ended)
+        if linger.sock is not None:
+            self.lingering[linger] = None
+
+    def _linger_ended(self, linger):
+        self.lingering.pop(linger, None)
+        if self._backoff_timer is not None:
+            self._end_backoff()
+
+    def _refusal_ended(self, linger):
+        self.refusing.pop(linger, None)
+        self._end_backoff()        # a reserved descriptor is free: accept again
+
     # -- accepting --------------------------------------------------------------------
 
     def _watch_listeners(self):
-        if not self._accepting and not self.shutting_down:
+        if (not self._accepting and not self.shutting_down
+                and len(self.refusing) < _REFUSAL_RESERVE):
             self._accepting = True
             for sock in self.listeners:
                 self.loop.add_reader(sock.fileno(), lambda s=sock: self._accept(s))
@@ -4087,8 +4449,12 @@ class Server:
                                  self._accept_failures)
                 self._accept_failures = 0
             sock.setblocking(False)
-            if len(self.connections) >= config.max_connections:
+            if (len(self.connections) + len(self.lingering) >= config.max_connections
+                    and not self._make_room()):
                 self._refuse(sock)
+                if len(self.refusing) >= _REFUSAL_RESERVE:
+                    self._unwatch_listeners()   # rest until a refused socket is let go
+                    return
                 continue
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -4098,8 +4464,25 @@ class Server:
             self.connections.add(conn)
             conn.start()
 
+    def _make_room(self):
+        """Eviction before refusal: free a slot by cutting short the oldest
+        lingering socket (its response is out), else by closing the oldest
+        idle keep-alive connection (no request in progress, no byte of the
+        next one).  False if every slot holds a connection that is busy."""
+        if self.lingering:
+            next(iter(self.lingering)).cut_short()
+            return True
+        idle = self.idle
+        while idle:
+            conn, _ = idle.popitem(last=False)
+            if conn.evict():
+                self._evicted += 1
+                return True
+        return False
+
     def _refuse(self, sock):
-        """Admission control: 503, Retry-After: 5, Connection: close."""
+        """Admission control: 503, Retry-After: 5, Connection: close; the
+        socket lingers in the reserve."""
         self._refused += 1
         try:
             sock.send(error_response(503, "Service Unavailable: too many connections",
@@ -4107,7 +4490,9 @@ class Server:
         except OSError:
             sock.close()
             return
-        _Linger(self.loop, sock)
+        linger = _Linger(self.loop, sock, self._refusal_ended)
+        if linger.sock is not None:
+            self.refusing[linger] = None
 
     def _begin_backoff(self, exc):
         """Out of descriptors: rest the listener instead of spinning on it,

@@ -231,9 +231,9 @@ def test_absolute_form_target(addr):
 
 
 @clause("REF-HTTP-SCOPE-17")
-def test_absolute_form_keeps_the_host_header(addr):
+def test_absolute_form_authority_replaces_the_host_header(addr):
     s = absolute_form(addr)
-    assert [v for n, v in s["headers"] if n == "host"] == ["spec.test"]
+    assert [v for n, v in s["headers"] if n == "host"] == ["example.com:8080"]
 
 
 @clause("HTTP-SCOPE-18")

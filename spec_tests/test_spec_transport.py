@@ -104,6 +104,8 @@ def test_send_suspends_at_the_high_watermark(slow_run):
     assert summary["types_ok"] is True
     assert summary["sent"] == CHUNKS, summary
     assert summary["suspended"] >= 1, summary
+    if summary["high"] is None:
+        return   # no high-water mark (TRANSPORT-3 is a SHOULD): no bound to check
     assert summary["max_buffered"] <= summary["high"] + CHUNK, summary
 
 

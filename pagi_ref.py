@@ -510,6 +510,7 @@ class Loop:
         # this is the hot path, one call less per readiness event.
         for key, mask in events:
             handler = key.data
+            callback = handler[0] or handler[1]   # for the warning: the call may clear them
             try:
                 if mask & _READ and handler[0] is not None:
                     handler[0]()
@@ -523,7 +524,7 @@ class Loop:
             if slow:
                 end = self._clock()
                 if end - mark > slow:
-                    self._report_slow(handler[0] or handler[1], (), end - mark)
+                    self._report_slow(callback, (), end - mark)
                 mark = end
         # Phase 2: move due timers to the ready queue.
         # A timer due within the clock's resolution fires now: epoll rounds

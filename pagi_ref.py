@@ -4040,6 +4040,10 @@ _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
 _SHUTDOWN_GRACE = 0.1       # seconds aborted applications get to clean up
 
 
+_SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGTTIN, signal.SIGTTOU)
+
+
 def _exit_at_once(signum, frame):
     """SIGQUIT, and the second SIGTERM/SIGINT: no flush, no cleanup."""
     os._exit(1)
@@ -4095,6 +4099,7 @@ class Server:
         self._refused = 0             # connections answered 503
         self._signals = 0             # shutdown signals received
         self._escalate = True         # a second signal exits at once
+        self._previous_handlers = {}  # signum -> handler before install_signal_handlers
         self._shutdown_timer = None
         self.access_log = None        # AccessLog while serving, if configured
         self.lifespan = None          # the Lifespan scope, once started
@@ -4184,7 +4189,11 @@ class Server:
             self.close()
 
     def close(self):
-        """Release everything: connections, listeners, the loop, the logs."""
+        """Release everything: connections, listeners, the loop, the logs,
+        and the signal handlers installed (the previous ones come back)."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
         for conn in list(self.connections):
             conn.abort("server_shutdown")
         for sock in self.listeners:
@@ -4212,6 +4221,8 @@ class Server:
         supervisor: one process logs them and goes on (their default
         actions would end or freeze it)."""
         self._escalate = escalate
+        for signum in _SERVER_SIGNALS:
+            self._previous_handlers.setdefault(signum, signal.getsignal(signum))
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGQUIT, _exit_at_once)
@@ -4587,10 +4598,15 @@ class Supervisor:
         server = Server(app, self.config, logger=self.log, worker_num=slot)
         server.supervisor_pid = os.getppid()
         server.use_listener(self.sock)
-        server.install_signal_handlers(escalate=False)
         # Ctrl-C reaches the whole process group, and a terminal hang-up
         # sends SIGHUP to it: the supervisor acts on those for the workers.
-        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        # (Ignored before and after the server's own handlers, so that they
+        # stay ignored when the server gives its handlers back.)
+        supervised = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+        for signum in supervised:
+            signal.signal(signum, signal.SIG_IGN)
+        server.install_signal_handlers(escalate=False)
+        for signum in supervised:
             signal.signal(signum, signal.SIG_IGN)
         # The watchdog's question "where are you stuck?" (SIGUSR2) is answered
         # by faulthandler from C, even while Python code holds the loop.
@@ -4651,6 +4667,8 @@ class Supervisor:
 
     def _started(self, worker):
         worker.ready = True
+        if self.stopping:
+            return
         if not self.first_ready:
             ready = [w for w in self._live(self.generation) if w.ready]
             if len(ready) >= self.size:
@@ -4659,6 +4677,9 @@ class Supervisor:
                 sys.stderr.write("pagi_ref: listening on http://%s:%d\n"
                                  % self.sock.getsockname()[:2])
                 sys.stderr.flush()
+                if self.reload_again:       # a SIGHUP came during the start
+                    self.reload_again = False
+                    self._on_hup(signal.SIGHUP)
         elif worker.generation == self.next_generation:
             ready = [w for w in self._live(worker.generation) if w.ready]
             if len(ready) >= self.size:
@@ -4821,6 +4842,8 @@ class Supervisor:
             return
         self.size += 1
         self.log.info("pagi_ref: SIGTTIN received: %d workers", self.size)
+        if self.next_generation is not None:    # the reload's generation grows too
+            self._spawn(self.size, self.next_generation)
         self._fill()
 
     def _on_ttou(self, signum):

@@ -140,6 +140,8 @@ def recording(app, seen):
             future = send(event)
             seen["bytes"] += len(event.get("body", b""))
             seen["max_buffered"] = max(seen["max_buffered"], transport.buffered_amount())
+            if not future.done():
+                seen["bytes_when_suspended"] = seen["bytes"]   # waits for the drain now
             return future
         return app(scope, receive, recorded_send)
     return wrapped
@@ -155,7 +157,7 @@ def test_producer_sends_every_row():
 
 
 def test_producer_builds_no_more_than_fits_and_waits_for_a_slow_client():
-    seen = {"bytes": 0, "max_buffered": 0}
+    seen = {"bytes": 0, "max_buffered": 0, "bytes_when_suspended": None}
     rows = 1000000
     total = sum(len(b"%d,%d\n" % (n, n * n)) for n in range(rows)) + len(b"n,square\n")
     with serve(recording(load("producer").app, seen),
@@ -167,9 +169,10 @@ def test_producer_builds_no_more_than_fits_and_waits_for_a_slow_client():
             s.sendall(req("/?rows=%d" % rows, headers=[("Connection", "close")]))
             # Not reading: the producer fills the kernel's socket buffers and
             # the 16 KiB above them, then its send() stays pending.
-            assert wait_until(lambda: seen["bytes"] > 0)
-            time.sleep(0.3)
-            produced_while_stalled = seen["bytes"]
+            # The producer's send is suspended: it can build nothing more
+            # until this client reads.
+            assert wait_until(lambda: seen["bytes_when_suspended"] is not None, 10)
+            produced_while_stalled = seen["bytes_when_suspended"]
             resp = Reader(s).read_response()
     assert produced_while_stalled < total // 2, (produced_while_stalled, total)
     # Each event was sized to the room under the mark: the buffer never held

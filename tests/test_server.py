@@ -675,9 +675,9 @@ def test_sigterm_finishes_the_stream_closes_idle_and_exits_0(app_spec):
         t_idle = time.monotonic() - t0
         assert data == b""
         assert t_idle < 0.5, t_idle
-        # No new connection is accepted.
-        time.sleep(0.05)
-        with pytest.raises(OSError):
+        # No new connection is accepted: the idle connection's end above
+        # proves the shutdown ran, and it closes the listener first.
+        with pytest.raises(ConnectionRefusedError):
             with connect(port, timeout=2) as s:
                 s.sendall(req("/"))
                 if not s.recv(100):

@@ -310,7 +310,7 @@ def test_a_worker_whose_loop_is_stuck_is_killed_with_its_stack_and_replaced(appd
         text = "\n".join(proc.stderr)
         stack = text[text.index("its loop has not turned"):]
         assert "sigapp.py" in stack and "in app" in stack, stack[:2000]
-        assert log_has(proc, "was killed by signal SIGKILL")
+        wait_for(lambda: log_has(proc, "was killed by signal SIGKILL"), what="the death's line")
         assert pid_version(port)[1] == "v1"
         assert proc.stop(signal.SIGTERM) == 0
 

@@ -982,9 +982,29 @@ def to_thread(function, *args):
 # answer with -- for input that breaks the grammar or a limit.  No socket is
 # touched here, so every rule is tested with bytes alone.
 #
-# Before you edit: the head is parsed in one pass over a complete header
-# block (found with bytes.find), because that is the common case; the
-# grammar checks are regular expressions over whole lines.
+# What must not go in here: PAGI scope types, disconnect reasons, anything
+# about what the server does after an error.  The parser says *what* is
+# wrong; the connection decides what to do about it.
+#
+# Before you edit -- three properties the tests hold this section to:
+#
+#   * Linear time on every input.  Nothing a client sends meets a pattern
+#     that can match the same bytes two ways (the regular expressions left
+#     here are single character classes, or sequences whose classes cannot
+#     overlap), and no digit string reaches int() before its length is
+#     checked (CPython refuses more than 4,300 decimal digits).
+#   * The same answer however the bytes are split.  A head is read line by
+#     line, left to right, each line decided when its LF arrives; the limits
+#     are checked on the bytes seen so far, before the grammar, so a prefix
+#     that breaks a limit breaks it in the whole message too.
+#     RequestParser._read_head is that definition; _read_whole_head is a
+#     shortcut for a complete, ordinary head that gives the same result or
+#     hands over to the definition.
+#   * Only HTTPError escapes.  After an error the parser is dead: every
+#     later next_event() raises the same error, so the bytes after a broken
+#     head are never read as a request.  An exception that is not an
+#     HTTPError (a bug) is turned into a 400 whose __cause__ is that
+#     exception, for the connection to log.
 # ============================================================================
 
 class HTTPError(Exception):
@@ -1004,18 +1024,25 @@ class HTTPError(Exception):
 # RFC 9110 §5.6.2: token = 1*tchar; tchar = "!" / "#" / "$" / "%" / "&" / "'"
 #   / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TCHARS = bytes(c for c in range(256) if re.fullmatch(rb"[%s]" % _TCHAR, bytes([c])))
 _TOKEN = re.compile(rb"[%s]+" % _TCHAR)
-# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS.  No white
-# space is allowed between the name and the colon (§5.1: reject with 400).
-# RFC 9110 §5.5: field-value is VCHAR / obs-text / SP / HTAB inside; CR, LF,
-# NUL and the other controls are invalid (we reject them all).
-_FIELD = rb"([%s]+):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*" % _TCHAR
-_FIELD_LINE = re.compile(_FIELD)                       # one line, for diagnosis
-_FIELD_LINES = re.compile(rb"(?:%s\r\n)*" % _FIELD)     # a whole block, checked at once
-_FIELD_PAIRS = re.compile(_FIELD + rb"\r\n")            # its (name, value) pairs
-# RFC 9112 §3: request-line = method SP request-target SP HTTP-version
+# RFC 9110 §5.5: field-value = *field-content, made of VCHAR, obs-text, SP
+# and HTAB.  CR, LF, NUL and the other controls are invalid (RFC 9110 §5.5
+# lets a recipient reject them, and we do).
+_FIELD_VALUE_BYTES = bytes([0x09]) + bytes(range(0x20, 0x7f)) + bytes(range(0x80, 0x100))
+# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS.  The pattern
+# for a whole block of field lines: a name (tchar, never ":"), the colon, then
+# everything up to CR as the value (OWS stripped afterwards).  The classes do
+# not overlap at their borders, so a block matches in at most one way.
+_FIELD_VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
+_FIELD_BLOCK = re.compile(rb"(?:[%s]+:%s\r\n)*" % (_TCHAR, _FIELD_VALUE))
+_FIELD_PAIRS = re.compile(rb"([%s]+):(%s)\r\n" % (_TCHAR, _FIELD_VALUE))
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version;
+# HTTP-version = "HTTP/" DIGIT "." DIGIT.
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
-_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
+# RFC 9112 §3.2: the request-target is ASCII without controls or SP (RFC
+# 3986 characters); raw UTF-8 or any byte above 0x7E is a 400.
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ], where
 # uri-host = IP-literal / IPv4address / reg-name (unreserved, pct-encoded,
 # sub-delims).  An invalid value is a 400, like a missing one.
@@ -1025,6 +1052,15 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~%]+)?\]"
 # bytes must be visible characters, SP or HTAB).
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _MAX_CHUNK_LINE = 4096      # bytes in a chunk-size line, extensions included
+# RFC 9110 §8.6: "a recipient MUST anticipate potentially large decimal
+# numerals and prevent parsing errors due to integer conversion overflows".
+# Leading zeros are grammar (1*DIGIT) and are skipped; more significant
+# digits than these mean more bytes than any server will take: 413.
+_MAX_LENGTH_DIGITS = 18     # Content-Length: below 10**18
+_MAX_CHUNK_DIGITS = 16      # chunk-size: below 2**64
+# RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF)
+# before the request-line.  We ignore up to this many, then answer 400.
+_MAX_EMPTY_LINES = 16
 
 # The transfer codings of RFC 9112 §7 and RFC 9110 §8.4.1; we decode only
 # chunked.  A known coding we do not implement is 501; an unknown one too.
@@ -1035,8 +1071,8 @@ class RequestHead:
     """A parsed request line and header block."""
 
     __slots__ = ("method", "target", "http_version", "path", "query_string",
-                 "headers", "keep_alive", "expect_continue", "content_length",
-                 "chunked", "upgrade", "event_stream")
+                 "authority", "headers", "keep_alive", "expect_continue",
+                 "content_length", "chunked", "upgrade", "event_stream")
 
     def __init__(self, method, target, http_version, headers):
         self.method = method                # str, e.g. "GET"
@@ -1044,6 +1080,7 @@ class RequestHead:
         self.http_version = http_version    # "1.1" or "1.0"
         self.path = b"/"                    # bytes: raw path of the target
         self.query_string = b""             # bytes: after "?", still encoded
+        self.authority = None               # bytes: host[:port] of an absolute-form target
         self.headers = headers              # [(lower-case name, value)], bytes
         self.keep_alive = http_version == "1.1"
         self.expect_continue = False        # "Expect: 100-continue" was sent
@@ -1074,7 +1111,7 @@ _METHODS = {m: m.decode("ascii") for m in (
 _VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
 
 # Parser states.
-_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS = range(6)
+_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _ERROR = range(7)
 
 
 class RequestParser:
@@ -1088,15 +1125,23 @@ class RequestParser:
         self.max_header_size = config.max_header_size
         self.max_header_count = config.max_header_count
         self.max_body_size = config.max_body_size
-        self._buf = b""           # bytes received, not yet parsed
+        self._buf = b""           # bytes received, not yet handed out
+        self._pos = 0             # where the first line not yet read starts in _buf
+        self._scan = 0            # where to look for its LF (no LF before it)
         self._state = _HEAD
+        self._error = None        # the HTTPError raised, once the parser is dead
+        # The head (or trailer section) being read, line by line:
+        self._request = None      # the RequestHead, once its request line is read
+        self._fields = []         # (name, value) pairs read so far
+        self._block_size = 0      # bytes of the field block so far
+        self._empty_lines = 0     # empty lines skipped before this request line
         self._remaining = 0       # body or chunk bytes still expected
         self._body_seen = 0       # body bytes of this message so far
         self.messages = 0         # requests whose head has been parsed
 
     def __repr__(self):
         return "<RequestParser state=%d buffered=%d messages=%d>" % (
-            self._state, len(self._buf), self.messages)
+            self._state, self.buffered, self.messages)
 
     def feed(self, data):
         if self._buf:
@@ -1106,7 +1151,17 @@ class RequestParser:
 
     @property
     def buffered(self):
+        """Bytes received and not yet handed out (the lines of a head not yet
+        complete count: the head has begun)."""
         return len(self._buf)
+
+    def take_buffered(self):
+        """Hand out the bytes not yet parsed (an upgraded connection's first
+        bytes of the new protocol); the parser keeps none."""
+        data = self._buf[self._pos:]
+        self._buf = b""
+        self._pos = self._scan = 0
+        return data
 
     @property
     def body_exhausted(self):
@@ -1120,49 +1175,123 @@ class RequestParser:
 
     def next_event(self):
         state = self._state
-        if state == _HEAD:
-            return self._parse_head()
-        if state == _BODY:
-            return self._parse_body()
-        return self._parse_chunked()
+        try:
+            if state == _HEAD:
+                return self._read_head()
+            if state == _BODY:
+                return self._read_body()
+            if state == _ERROR:
+                raise self._error
+            return self._read_chunked()
+        except HTTPError as err:
+            self._fail(err)
+            raise
+        except Exception as exc:
+            # A bug, not the client's fault -- but the bytes are still not a
+            # request we understood: 400, and never read past them.
+            err = HTTPError(400, "unparseable request (%s)" % type(exc).__name__)
+            err.__cause__ = exc
+            self._fail(err)
+            raise err
+
+    def _fail(self, err):
+        self._state = _ERROR
+        self._error = err
+        self._buf = b""
+        self._pos = self._scan = 0
+
+    # -- lines ----------------------------------------------------------------
+
+    def _read_line(self, budget, status, message):
+        """The next complete line without its CRLF, or None if its LF has
+        not arrived.  ``budget`` bounds the bytes of the line with its CRLF;
+        the bytes seen so far are held to it before the line is complete."""
+        buf = self._buf
+        pos = self._pos
+        lf = buf.find(b"\n", self._scan)
+        if lf < 0:
+            if len(buf) - pos > budget:
+                raise HTTPError(status, message)
+            self._scan = len(buf)         # a trickled line is searched once
+            return None
+        if lf + 1 - pos > budget:
+            raise HTTPError(status, message)
+        # RFC 9112 §2.2: a line ends with CRLF; a bare LF may be rejected.
+        if lf == pos or buf[lf - 1] != 13:
+            raise HTTPError(400, "bare LF in request head")
+        self._pos = self._scan = lf + 1
+        return buf[pos:lf - 1]
+
+    def _consume(self):
+        """Drop the lines read so far from the buffer."""
+        self._buf = self._buf[self._pos:]
+        self._pos = self._scan = 0
 
     # -- the head -------------------------------------------------------------
 
-    def _parse_head(self):
+    def _read_head(self):
+        if self._scan == 0 and self._request is None:
+            head = self._read_whole_head()
+            if head is not None:
+                return head
+        while True:
+            if self._request is None:
+                line = self._read_line(self.max_header_size + 2, 414, "request line too long")
+                if line is None:
+                    return None
+                if not line:
+                    # RFC 9112 §2.2: a server SHOULD ignore at least one
+                    # empty line (CRLF) received prior to the request-line.
+                    self._empty_lines += 1
+                    if self._empty_lines > _MAX_EMPTY_LINES:
+                        raise HTTPError(400, "too many empty lines before the request line")
+                    continue
+                self._request = self._parse_request_line(line)
+                continue
+            line = self._read_line(self.max_header_size - self._block_size,
+                                   431, "header block too large")
+            if line is None:
+                return None
+            self._block_size += len(line) + 2
+            if line:
+                self._fields.append(self._parse_field_line(line))
+                if len(self._fields) > self.max_header_count:
+                    raise HTTPError(431, "too many header fields")
+                continue
+            request, request.headers = self._request, self._fields
+            self._request, self._fields, self._block_size, self._empty_lines = None, [], 0, 0
+            self._consume()
+            return self._head_done(request)
+
+    def _read_whole_head(self):
+        """The common case, in a few calls over the whole block: a head that
+        is all here, with no empty line before it, no bare LF, within the
+        limits and well formed.  Anything else returns None, and _read_head
+        reads it line by line -- the definition, which finds the error."""
         buf = self._buf
-        if not buf:
-            return None
-        # RFC 9112 §2.2: a server SHOULD ignore at least one empty line
-        # (CRLF) received prior to the request-line.
-        if buf[:2] == b"\r\n":
-            buf = self._buf = buf.lstrip(b"\r\n")
         end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            self._check_partial_head(buf)
+        if end < 0 or buf[:1] in (b"\r", b"\n"):
+            return None
+        if buf.count(b"\n", 0, end + 4) != buf.count(b"\r\n", 0, end + 4):
             return None
         line_end = buf.find(b"\r\n")
-        if line_end > self.max_header_size:
-            raise HTTPError(414, "request line too long")
-        if end + 4 > self.max_header_size + line_end + 2:
-            raise HTTPError(431, "header block too large")
-        self._buf = buf[end + 4:]
+        if line_end > self.max_header_size or end + 2 - line_end > self.max_header_size:
+            return None
+        block = buf[line_end + 2:end + 2]
+        if _FIELD_BLOCK.fullmatch(block) is None or \
+                block.count(b"\r\n") > self.max_header_count:
+            return None
         request = self._parse_request_line(buf[:line_end])
-        if line_end < end:
-            request.headers = self._parse_fields(buf[line_end + 2:end + 2])
+        self._buf = buf[end + 4:]
+        strip = bytes.strip
+        request.headers = [(name.lower(), strip(value, b" \t"))
+                           for name, value in _FIELD_PAIRS.findall(block)]
+        return self._head_done(request)
+
+    def _head_done(self, request):
         self._frame(request)
         self.messages += 1
         return request
-
-    def _check_partial_head(self, buf):
-        line_end = buf.find(b"\r\n")
-        if line_end < 0:
-            if len(buf) > self.max_header_size:
-                raise HTTPError(414, "request line too long")
-        elif len(buf) - line_end - 2 > self.max_header_size:
-            raise HTTPError(431, "header block too large")
-        # A lone LF (or CR) as a line end: RFC 9112 §2.2 lets us reject it.
-        if b"\n" in buf.replace(b"\r\n", b""):
-            raise HTTPError(400, "bare LF in request head")
 
     def _parse_request_line(self, line):
         parts = line.split(b" ")
@@ -1176,9 +1305,15 @@ class RequestParser:
             name = method.decode("ascii")
         http_version = _VERSIONS.get(version)
         if http_version is None:
-            if _HTTP_VERSION.fullmatch(version) is None:
+            match = _HTTP_VERSION.fullmatch(version)
+            if match is None:
                 raise HTTPError(400, "malformed HTTP version")
-            raise HTTPError(505, "HTTP version not supported")
+            # RFC 9110 §2.5: a higher minor version of a major version we
+            # implement SHOULD be processed as the highest minor version we
+            # conform to -- HTTP/1.2 is read (and answered) as HTTP/1.1.
+            if match.group(1) != b"1":
+                raise HTTPError(505, "HTTP version not supported")
+            http_version = "1.1"
         if not target or _TARGET_BAD.search(target):
             raise HTTPError(400, "malformed request target")
         request = RequestHead(name, target, http_version, [])
@@ -1193,37 +1328,50 @@ class RequestParser:
         elif request.method == "CONNECT":
             raise HTTPError(501, "CONNECT is not implemented")
         else:
-            scheme, sep, rest = target.partition(b"://")
-            if not sep or scheme.lower() not in (b"http", b"https"):
-                raise HTTPError(400, "malformed request target")
-            slash = rest.find(b"/")
-            question = rest.find(b"?")
-            cut = min(i for i in (slash, question, len(rest)) if i >= 0)
-            path_query = rest[cut:]
-            if path_query[:1] != b"/":
-                path_query = b"/" + path_query
-            path, _, query = path_query.partition(b"?")
+            path, query = self._absolute_form(request, target)
         request.path = path
         request.query_string = query
         return request
 
-    def _parse_fields(self, block):
-        """The (name, value) pairs of a header or trailer block: field lines,
-        each ending in CRLF.  One regex checks the whole block; only a block
-        that fails is looked at line by line, to say what is wrong."""
-        if _FIELD_LINES.fullmatch(block) is None:
-            for line in block.split(b"\r\n"):
-                if line and _FIELD_LINE.fullmatch(line) is None:
-                    if line[:1] in (b" ", b"\t"):
-                        # RFC 9112 §5.2: obs-fold; a server MUST reject it
-                        # or unfold it.  We reject it.
-                        raise HTTPError(400, "obsolete line folding in header field")
-                    break
+    def _absolute_form(self, request, target):
+        """RFC 9112 §3.2.2: absolute-form = absolute-URI.  Its authority
+        replaces Host (see _frame); its path and query are the request's."""
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise HTTPError(400, "malformed request target")
+        cut = len(rest)
+        for delimiter in (b"/", b"?", b"#"):
+            found = rest.find(delimiter)
+            if 0 <= found < cut:
+                cut = found
+        authority = rest[:cut]
+        # RFC 9110 §4.2.4: a recipient SHOULD treat userinfo in an http(s)
+        # URI as an error.  §4.2.1: an empty host MUST be rejected.
+        if b"@" in authority:
+            raise HTTPError(400, "userinfo in the request target")
+        if authority[:1] in (b"", b":") or not _HOST.fullmatch(authority):
+            raise HTTPError(400, "invalid authority in the request target")
+        request.authority = authority
+        path_query = rest[cut:]
+        if path_query[:1] != b"/":
+            path_query = b"/" + path_query
+        path, _, query = path_query.partition(b"?")
+        return path, query
+
+    def _parse_field_line(self, line):
+        """One field line -> (lower-case name, value without OWS)."""
+        name, colon, value = line.partition(b":")
+        # RFC 9112 §5.1: no white space between the name and the colon
+        # (400); the name is a token.
+        if not colon or not name or name.translate(None, _TCHARS):
+            if line[:1] in (b" ", b"\t"):
+                # RFC 9112 §5.2: obs-fold; a server MUST reject it or
+                # unfold it.  We reject it.
+                raise HTTPError(400, "obsolete line folding in header field")
             raise HTTPError(400, "malformed header field")
-        pairs = _FIELD_PAIRS.findall(block)
-        if len(pairs) > self.max_header_count:
-            raise HTTPError(431, "too many header fields")
-        return [(name.lower(), value) for name, value in pairs]
+        if value.translate(None, _FIELD_VALUE_BYTES):
+            raise HTTPError(400, "malformed header field")
+        return name.lower(), value.strip(b" \t")
 
     def _frame(self, request):
         """Decide connection and body framing from the header fields."""
@@ -1244,7 +1392,10 @@ class RequestParser:
                 # is 400), the strict reading of RFC 9112 §6.3 rule 5.
                 if content_length is not None or not value.isdigit():
                     raise HTTPError(400, "invalid or repeated Content-Length")
-                content_length = int(value)
+                digits = value.lstrip(b"0")
+                if len(digits) > _MAX_LENGTH_DIGITS:
+                    raise HTTPError(413, "request body too large", "body_too_large")
+                content_length = int(digits or b"0")
             elif name == b"transfer-encoding":
                 transfer_encoding = value if transfer_encoding is None \
                     else transfer_encoding + b"," + value
@@ -1277,28 +1428,13 @@ class RequestParser:
             raise HTTPError(400, "HTTP/1.1 requires exactly one Host header")
         if host_count > 1:
             raise HTTPError(400, "more than one Host header")
+        if request.authority is not None:
+            # RFC 9112 §3.2.2: with an absolute-form target the server MUST
+            # ignore the received Host field and use the target's authority.
+            request.headers = [(n, v) for n, v in request.headers if n != b"host"]
+            request.headers.append((b"host", request.authority))
         if transfer_encoding is not None:
-            # RFC 9112 §6.1: a server MAY reject a request with both
-            # Content-Length and Transfer-Encoding (we do); Transfer-Encoding
-            # in HTTP/1.0 cannot be trusted (§6.1, last paragraph).
-            if content_length is not None:
-                raise HTTPError(400, "both Content-Length and Transfer-Encoding")
-            if request.http_version == "1.0":
-                raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
-            codings = [c for c in codings if c]
-            # RFC 9112 §6.3 rule 4: final coding not chunked -> 400.
-            if not codings or codings[-1] != b"chunked":
-                raise HTTPError(400, "final transfer coding is not chunked")
-            # RFC 9112 §7: chunked MUST NOT be applied more than once.
-            if codings.count(b"chunked") > 1:
-                raise HTTPError(400, "chunked applied more than once")
-            # RFC 9112 §6.1: a coding we do not understand -> 501.
-            if len(codings) > 1:
-                raise HTTPError(501, "transfer coding not implemented: %s"
-                                % codings[0].decode("latin-1"))
-            request.chunked = True
-            self._state = _CHUNK_SIZE_LINE
+            self._transfer_codings(request, content_length, transfer_encoding)
         elif content_length:
             if self.max_body_size and content_length > self.max_body_size:
                 raise HTTPError(413, "request body too large", "body_too_large")
@@ -1320,9 +1456,37 @@ class RequestParser:
             rest.append((b"cookie", joined))
             request.headers = rest
 
+    def _transfer_codings(self, request, content_length, transfer_encoding):
+        # RFC 9112 §6.1: a server MAY reject a request with both
+        # Content-Length and Transfer-Encoding (we do); Transfer-Encoding
+        # in HTTP/1.0 cannot be trusted (§6.1, last paragraph).
+        if content_length is not None:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        if request.http_version == "1.0":
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
+        # RFC 9110 §5.6.1 asks recipients to ignore empty list elements; in
+        # this one field we refuse them instead (as h11 does): a proxy that
+        # reads ", chunked" differently from us is a request-smuggling
+        # desync, and a 400 never is (docs/deviations.md).
+        if b"" in codings:
+            raise HTTPError(400, "empty element in Transfer-Encoding")
+        # RFC 9112 §6.3 rule 4: final coding not chunked -> 400.
+        if codings[-1] != b"chunked":
+            raise HTTPError(400, "final transfer coding is not chunked")
+        # RFC 9112 §7: chunked MUST NOT be applied more than once.
+        if codings.count(b"chunked") > 1:
+            raise HTTPError(400, "chunked applied more than once")
+        # RFC 9112 §6.1: a coding we do not understand -> 501.
+        if len(codings) > 1:
+            raise HTTPError(501, "transfer coding not implemented: %s"
+                            % codings[0].decode("latin-1"))
+        request.chunked = True
+        self._state = _CHUNK_SIZE_LINE
+
     # -- the body -------------------------------------------------------------
 
-    def _parse_body(self):
+    def _read_body(self):
         remaining = self._remaining
         if remaining == 0:
             self._state = _HEAD
@@ -1338,22 +1502,22 @@ class RequestParser:
         self._remaining = 0
         return buf[:remaining]
 
-    def _parse_chunked(self):
+    def _read_chunked(self):
         # RFC 9112 §7.1: chunked-body = *chunk last-chunk trailer-section CRLF
         while True:
             state = self._state
-            buf = self._buf
             if state == _CHUNK_SIZE_LINE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_CHUNK_LINE:
-                        raise HTTPError(400, "chunk size line too long")
+                line = self._read_line(_MAX_CHUNK_LINE + 2, 400, "chunk size line too long")
+                if line is None:
                     return None
-                m = _CHUNK_SIZE.fullmatch(buf[:end])
-                if m is None or end > _MAX_CHUNK_LINE:
+                self._consume()
+                match = _CHUNK_SIZE.fullmatch(line)
+                if match is None:
                     raise HTTPError(400, "malformed chunk size line")
-                size = int(m.group(1), 16)
-                self._buf = buf[end + 2:]
+                digits = match.group(1).lstrip(b"0")
+                if len(digits) > _MAX_CHUNK_DIGITS:
+                    raise HTTPError(413, "request body too large", "body_too_large")
+                size = int(digits or b"0", 16)
                 if size == 0:
                     self._state = _TRAILERS
                     continue
@@ -1363,6 +1527,7 @@ class RequestParser:
                 self._remaining = size
                 self._state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
+                buf = self._buf
                 if not buf:
                     return None
                 remaining = self._remaining
@@ -1375,26 +1540,30 @@ class RequestParser:
                     self._state = _CHUNK_CRLF
                 return data
             elif state == _CHUNK_CRLF:
+                buf = self._buf
                 if len(buf) < 2:
+                    if buf[:1] not in (b"", b"\r"):
+                        raise HTTPError(400, "chunk data not followed by CRLF")
                     return None
                 if buf[:2] != b"\r\n":
                     raise HTTPError(400, "chunk data not followed by CRLF")
                 self._buf = buf[2:]
                 self._state = _CHUNK_SIZE_LINE
-            else:   # _TRAILERS: trailer-section = *( field-line CRLF ) CRLF
-                if buf[:2] == b"\r\n":
-                    self._buf = buf[2:]
-                    self._state = _HEAD
-                    return EndOfMessage()
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > self.max_header_size:
-                        raise HTTPError(431, "trailer section too large")
+            else:
+                # _TRAILERS: trailer-section = *( field-line CRLF ), then the
+                # CRLF that ends the message; the header limits apply.
+                line = self._read_line(self.max_header_size - self._block_size,
+                                       431, "trailer section too large")
+                if line is None:
                     return None
-                if end > self.max_header_size:
-                    raise HTTPError(431, "trailer section too large")
-                self._buf = buf[end + 4:]
-                trailers = self._parse_fields(buf[:end + 2])
+                self._block_size += len(line) + 2
+                if line:
+                    self._fields.append(self._parse_field_line(line))
+                    if len(self._fields) > self.max_header_count:
+                        raise HTTPError(431, "too many trailer fields")
+                    continue
+                trailers, self._fields, self._block_size = self._fields, [], 0
+                self._consume()
                 self._state = _HEAD
                 return EndOfMessage(trailers)
 
@@ -1924,11 +2093,50 @@ _FIELD_CHECKS = {"bytes": _check_bytes, "flag": _check_flag, "status": _check_st
                  "close_code": _check_close_code}
 
 
+# ASGI habits, named.  ASGI events look like PAGI's but differ in a few
+# keys and types, and PAGI allows extra fields -- so without these tables
+# an ASGI habit is accepted and silently means something else (an
+# http.response.body with ASGI's "more_body": True ends the response).
+# Each ASGI key or type that PAGI spells differently fails with a message
+# that names the PAGI way (docs/tutorial.md, "Coming from ASGI").
+#   ASGI key -> (what to say, the event types where ASGI has it)
+ASGI_KEYS = {
+    "more_body": ("PAGI uses 'more', not ASGI's 'more_body'",
+                  ("http.response.body", "websocket.http.response.body",
+                   "sse.http.response.body")),
+    "more_trailers": ("PAGI sends all trailers in one http.response.trailers event; "
+                      "ASGI's 'more_trailers' has no PAGI meaning",
+                      ("http.response.trailers",)),
+}
+#   ASGI event type -> what to send in PAGI instead
+ASGI_TYPES = {
+    "http.response.pathsend": "PAGI sends a file with http.response.body's 'file' field, "
+                              "not ASGI's http.response.pathsend",
+    "http.response.zerocopy": "PAGI sends an open file with http.response.body's 'fh', "
+                              "'offset' and 'length' fields, not ASGI's http.response.zerocopy",
+    "http.response.push": "PAGI has no server push (ASGI's http.response.push)",
+    "http.response.early_hint": "PAGI has no interim responses (ASGI's "
+                                "http.response.early_hint); send the final response",
+}
+
+
+def _asgi_key_check(message):
+    def check(etype, field, value):
+        raise EventError("%s: %s" % (etype, message))
+    return check
+
+
 def compile_schema(table):
-    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}"""
-    return {etype: tuple((field, _FIELD_CHECKS[kind], required)
-                         for field, (kind, required) in fields.items())
-            for etype, fields in table.items()}
+    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}
+
+    A type that ASGI spells with another key (ASGI_KEYS) refuses that key."""
+    compiled = {}
+    for etype, fields in table.items():
+        checks = [(field, _FIELD_CHECKS[kind], required) for field, (kind, required) in fields.items()]
+        checks += [(key, _asgi_key_check(message), False)
+                   for key, (message, types) in ASGI_KEYS.items() if etype in types]
+        compiled[etype] = tuple(checks)
+    return compiled
 
 
 _HTTP_SEND_SCHEMA = compile_schema(HTTP_SEND_EVENTS)
@@ -1944,6 +2152,8 @@ def validate_event(event, schema):
     if fields is None:
         if not isinstance(etype, str):
             raise EventError("event has no 'type' string: %r" % (event,))
+        if etype in ASGI_TYPES:
+            raise EventError("%s: %s" % (etype, ASGI_TYPES[etype]))
         raise EventError("%s: unknown event type for this scope (expected one of %s)"
                          % (etype, ", ".join(sorted(schema))))
     for field, check, required in fields:
@@ -2722,6 +2932,7 @@ class HTTPConnection(Connection):
                 try:
                     event = parser.next_event()
                 except HTTPError as err:
+                    self._parser_failed(err)
                     self.respond_error(err.status, err.message, None)
                     return
                 if event is None:
@@ -2742,6 +2953,7 @@ class HTTPConnection(Connection):
             try:
                 event = parser.next_event()
             except HTTPError as err:
+                self._parser_failed(err)
                 self._body_error(exchange, err)
                 return
             if event is None:
@@ -2798,7 +3010,7 @@ class HTTPConnection(Connection):
         self.reading = False
         self.loop.remove_reader(self.fd)
         self.server.connections.discard(self)
-        leftover, self.parser._buf = self.parser._buf, b""
+        leftover = self.parser.take_buffered()
         upgrade(self.server, self.sock, self.client, self.server_address,
                 self.transport, head, leftover)
 
@@ -2841,6 +3053,15 @@ class HTTPConnection(Connection):
     def _close_if_idle(self):
         if self.exchange is None and not self.closed:
             self.close()
+
+    def _parser_failed(self, err):
+        """A parser error caused by a bug in the parser, not by the client,
+        still answers 400 -- and goes to the error log with its traceback."""
+        if err.__cause__ is not None:
+            self.log.error("the request parser failed on input from %s\n%s",
+                           self.client, "".join(
+                               traceback.format_exception(type(err.__cause__), err.__cause__,
+                                                          err.__cause__.__traceback__)).rstrip())
 
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""

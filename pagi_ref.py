@@ -4702,7 +4702,7 @@ class Supervisor:
         self.load = load
         self.config = config
         self.log = log
-        self.loop = Loop(clock=clock, logger=log, slow_callback=0)
+        self.loop = Loop(clock=clock, logger=log, slow_callback=config.slow_callback)
         self.sock = None              # the listener, until the stop begins
         self.workers = {}             # pid -> _Worker
         self.size = config.workers    # the desired number of workers (TTIN/TTOU)

@@ -118,7 +118,8 @@ PAGI_SPEC_VERSION = "0.3"   # scope["pagi"]["spec_version"]: the HTTP sub-spec
 
 def _default_max_connections():
     """Leave headroom under RLIMIT_NOFILE for the process's own files
-    (listeners, self-pipe, log files, files being served)."""
+    (listeners, self-pipe, log files, files being served) and for the
+    sockets of refused connections (section 10, _REFUSAL_RESERVE)."""
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ValueError, OSError):
@@ -161,6 +162,19 @@ _CONFIG_FIELDS = [
      "seconds a request may go with no byte moving either way"),
     ("write_timeout", 60.0, float,
      "seconds the client may leave a full outgoing buffer unread"),
+    # Minimum data rates, Apache mod_reqtimeout's rule: a head or a body gets
+    # its grace period, then one more second for every min-rate bytes that
+    # arrive; a client slower than that is answered 408 (issue 9).
+    ("header_grace", 5.0, float,
+     "seconds a request head may take before header_min_rate applies"),
+    ("header_min_rate", 500, int,
+     "bytes/s a request head must average once header_grace is over "
+     "(408; 0: no minimum; header_timeout still caps the head)"),
+    ("body_grace", 20.0, float,
+     "seconds the server may wait for a request body before body_min_rate applies"),
+    ("body_min_rate", 500, int,
+     "bytes/s a request body must average, counting only the time the server "
+     "waits for it, once body_grace is over (408, reason client_timeout; 0: no minimum)"),
     ("shutdown_timeout", 30.0, float,
      "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
     ("access_log", None, str, "access log: '-' (stdout) or a file path; off when absent"),
@@ -1230,6 +1244,8 @@ class RequestParser:
     # -- the head -------------------------------------------------------------
 
     def _read_head(self):
+        if not self._buf:
+            return None
         if self._scan == 0 and self._request is None:
             head = self._read_whole_head()
             if head is not None:
@@ -2380,6 +2396,7 @@ class Exchange:
         if self.head.expect_continue and not self.continue_sent and not self.head_sent:
             self.continue_sent = True
             self.conn.transport.write(_CONTINUE)
+            self.conn.start_body_clock()
         self.waiter = waiter = Future(self.conn.loop)
         return waiter
 
@@ -2726,14 +2743,26 @@ _PIPELINE_BUFFER = 65536  # bytes of pipelined requests read ahead of the curren
 _FIRST_REQUEST_GRACE = 1.0  # seconds a request on its way at shutdown gets to arrive
 
 
+def _below_min_rate(waited, received, grace, min_rate):
+    """Apache mod_reqtimeout's rule: ``grace`` seconds, then one second more
+    for every ``min_rate`` bytes received.  So a client must average at
+    least ``min_rate`` bytes/s after the grace, and bytes sent early are
+    credit for later.  ``min_rate`` 0: no minimum."""
+    return min_rate > 0 and waited > grace + received / min_rate
+
+
 class _Linger:
     """Close a socket without losing the response just written to it.
 
     RFC 9112 §9.6: closing while the client is still sending makes the
     kernel answer with RST, which can destroy the response in flight.  So we
     shut down our side, read and drop what still arrives until the client
-    closes too or a short time passes, then close.
+    closes too or a short time passes, then close.  ``on_closed(linger)``
+    tells the server (section 10) that the descriptor is free, which may
+    also ask for it sooner: cut_short().
     """
+
+    timer = None
 
     def __init__(self, loop, sock, on_closed=None):
         self.loop = loop
@@ -2758,17 +2787,23 @@ class _Linger:
             pass
         self.close()
 
+    def cut_short(self):
+        """The descriptor is needed now: drop what has arrived (so that the
+        close sends no RST for it), then close."""
+        if self.sock is not None:
+            self._drain()
+        self.close()
+
     def close(self):
         if self.sock is None:
             return
-        timer = getattr(self, "timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         self.loop.forget(self.fd)
         self.sock.close()
         self.sock = None
         if self.on_closed is not None:
-            self.on_closed()
+            self.on_closed(self)
 
 
 class Connection:
@@ -2791,7 +2826,7 @@ class Connection:
         if self.closed:
             return
         self._release()
-        _Linger(self.loop, self.sock)
+        self.server.linger(self.sock)
 
     def close(self):
         """A normal close: nothing in flight."""
@@ -2845,6 +2880,15 @@ class HTTPConnection(Connection):
         now = self.loop.now
         self.last_activity = now      # last byte received
         self.head_started = now       # when the current head began to arrive
+        # The minimum data rates (section 1): byte counts, and the body's
+        # clock, which runs only while the server waits for body bytes.
+        self.bytes_in = 0             # bytes received on this socket
+        self.idle_set = server.idle   # the server's idle connections (section 10)
+        self.head_base = 0            # bytes_in when the current head began
+        self.body_started = None      # when the wait for this body began (None: not yet)
+        self.body_base = 0            # bytes_in then
+        self.paused_at = None         # when reading last paused (None: reading)
+        self.paused_for = 0.0         # seconds of this body's wait spent paused
 
     def loop_context(self):
         if self.exchange is not None:
@@ -2865,6 +2909,9 @@ class HTTPConnection(Connection):
     def resume_reading(self):
         if not self.reading and not self.closed and not self.peer_eof:
             self.reading = True
+            if self.paused_at is not None:
+                self.paused_for += self.loop.now - self.paused_at
+                self.paused_at = None
             self.loop.add_reader(self.fd, self._on_readable)
             # What was parked may need no more bytes (an end of message).
             if not self.advancing:
@@ -2873,7 +2920,23 @@ class HTTPConnection(Connection):
     def pause_reading(self):
         if self.reading:
             self.reading = False
+            self.paused_at = self.loop.now
             self.loop.remove_reader(self.fd)
+
+    def start_body_clock(self):
+        """The server now waits for body bytes: the body's minimum rate
+        counts from here.  Bytes that came with the head are the body's."""
+        self.body_started = now = self.loop.now
+        self.body_base = self.bytes_in - self.parser.buffered
+        self.paused_for = 0.0
+        self.paused_at = None if self.reading else now
+
+    def body_waited(self, now):
+        """Seconds the server has waited for this body, pauses excluded."""
+        paused = self.paused_for
+        if self.paused_at is not None:
+            paused += now - self.paused_at
+        return now - self.body_started - paused
 
     def _on_readable(self):
         try:
@@ -2894,7 +2957,11 @@ class HTTPConnection(Connection):
             return        # a closing connection drops what still arrives
         parser = self.parser
         if parser.in_head and not parser.buffered:
+            # The first bytes of a head: the connection is no longer idle.
             self.head_started = now
+            self.head_base = self.bytes_in
+            self.idle_set.pop(self, None)
+        self.bytes_in += len(data)
         parser.feed(data)
         self._advance()
 
@@ -2983,6 +3050,10 @@ class HTTPConnection(Connection):
         if not head.chunked and not head.content_length:
             self.parser.next_event()      # the EndOfMessage of a body-less request
             exchange.body_complete = True
+        elif head.expect_continue:
+            self.body_started = None      # the client waits for the 100 (Exchange.receive)
+        else:
+            self.start_body_clock()
         try:
             coro = self.app(exchange.scope(), exchange.receive, exchange.send)
         except Exception as exc:
@@ -3017,23 +3088,53 @@ class HTTPConnection(Connection):
     def check_timeouts(self, now, config):
         """The server's sweep: which timeout, if any, has this connection hit?"""
         transport = self.transport
+        exchange = self.exchange
         if self.write_timed_out(now, config):
             self.abort("write_timeout")
         elif self.closing:
             pass
-        elif self.exchange is None:
+        elif exchange is None:
             if self.parser.buffered or self.requests == 0:
-                # slowloris: the head must arrive within header_timeout
-                if now - self.head_started > config.header_timeout:
+                # slowloris: the head must arrive within header_timeout, and
+                # at header_min_rate once its grace is over
+                took = now - self.head_started
+                if took > config.header_timeout:
                     if self.parser.buffered:
                         self.respond_error(408, "Request Timeout", None)
                     else:
                         self.close()
+                elif self.parser.buffered and _below_min_rate(
+                        took, self.bytes_in - self.head_base,
+                        config.header_grace, config.header_min_rate):
+                    self.respond_error(408, "Request Timeout", None)
             elif now - self.last_activity > config.keepalive_timeout:
                 self.close()
-        elif (not self.exchange.body_complete and self.reading and now - max(
-                self.last_activity, transport.last_progress) > config.client_timeout):
+        elif exchange.body_complete:
+            pass
+        elif self.reading and now - max(
+                self.last_activity, transport.last_progress) > config.client_timeout:
             self.abort("client_timeout")
+        elif self.body_started is not None and _below_min_rate(
+                self.body_waited(now), self.bytes_in - self.body_base,
+                config.body_grace, config.body_min_rate):
+            self._body_error(exchange, HTTPError(
+                408, "Request Timeout: the request body arrives too slowly",
+                "client_timeout"))
+
+    def evict(self):
+        """Admission control (section 10) needs this idle connection's slot:
+        close it, as RFC 9112 §9.6 lets a server close an idle connection at
+        any time.  False if the next request has in fact begun to arrive."""
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK):
+                return False      # bytes wait in the kernel: busy, not idle
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass                  # a reset: closing is all that is left
+        self.log.debug("%s: idle connection closed to admit a new one", self.client)
+        self.close()
+        return True
 
     def shutdown(self):
         """Server shutdown: an idle keep-alive connection closes now; a busy
@@ -3096,8 +3197,15 @@ class HTTPConnection(Connection):
         self.transport.forget_callbacks()   # they belonged to that request
         self.last_activity = self.head_started = self.loop.now
         self.resume_reading()
-        if self.parser.buffered and not self.advancing:
-            self._advance()
+        buffered = self.parser.buffered
+        if not buffered:
+            # Idle: a candidate for eviction at max_connections (section 10).
+            # The next head's first bytes set head_base (_on_readable).
+            self.idle_set[self] = None
+        else:
+            self.head_base = self.bytes_in - buffered   # pipelined: already here
+            if not self.advancing:
+                self._advance()
 
     def respond_error(self, status, message, reason):
         """A server-generated response, then close.  ``reason`` is reported on
@@ -4073,12 +4181,19 @@ class Lifespan:
 # 10. Server
 #
 # Listeners and accept, admission control, the timeout sweep, and shutdown.
-# Admission: past max_connections a new connection still gets an answer --
-# 503 with Retry-After -- and the ones already open keep being served.  When
-# accept() itself fails for want of descriptors (EMFILE, ENFILE) the
-# listener is unwatched for a short back-off instead of spinning.  Timeouts
-# are a periodic sweep over last-activity times, so a busy connection pays
-# nothing per read or write for them.
+# Admission: max_connections slots, each holding one client descriptor: an
+# open connection, or the socket of a closed one still lingering (section
+# 6, _Linger).  When they are all taken, a new connection makes room by
+# cutting short the oldest lingering socket, else by closing the oldest
+# idle keep-alive connection; only when every slot is busy does it get an
+# answer of its own -- 503 with Retry-After -- and the ones already open
+# keep being served.  Refused sockets linger in a small reserve of their
+# own; when it is full, accept rests until one is let go.  So descriptors
+# are bounded by the admission limit, not by the rate of closes.  When
+# accept() fails anyway (EMFILE, ENFILE: a limit set above what ulimit
+# allows) the listener is unwatched for a short back-off instead of
+# spinning.  Timeouts are a periodic sweep over last-activity times and
+# byte counts, so a busy connection pays nothing per read or write for them.
 # ============================================================================
 
 # -- the access log ------------------------------------------------------------
@@ -4259,6 +4374,7 @@ _ACCEPT_BATCH = 64          # connections accepted per readiness event
 _ACCEPT_BACKOFF = 0.5       # seconds the listener rests after EMFILE/ENFILE
 _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
 _SHUTDOWN_GRACE = 0.1       # seconds aborted applications get to clean up
+_REFUSAL_RESERVE = 16       # refused (503) sockets lingering at once, beyond max_connections
 
 
 _SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
@@ -4311,6 +4427,11 @@ class Server:
         self.on_retire = None         # called once when max_requests is reached
         self.state = {}               # the lifespan "state" namespace
         self.connections = set()      # open connections: HTTP, WebSocket
+        # Admission (see the banner).  Ordered dicts used as ordered sets,
+        # oldest first, so that eviction takes the oldest in O(1).
+        self.idle = collections.OrderedDict()       # HTTP connections between requests
+        self.lingering = collections.OrderedDict()  # closed connections' _Lingers: slots
+        self.refusing = collections.OrderedDict()   # refused sockets' _Lingers: the reserve
         self.listeners = []           # listening sockets
         self.address = None           # (host, port) actually bound
         self.shutting_down = False
@@ -4318,6 +4439,7 @@ class Server:
         self._backoff_timer = None    # the listener rests after EMFILE/ENFILE
         self._accept_failures = 0     # failed accepts in this episode (0: none)
         self._refused = 0             # connections answered 503
+        self._evicted = 0             # idle connections closed to admit new ones
         self._signals = 0             # shutdown signals received
         self._escalate = True         # a second signal exits at once
         self._previous_handlers = {}  # signum -> handler before install_signal_handlers
@@ -4331,9 +4453,9 @@ class Server:
         self._started = False         # startup() has run
 
     def __repr__(self):
-        return "<Server %s connections=%d refused=%d%s>" % (
-            self.address, len(self.connections), self._refused,
-            " shutting-down" if self.shutting_down else "")
+        return "<Server %s connections=%d idle=%d lingering=%d refused=%d evicted=%d%s>" % (
+            self.address, len(self.connections), len(self.idle), len(self.lingering),
+            self._refused, self._evicted, " shutting-down" if self.shutting_down else "")
 
     # -- listening ------------------------------------------------------------------
 
@@ -4421,6 +4543,8 @@ class Server:
             self.loop.forget(sock.fileno())
             sock.close()
         self.listeners = []
+        for linger in list(self.lingering) + list(self.refusing):
+            linger.close()
         self.loop.close()
         if self.access_log is not None:
             self.access_log.close()
@@ -4511,15 +4635,32 @@ class Server:
 
     def connection_closed(self, conn):
         self.connections.discard(conn)
+        self.idle.pop(conn, None)
         if self._backoff_timer is not None:
             self._end_backoff()    # a descriptor was freed: try again now
         if self.shutting_down:
             self._maybe_finished()
 
+    def linger(self, sock):
+        """A closed connection's socket drains (RFC 9112 §9.6) in its slot."""
+        linger = _Linger(self.loop, sock, self._linger_ended)
+        if linger.sock is not None:
+            self.lingering[linger] = None
+
+    def _linger_ended(self, linger):
+        self.lingering.pop(linger, None)
+        if self._backoff_timer is not None:
+            self._end_backoff()
+
+    def _refusal_ended(self, linger):
+        self.refusing.pop(linger, None)
+        self._end_backoff()        # a reserved descriptor is free: accept again
+
     # -- accepting --------------------------------------------------------------------
 
     def _watch_listeners(self):
-        if not self._accepting and not self.shutting_down:
+        if (not self._accepting and not self.shutting_down
+                and len(self.refusing) < _REFUSAL_RESERVE):
             self._accepting = True
             for sock in self.listeners:
                 self.loop.add_reader(sock.fileno(), lambda s=sock: self._accept(s))
@@ -4548,8 +4689,12 @@ class Server:
                                  self._accept_failures)
                 self._accept_failures = 0
             sock.setblocking(False)
-            if len(self.connections) >= config.max_connections:
+            if (len(self.connections) + len(self.lingering) >= config.max_connections
+                    and not self._make_room()):
                 self._refuse(sock)
+                if len(self.refusing) >= _REFUSAL_RESERVE:
+                    self._unwatch_listeners()   # rest until a refused socket is let go
+                    return
                 continue
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -4559,8 +4704,25 @@ class Server:
             self.connections.add(conn)
             conn.start()
 
+    def _make_room(self):
+        """Eviction before refusal: free a slot by cutting short the oldest
+        lingering socket (its response is out), else by closing the oldest
+        idle keep-alive connection (no request in progress, no byte of the
+        next one).  False if every slot holds a connection that is busy."""
+        if self.lingering:
+            next(iter(self.lingering)).cut_short()
+            return True
+        idle = self.idle
+        while idle:
+            conn, _ = idle.popitem(last=False)
+            if conn.evict():
+                self._evicted += 1
+                return True
+        return False
+
     def _refuse(self, sock):
-        """Admission control: 503, Retry-After: 5, Connection: close."""
+        """Admission control: 503, Retry-After: 5, Connection: close; the
+        socket lingers in the reserve."""
         self._refused += 1
         try:
             sock.send(error_response(503, "Service Unavailable: too many connections",
@@ -4568,7 +4730,9 @@ class Server:
         except OSError:
             sock.close()
             return
-        _Linger(self.loop, sock)
+        linger = _Linger(self.loop, sock, self._refusal_ended)
+        if linger.sock is not None:
+            self.refusing[linger] = None
 
     def _begin_backoff(self, exc):
         """Out of descriptors: rest the listener instead of spinning on it,

@@ -237,12 +237,17 @@ def test_admission_control_503(own_server):
         try:
             for c in held:
                 assert c.request("GET", "/hello").body == b"hello"
+                # Busy: the next head has begun (an idle one could be closed
+                # to make room instead).
+                c.send(b"GET /hello HTTP/1.1\r\n")
             with Client(srv.addr, timeout=5) as extra:
                 resp = extra.read()
                 assert resp.status == 503
                 assert resp.header("retry-after") == b"5"
                 check_generated(resp, extra.closed())
             for c in held:
+                c.send(b"Host: x\r\n\r\n")
+                assert c.read().body == b"hello"
                 assert c.request("GET", "/hello").body == b"hello"
         finally:
             for c in held:

@@ -519,6 +519,7 @@ class Loop:
         # in a WARNING: one clock read per callback, each measured from the
         # end of the one before.
         slow = self.slow_callback
+        clock = self._clock
         mark = now
         # The I/O callbacks are called in place, not through _run_callback:
         # this is the hot path, one call less per readiness event.
@@ -536,7 +537,7 @@ class Loop:
                 self.log.error("unexpected error in an I/O callback for %r\n%s",
                                key.fileobj, traceback.format_exc().rstrip())
             if slow:
-                end = self._clock()
+                end = clock()
                 if end - mark > slow:
                     self._report_slow(callback, (), end - mark)
                 mark = end
@@ -556,11 +557,10 @@ class Loop:
                 callback, args = ready.popleft()
                 self._run_callback(callback, args)
             return
-        mark = self._clock()
         for _ in range(len(ready)):
             callback, args = ready.popleft()
             self._run_callback(callback, args)
-            end = self._clock()
+            end = clock()
             if end - mark > slow:
                 self._report_slow(callback, args, end - mark)
             mark = end
@@ -3038,7 +3038,10 @@ class HTTPConnection(Connection):
                 exchange.end_body()
 
     def _begin(self, head):
-        self.server.request_begun()
+        server = self.server
+        server.requests += 1              # counted against max_requests (section 10)
+        if server.requests == server.max_requests:
+            server.max_requests_reached()
         if head.upgrade is not None:
             upgrade = self.server.upgrades.get(head.upgrade)
             if upgrade is not None:
@@ -4592,11 +4595,11 @@ class Server:
                       "workers need a supervisor (--workers 2 or more)",
                       signal.Signals(signum).name)
 
-    def request_begun(self):
-        """A connection began a request (section 6 calls this): count it
-        against max_requests."""
-        self.requests += 1
-        if self.requests == self.max_requests and not self.shutting_down:
+    def max_requests_reached(self):
+        """Section 6 counts the requests begun in ``requests`` (an attribute,
+        not a call: the common path) and calls this when they reach
+        ``max_requests``: retire gracefully."""
+        if not self.shutting_down:
             self.log.info("pagi_ref: %d requests served (max_requests); shutting down "
                           "to be replaced", self.requests)
             if self.on_retire is not None:

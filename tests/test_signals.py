@@ -543,3 +543,31 @@ def test_a_callback_holding_the_loop_is_named_in_a_warning_with_its_scope():
     assert warnings[0].startswith("the loop was blocked for 0.750 s by lifespan")
     assert warnings[1].startswith("the loop was blocked for 2.000 s by http GET /report")
     assert "slow_callback 0.500 s" in warnings[1]
+
+
+# -- run(app, workers=N): the same supervisor, with an application object -----------
+
+RUN_WORKERS = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    import pagi_ref
+    from sigapp import app
+
+    pagi_ref.run(app, host="127.0.0.1", port=0, workers=2)
+''')
+
+
+def test_run_with_workers_reloads_on_hup_with_the_same_application_object(appdir):
+    script = appdir / "vendored.py"
+    script.write_text(RUN_WORKERS)
+    proc = ServerProcess([str(script), ROOT, str(appdir)], cwd=str(appdir))
+    with proc:
+        _host, port = proc.wait_listening()
+        old = {int(l[2]) for l in journal(appdir, "start")}
+        (appdir / "version").write_text("v2")      # not seen: nothing is imported again
+        proc.p.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(journal(appdir, "stop")) == 2, what="the old generation to stop")
+        pid, version = pid_version(port)
+        assert version == "v1" and pid not in old
+        assert proc.stop(signal.SIGTERM) == 0

@@ -23,6 +23,7 @@ Contents (each section uses only the sections above it):
     10. Server                 -- listeners, accept, admission, sweep, shutdown
     11. Workers                -- the pre-fork supervisor and its signals
     12. Command line           -- python pagi_ref.py module:app
+    13. Test client            -- TestClient: test applications through the server
 
 Principles:
 
@@ -73,6 +74,7 @@ import hashlib
 import heapq
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -87,9 +89,10 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from email.utils import formatdate
 from http import HTTPStatus
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes, urlencode
 
 __version__ = "0.1.0"
 
@@ -102,6 +105,8 @@ __all__ = [
     "FrameParser", "FrameError", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
     "Server", "Supervisor", "run", "main",
+    "TestClient", "TestClientError", "TestClientTimeout", "WebSocketDisconnect",
+    "WebSocketRejected",
 ]
 
 PAGI_VERSION = "0.3"        # scope["pagi"]["version"]: the core spec
@@ -5477,6 +5482,1364 @@ def _demo_app(scope, receive, send):
     yield send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
     yield send({"type": "http.response.body", "body": body})
+
+
+# ============================================================================
+# 13. Test client (for application authors)
+#
+# ``with pagi_ref.TestClient(app) as client:`` serves ``app`` with a real
+# Server (sections 6 to 10, unchanged) on 127.0.0.1, on a port the OS picks,
+# in a background thread, and talks to it over real sockets with three small
+# blocking clients: HTTP/1.1 (RFC 9112), WebSocket (RFC 6455, the client's
+# side: masked frames, §5.3) and event streams (WHATWG HTML "Server-sent
+# events", §9.2.6 "Interpreting an event stream").  A test that passes here
+# passes against the server, because it is the server.  The one addition is
+# a wrapper around the application that registers each call under the
+# client address of its scope and records what it raises, so that the test
+# thread can wait for the call to end and raise the exception itself.
+#
+# What goes here: the client side of the three protocols, the thread that
+# runs the Server, that wrapper.  What must not: anything the server needs
+# (no section above uses this one; it uses Server's public face only: bind,
+# startup, serve, stop, address, state), and any shortcut that skips the
+# wire -- a client that called the application directly would pass tests
+# the server fails.  Every wait is bounded by the client's ``timeout`` and
+# fails with TestClientTimeout, naming what it waited for.
+#
+# The ``__main__`` block of section 12 stays below this section, at the very
+# bottom: an application that imports pagi_ref while the module runs as a
+# script gets the module as it is when main() starts, and it must be whole.
+# ============================================================================
+
+_TEST_HOST = "testserver"                 # the Host header the client sends
+_CLIENT_MAX_HEAD = 65536                  # bytes of one response head
+_CLIENT_MAX_LINE = 4096                   # bytes of one chunk-size or trailer line
+_CLIENT_MAX_BODY = 256 * 1024 * 1024      # bytes of a body read whole (stream() for more)
+_CLIENT_MAX_MESSAGE = 64 * 1024 * 1024    # bytes of a WebSocket message, characters of an event
+# Printable ASCII but space: what a request target may hold as it is
+# (RFC 9112 §3.2); anything else is percent-encoded as UTF-8.
+_TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+class TestClientError(Exception):
+    """The server's answer was not what the protocol allows, or the client
+    was used wrongly.  ``response`` holds what arrived, when that helps (a
+    body cut short, a WebSocket handshake refused)."""
+
+    __test__ = False    # not a pytest test class, whatever its name
+
+    def __init__(self, message, response=None):
+        Exception.__init__(self, message)
+        self.response = response
+
+
+class TestClientTimeout(TestClientError):
+    """Nothing arrived within the client's timeout; the message says what
+    the client was waiting for."""
+
+    __test__ = False
+
+
+class WebSocketRejected(TestClientError):
+    """The server answered the WebSocket handshake with something else than
+    ``101``; ``response`` is that answer (a ``403`` for an application that
+    closed before accepting, or the application's own denial response)."""
+
+
+class WebSocketDisconnect(Exception):
+    """The server closed the WebSocket session: ``code`` and ``reason`` of
+    its close frame (1005 for a close frame without a code, 1006 for a
+    connection that ended without one)."""
+
+    def __init__(self, code=1000, reason=""):
+        Exception.__init__(self, "the server closed the WebSocket session: %d %s"
+                           % (code, reason))
+        self.code = code
+        self.reason = reason
+
+
+class Headers:
+    """Header fields as the client received them, looked up in any case:
+    ``headers["Content-Type"]``, ``get(name, default)`` (several fields of
+    one name are joined with ", "), ``get_list(name)``; ``items()`` gives
+    (lower-case name, value) ``str`` pairs in order, ``raw`` the bytes."""
+
+    def __init__(self, raw=()):
+        self.raw = list(raw)     # [(lower-case name bytes, value bytes)]
+
+    @staticmethod
+    def _key(name):
+        return (name.encode("latin-1") if isinstance(name, str) else bytes(name)).lower()
+
+    def get_list(self, name):
+        key = self._key(name)
+        return [v.decode("latin-1") for k, v in self.raw if k == key]
+
+    def get(self, name, default=None):
+        values = self.get_list(name)
+        return ", ".join(values) if values else default
+
+    def __getitem__(self, name):
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name):
+        key = self._key(name)
+        return any(k == key for k, _ in self.raw)
+
+    def keys(self):
+        return list(dict.fromkeys(k.decode("latin-1") for k, _ in self.raw))
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self.keys())
+
+    def items(self):
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw]
+
+    def __repr__(self):
+        return "Headers(%r)" % self.items()
+
+
+class Response:
+    """What the server answered: ``status_code``, ``reason_phrase``,
+    ``http_version``, ``headers``, ``content`` (bytes), ``text``, ``json()``
+    and, for a chunked response that had them, ``trailers``."""
+
+    def __init__(self, request, status_code, reason_phrase, http_version, headers):
+        self.request = request                  # "GET /path?query"
+        self.status_code = status_code
+        self.reason_phrase = reason_phrase
+        self.http_version = http_version        # "HTTP/1.1"
+        self.headers = headers
+        self.trailers = Headers()
+        self._content = None
+
+    @property
+    def content(self):
+        if self._content is None:
+            raise TestClientError("the body of %s has not been read: call read() "
+                                  "(or iterate with iter_bytes()) first" % self.request)
+        return self._content
+
+    @property
+    def encoding(self):
+        """The charset of Content-Type, or utf-8."""
+        for param in (self.headers.get("content-type") or "").split(";")[1:]:
+            name, _, value = param.strip().partition("=")
+            if name.lower() == "charset" and value:
+                return value.strip('"')
+        return "utf-8"
+
+    @property
+    def text(self):
+        try:
+            return self.content.decode(self.encoding, "replace")
+        except LookupError:
+            return self.content.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.content)
+
+    def __repr__(self):
+        return "<Response [%d %s]>" % (self.status_code, self.reason_phrase)
+
+
+class _Wire:
+    """One client connection: a blocking socket and its unread bytes.  Every
+    read waits at most ``timeout`` seconds, and fails naming ``what`` it
+    waited for."""
+
+    def __init__(self, address, timeout, what):
+        self.timeout = timeout
+        self.buf = bytearray()
+        self.eof = False
+        self.send_error = None      # the server closed while the request went out
+        try:
+            self.sock = socket.create_connection(address, timeout=timeout)
+        except socket.timeout:
+            raise TestClientTimeout("could not connect for %s within %g s" % (what, timeout))
+        self.local = self.sock.getsockname()[:2]
+
+    def send(self, data, what):
+        if self.send_error is not None:
+            return
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise TestClientTimeout("the server read none of %s for %g s"
+                                    % (what, self.timeout))
+        except OSError as exc:
+            # The server may have answered early (a 413) and closed: keep
+            # going, the answer is what the test wants to see.
+            self.send_error = exc
+
+    def fill(self, what):
+        """One recv into the buffer; False at the end of the stream."""
+        if self.eof:
+            return False
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise TestClientTimeout("no %s within %g s" % (what, self.timeout))
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def read_until(self, marker, limit, what):
+        """Up to and including ``marker``; at the end of the stream, what
+        there is (without the marker)."""
+        start = 0
+        while True:
+            i = self.buf.find(marker, start)
+            if i >= 0:
+                return self.take(i + len(marker))
+            if len(self.buf) > limit:
+                raise TestClientError("%s is longer than %d bytes" % (what, limit))
+            start = max(0, len(self.buf) - len(marker) + 1)
+            if not self.fill(what):
+                return self.take(len(self.buf))
+
+    def read_exact(self, size, what):
+        """``size`` bytes, or fewer at the end of the stream."""
+        while len(self.buf) < size and self.fill(what):
+            pass
+        return self.take(size)
+
+    def read_some(self, most, what):
+        """What has arrived, at most ``most`` bytes; b"" at the end."""
+        if not self.buf:
+            self.fill(what)
+        return self.take(most)
+
+    def take(self, size):
+        out = bytes(self.buf[:size])
+        del self.buf[:size]
+        return out
+
+    def close(self, abort=False):
+        """``abort``: a reset (SO_LINGER 0) instead of a FIN, for a client
+        that leaves in the middle of a response; the server learns of it at
+        its next read or write, as when a browser tab is closed."""
+        try:
+            if abort:
+                # struct linger {l_onoff 1, l_linger 0}, in either byte order
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     b"\x01\0\0\0\0\0\0\0")
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _body_bytes(content, data, json_body):
+    """(body, content-type) of a request: bytes, or an iterator of pieces
+    for a chunked body; None for no body."""
+    given = [x for x in (content, data, json_body) if x is not None]
+    if len(given) > 1:
+        raise TypeError("give one of content=, data= and json=")
+    if json_body is not None:
+        return json.dumps(json_body).encode("utf-8"), b"application/json"
+    if data is not None:
+        return urlencode(data, doseq=True).encode("ascii"), b"application/x-www-form-urlencoded"
+    if content is None:
+        return None, None
+    if isinstance(content, str):
+        return content.encode("utf-8"), None
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return bytes(content), None
+    return iter(content), None      # an iterable of pieces: chunked
+
+
+def _header_pairs(headers):
+    """(name, value) bytes pairs from a dict or a list of pairs, str or
+    bytes; a CR, LF or NUL would split the request, so it is refused."""
+    items = headers.items() if hasattr(headers, "items") else (headers or ())
+    pairs = []
+    for name, value in items:
+        name = name.encode("latin-1") if isinstance(name, str) else bytes(name)
+        value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
+        if any(c in name + value for c in b"\r\n\0"):
+            raise ValueError("header %r contains CR, LF or NUL" % name)
+        pairs.append((name, value))
+    return pairs
+
+
+def _request_target(path, params):
+    """The origin-form target (RFC 9112 §3.2.1) of ``path``, with ``params``
+    added to its query.  A whole http:// or ws:// URL gives its path."""
+    for scheme in ("http://", "https://", "ws://", "wss://"):
+        if path.startswith(scheme):
+            path = "/" + path[len(scheme):].partition("/")[2]
+    if not path.startswith("/"):
+        raise ValueError("a request path starts with '/', not %r" % path)
+    if params:
+        path += ("&" if "?" in path else "?") + urlencode(params, doseq=True)
+    return quote(path, safe=_TARGET_SAFE)
+
+
+class _Conversation:
+    """One request on a connection of its own, from the test's side: send
+    the request, read the head, read the body as it comes, end.  Ending
+    closes the socket, waits for the application's call to return, and
+    raises what it raised."""
+
+    def __init__(self, client, method, target, headers, body, timeout, extra=()):
+        self.client = client
+        self.method = method
+        self.what = "%s %s" % (method, target)
+        self.ended = False
+        self.chunked = self.length = None
+        self.response = None
+        self.received = []          # the body's pieces so far
+        self.complete = False       # the response was read to its end
+        if not (method.isascii() and _TOKEN.fullmatch(method.encode("ascii"))):
+            raise ValueError("a method is a token (RFC 9110 §9.1), not %r" % method)
+        fields = _header_pairs(headers)
+        names = {n.lower() for n, _ in fields}
+        lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))]
+        if b"host" not in names:
+            lines.append(b"host: " + _TEST_HOST.encode("ascii"))
+        if b"user-agent" not in names:
+            lines.append(b"user-agent: testclient")
+        lines.extend(n + b": " + v for n, v in list(extra) + fields)
+        # Framing the test wrote itself (a lying Content-Length, say) is sent
+        # as it is, and the body without any of ours.
+        framed = b"content-length" in names or b"transfer-encoding" in names
+        if body is None:
+            body = b""
+        if isinstance(body, bytes) and not framed and (body or method in ("POST", "PUT", "PATCH")):
+            lines.append(b"content-length: %d" % len(body))
+        elif not isinstance(body, bytes) and not framed:
+            lines.append(b"transfer-encoding: chunked")
+        self.wire = _Wire(client.address, timeout, "the request " + self.what)
+        try:
+            if isinstance(body, bytes):
+                self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n" + body,
+                               "the request " + self.what)
+                return
+            self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n", "the request " + self.what)
+            for piece in body:
+                if isinstance(piece, str):
+                    piece = piece.encode("utf-8")
+                elif not isinstance(piece, (bytes, bytearray, memoryview)):
+                    raise TypeError("a piece of content= is bytes or str, not %s"
+                                    % type(piece).__name__)
+                if piece:
+                    self.wire.send(bytes(piece) if framed else chunk(bytes(piece)),
+                                   "the request body of " + self.what)
+            if not framed:
+                self.wire.send(LAST_CHUNK, "the request body of " + self.what)
+        except BaseException:
+            self.wire.close(abort=True)
+            raise
+
+    def read_head(self, upgrade=False):
+        """A Response without its body; interim 1xx answers are skipped
+        (but a 101 is final when ``upgrade``)."""
+        what = "response head to " + self.what
+        while True:
+            raw = self.wire.read_until(b"\r\n\r\n", _CLIENT_MAX_HEAD, what)
+            if not raw.endswith(b"\r\n\r\n"):
+                message = "the server closed the connection before a complete %s" % what
+                if self.wire.send_error is not None:
+                    message += " (sending the request failed: %s)" % self.wire.send_error
+                raise TestClientError(message + (": %r" % raw if raw else ""))
+            lines = raw[:-4].split(b"\r\n")
+            version, _, rest = lines[0].partition(b" ")
+            status, _, reason = rest.partition(b" ")
+            if not (version.startswith(b"HTTP/") and len(status) == 3 and status.isdigit()):
+                raise TestClientError("not an HTTP status line in the %s: %r" % (what, lines[0]))
+            fields = []
+            for line in lines[1:]:
+                name, colon, value = line.partition(b":")
+                if not colon:
+                    raise TestClientError("not a header field in the %s: %r" % (what, line))
+                fields.append((name.strip().lower(), value.strip(b" \t")))
+            code = int(status)
+            if 100 <= code < 200 and not (upgrade and code == 101):
+                continue
+            break
+        response = Response(self.what, code, reason.decode("latin-1"),
+                            version.decode("latin-1"), Headers(fields))
+        # RFC 9112 §6.3: how the body is framed.
+        if self.method == "HEAD" or code < 200 or code in (204, 304):
+            self.length = 0
+        elif "transfer-encoding" in response.headers:
+            coding = response.headers["transfer-encoding"].split(",")[-1].strip().lower()
+            self.chunked = coding == "chunked"
+        elif "content-length" in response.headers:
+            values = {v.strip() for v in response.headers["content-length"].split(",")}
+            value = values.pop()
+            if values or not value or not all("0" <= c <= "9" for c in value):
+                raise TestClientError("bad content-length in the %s: %r"
+                                      % (what, response.headers["content-length"]))
+            self.length = int(value)
+        self.response = response
+        return response
+
+    def body(self, keep=True):
+        """The body's pieces as they arrive (kept in ``received`` if
+        ``keep``); a body cut short raises TestClientError after the last
+        piece."""
+        for piece in self._pieces():
+            if keep:
+                self.received.append(piece)
+            yield piece
+        self.complete = True
+
+    def _pieces(self):
+        wire, response = self.wire, self.response
+        what = "more of the response body of " + self.what
+        if self.chunked:
+            while True:
+                line = wire.read_until(b"\r\n", _CLIENT_MAX_LINE, "a chunk-size line of " + self.what)
+                if not line.endswith(b"\r\n"):
+                    raise self._cut("chunked, and the last chunk never came")
+                size_text = line[:-2].split(b";")[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise TestClientError("bad chunk size %r in the response to %s"
+                                          % (size_text, self.what))
+                if size == 0:
+                    break
+                while size:
+                    piece = wire.read_some(min(size, 65536), what)
+                    if not piece:
+                        raise self._cut("chunked, and a chunk was cut")
+                    size -= len(piece)
+                    yield piece
+                if wire.read_exact(2, what) != b"\r\n":
+                    raise TestClientError("a chunk of the response to %s does not end "
+                                          "with CRLF" % self.what)
+            trailers = []
+            while True:
+                line = wire.read_until(b"\r\n", _CLIENT_MAX_LINE, "the trailers of " + self.what)
+                if not line.endswith(b"\r\n"):
+                    raise self._cut("chunked, and the trailer section was cut")
+                if line == b"\r\n":
+                    break
+                name, _, value = line[:-2].partition(b":")
+                trailers.append((name.strip().lower(), value.strip(b" \t")))
+            response.trailers = Headers(trailers)
+        elif self.length is not None:
+            left = self.length
+            while left:
+                piece = wire.read_some(min(left, 65536), what)
+                if not piece:
+                    raise self._cut("content-length %d, %d bytes missing" % (self.length, left))
+                left -= len(piece)
+                yield piece
+        else:
+            while True:      # no framing: the body ends when the connection does
+                piece = wire.read_some(65536, what)
+                if not piece:
+                    break
+                yield piece
+
+    def read_body(self):
+        size = 0
+        for piece in self.body():
+            size += len(piece)
+            if size > _CLIENT_MAX_BODY:
+                raise TestClientError("the body of %s passed %d bytes: read it with "
+                                      "client.stream()" % (self.what, _CLIENT_MAX_BODY))
+        return b"".join(self.received)
+
+    def _cut(self, how):
+        """A body that ended before its framing said: the error carries the
+        response with what did arrive."""
+        self.response._content = b"".join(self.received)
+        return TestClientError("the response to %s was cut short (%s)" % (self.what, how),
+                               self.response)
+
+    def end(self, error=None, quiet=False):
+        """Close; wait for the application's call to return (unless the
+        client timed out already); raise what the application raised, else
+        ``error``.  ``quiet``: raise nothing (the test is raising already)."""
+        if self.ended:
+            if error is not None and not quiet:
+                raise error
+            return
+        self.ended = True
+        self.wire.close(abort=not self.complete)
+        if quiet:
+            return
+        self.client._after_call(self.wire.local, self.what,
+                                wait=not isinstance(error, TestClientTimeout))
+        if error is not None:
+            raise error
+
+
+class StreamingResponse(Response):
+    """A response whose body is read as it arrives: ``iter_bytes()``,
+    ``iter_text()``, ``iter_lines()`` or ``read()``, inside ``with
+    client.stream(...) as response:``; leaving the block closes the
+    connection (the application sees the client leave)."""
+
+    def __init__(self, conversation):
+        head = conversation.response
+        Response.__init__(self, head.request, head.status_code, head.reason_phrase,
+                          head.http_version, head.headers)
+        self._conversation = conversation
+        self._started = False
+
+    def iter_bytes(self):
+        """The body's pieces as they arrive (not kept: ``content`` is for
+        read())."""
+        return self._iterate(keep=False)
+
+    def _iterate(self, keep):
+        if self._started:
+            raise TestClientError("the body of %s is being read, or was" % self.request)
+        self._started = True
+        conversation = self._conversation
+        try:
+            for piece in conversation.body(keep):
+                yield piece
+        except TestClientError as exc:
+            conversation.end(exc)
+        self.trailers = conversation.response.trailers
+        if keep:
+            self._content = b"".join(conversation.received)
+        conversation.end()
+
+    def iter_text(self):
+        decoder = codecs.getincrementaldecoder(self.encoding)("replace")
+        for piece in self.iter_bytes():
+            text = decoder.decode(piece)
+            if text:
+                yield text
+        text = decoder.decode(b"", True)
+        if text:
+            yield text
+
+    def iter_lines(self):
+        """Lines without their line break (LF or CRLF)."""
+        pending = ""
+        for text in self.iter_text():
+            pending += text
+            lines = pending.split("\n")
+            pending = lines.pop()
+            for line in lines:
+                yield line[:-1] if line.endswith("\r") else line
+        if pending:
+            yield pending
+
+    def read(self):
+        """The whole body (what is left of it), as ``content``."""
+        for _ in self._iterate(keep=True):
+            pass
+        return self.content
+
+    def close(self):
+        self._conversation.end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._conversation.end(quiet=exc_type is not None)
+
+
+class ServerSentEvent:
+    """One dispatched event (WHATWG HTML §9.2.6): ``event`` ("message" when
+    the stream named none), ``data`` (its data lines joined with "\\n"),
+    ``id`` (the last event ID, which carries over from earlier events, as a
+    browser's ``lastEventId`` does), ``retry`` (the ``retry:`` field of this
+    event in milliseconds, or None)."""
+
+    __slots__ = ("event", "data", "id", "retry")
+
+    def __init__(self, data="", event="message", id="", retry=None):
+        self.event = event
+        self.data = data
+        self.id = id
+        self.retry = retry
+
+    def json(self):
+        return json.loads(self.data)
+
+    def __eq__(self, other):
+        if not isinstance(other, ServerSentEvent):
+            return NotImplemented
+        return ((self.event, self.data, self.id, self.retry)
+                == (other.event, other.data, other.id, other.retry))
+
+    def __repr__(self):
+        return "ServerSentEvent(event=%r, data=%r, id=%r, retry=%r)" % (
+            self.event, self.data, self.id, self.retry)
+
+
+class _EventStreamParser:
+    """WHATWG HTML §9.2.6 "Interpreting an event stream", sans I/O: feed text,
+    get the events it completes.  What is pending at the end of the stream
+    is discarded, as the standard says."""
+
+    def __init__(self):
+        self.text = ""             # undecoded remainder: an incomplete line
+        self.first = True          # a U+FEFF at the very start is dropped
+        self.after_cr = False      # the last text fed ended with CR
+        self.data = []             # the data buffer, line by line
+        self.data_size = 0         # characters in it (bounded: _CLIENT_MAX_MESSAGE)
+        self.event = ""            # the event type buffer
+        self.retry = None          # this event's retry field
+        self.last_event_id = ""    # carries over from event to event
+        self.reconnection_time = None   # the last valid retry field, in ms
+
+    def feed(self, text):
+        if self.first and text:
+            self.first = False
+            if text.startswith("\ufeff"):
+                text = text[1:]
+        if self.after_cr and text.startswith("\n"):
+            text = text[1:]         # the LF of a CRLF split between two reads
+            self.after_cr = False
+        if text:
+            self.after_cr = text.endswith("\r")
+        text = self.text + text
+        events, start = [], 0
+        for match in _SSE_LINE_BREAK.finditer(text):
+            event = self._line(text[start:match.start()])
+            if event is not None:
+                events.append(event)
+            start = match.end()
+        self.text = text[start:]
+        if len(self.text) + self.data_size > _CLIENT_MAX_MESSAGE:
+            raise TestClientError("an event of the stream passed %d characters"
+                                  % _CLIENT_MAX_MESSAGE)
+        return events
+
+    def _line(self, line):
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None                     # a comment
+        field, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            self.event = value
+        elif field == "data":
+            self.data.append(value)
+            self.data_size += len(value) + 1
+        elif field == "id":
+            if "\0" not in value:
+                self.last_event_id = value
+        elif field == "retry":
+            if value and all("0" <= c <= "9" for c in value):
+                self.retry = self.reconnection_time = int(value)
+        return None                         # any other field is ignored
+
+    def _dispatch(self):
+        data, event, retry = self.data, self.event, self.retry
+        self.data, self.event, self.retry, self.data_size = [], "", None, 0
+        if not data:
+            return None                     # no data: nothing is dispatched
+        return ServerSentEvent("\n".join(data), event or "message", self.last_event_id, retry)
+
+
+class EventStream:
+    """``with client.sse(path) as events:`` -- iterate for ServerSentEvent
+    objects until the server ends the stream; leaving the block closes the
+    connection (the application gets sse.disconnect).  ``response`` is the
+    response head; an answer that is not a stream (a status other than 200,
+    or a content type other than text/event-stream: WHATWG "fail the
+    connection") has its body read, and iterating raises TestClientError."""
+
+    def __init__(self, conversation, response, is_stream):
+        self._conversation = conversation
+        self.response = response
+        self.is_stream = is_stream
+        self._parser = _EventStreamParser()
+        self._started = False
+
+    @property
+    def last_event_id(self):
+        return self._parser.last_event_id
+
+    @property
+    def reconnection_time(self):
+        """The last ``retry:`` the server sent, in milliseconds, or None."""
+        return self._parser.reconnection_time
+
+    def __iter__(self):
+        if not self.is_stream:
+            response = self.response
+            raise TestClientError("%s is not an event stream: %d %s, content-type %s"
+                                  % (response.request, response.status_code,
+                                     response.reason_phrase,
+                                     response.headers.get("content-type")), response)
+        if self._started:
+            raise TestClientError("this event stream is being read, or was")
+        self._started = True
+        conversation, parser = self._conversation, self._parser
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            for piece in conversation.body(keep=False):
+                for event in parser.feed(decoder.decode(piece)):
+                    yield event
+            parser.feed(decoder.decode(b"", True))
+        except TestClientError as exc:
+            conversation.end(exc)
+        conversation.end()
+
+    def close(self):
+        self._conversation.end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._conversation.end(quiet=exc_type is not None)
+
+
+class WebSocketSession:
+    """The client's side of one WebSocket session (RFC 6455), after a 101.
+
+    ``send_text``, ``send_bytes``, ``send_json``; ``receive()`` (a ``str``
+    for a text message, ``bytes`` for a binary one), ``receive_text``,
+    ``receive_bytes``, ``receive_json``; ``close(code, reason)``.  Frames
+    are masked (§5.3), fragmented messages reassembled (§5.4), pings
+    answered (§5.5.2); a close frame from the server is answered (§5.5.1),
+    and receive raises WebSocketDisconnect with its code and reason.
+    ``subprotocol`` is the one the server chose, or None; ``headers`` those
+    of the 101."""
+
+    def __init__(self, conversation, response, subprotocol):
+        self._conversation = conversation
+        self._wire = conversation.wire
+        self.path = conversation.what.partition(" ")[2]
+        self.headers = response.headers
+        self.subprotocol = subprotocol
+        self.closed = False              # a close frame was received, or we gave up
+        self.close_sent = False
+        self.close_code = None           # the server's close frame, once received
+        self.close_reason = ""
+
+    # -- sending (RFC 6455 §5.2, §5.3: every client frame masked) ------------
+
+    def _send_frame(self, opcode, payload):
+        if self.close_sent:
+            raise TestClientError("the WebSocket session on %s is closing; "
+                                  "nothing can be sent" % self.path)
+        size = len(payload)
+        if size < 126:
+            head = bytes((0x80 | opcode, 0x80 | size))
+        elif size < 65536:
+            head = bytes((0x80 | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
+        else:
+            head = bytes((0x80 | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
+        mask = os.urandom(4)
+        self._wire.send(head + mask + _unmask(payload, mask),
+                        "a WebSocket frame on " + self.path)
+
+    def send_text(self, text):
+        self._send_frame(_OP_TEXT, text.encode("utf-8"))
+
+    def send_bytes(self, data):
+        self._send_frame(_OP_BINARY, bytes(data))
+
+    def send_json(self, value, mode="text"):
+        text = json.dumps(value)
+        if mode == "text":
+            self.send_text(text)
+        else:
+            self.send_bytes(text.encode("utf-8"))
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _read_frame(self):
+        what = "WebSocket message on " + self.path
+        wire = self._wire
+        head = wire.read_exact(2, what)
+        if len(head) < 2:
+            self._gone()
+        fin, opcode, size = head[0] & 0x80, head[0] & 0x0F, head[1] & 0x7F
+        if head[0] & 0x70:
+            self._fail("RSV bits set, and no extension was agreed (RFC 6455 §5.2)")
+        if head[1] & 0x80:
+            self._fail("a masked frame from the server (RFC 6455 §5.1)")
+        if size >= 126:
+            extra = wire.read_exact(2 if size == 126 else 8, what)
+            if len(extra) < (2 if size == 126 else 8):
+                self._gone()
+            size = int.from_bytes(extra, "big")
+        if opcode >= 0x8 and (size > 125 or not fin):
+            self._fail("a control frame longer than 125 bytes or fragmented (RFC 6455 §5.5)")
+        if size > _CLIENT_MAX_MESSAGE:
+            self._fail("a frame of %d bytes, past the client's %d" % (size, _CLIENT_MAX_MESSAGE),
+                       1009)
+        payload = wire.read_exact(size, what)
+        if len(payload) < size:
+            self._gone()
+        return fin, opcode, payload
+
+    def receive(self):
+        """The next message: ``str`` (text) or ``bytes`` (binary)."""
+        if self.closed:
+            raise WebSocketDisconnect(self.close_code or 1006, self.close_reason)
+        kind, parts, size = None, [], 0
+        while True:
+            fin, opcode, payload = self._read_frame()
+            if opcode == _OP_PING:
+                if not self.close_sent:
+                    self._send_frame(_OP_PONG, payload)
+                continue
+            if opcode == _OP_PONG:
+                continue
+            if opcode == _OP_CLOSE:
+                self._closed_by_server(payload)
+            if opcode == _OP_CONT:
+                if kind is None:
+                    self._fail("a continuation frame with no message to continue (§5.4)")
+            elif opcode in (_OP_TEXT, _OP_BINARY):
+                if kind is not None:
+                    self._fail("a new message inside a fragmented one (§5.4)")
+                kind = opcode
+            else:
+                self._fail("unknown opcode 0x%x (§5.2)" % opcode)
+            size += len(payload)
+            if size > _CLIENT_MAX_MESSAGE:
+                self._fail("a message of more than %d bytes" % _CLIENT_MAX_MESSAGE, 1009)
+            parts.append(payload)
+            if fin:
+                break
+        data = b"".join(parts)
+        if kind == _OP_BINARY:
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail("a text message that is not UTF-8 (§8.1)", 1007)
+
+    def receive_text(self):
+        message = self.receive()
+        if not isinstance(message, str):
+            raise TestClientError("expected a text message on %s, got %d bytes of binary"
+                                  % (self.path, len(message)))
+        return message
+
+    def receive_bytes(self):
+        message = self.receive()
+        if not isinstance(message, bytes):
+            raise TestClientError("expected a binary message on %s, got text %r"
+                                  % (self.path, message[:80]))
+        return message
+
+    def receive_json(self):
+        return json.loads(self.receive())
+
+    # -- closing (RFC 6455 §5.5.1, §7) --------------------------------------------------
+
+    def _closed_by_server(self, payload):
+        """The server's close frame: answer it, end, raise WebSocketDisconnect
+        (or what the application raised: its exception is why a 1011 came)."""
+        if len(payload) == 1:
+            self._fail("a close frame with a 1-byte payload (§5.5.1)")
+        code = int.from_bytes(payload[:2], "big") if payload else 1005
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail("a close reason that is not UTF-8 (§5.5.1)", 1007)
+        if not self.close_sent:
+            # §5.5.1: answer with a close frame, echoing the status code.
+            self._send_frame(_OP_CLOSE, payload[:2])
+            self.close_sent = True
+        self.closed = True
+        self.close_code, self.close_reason = code, reason
+        self._conversation.complete = True      # a clean close: a FIN, not a reset
+        self._conversation.end()
+        raise WebSocketDisconnect(code, reason)
+
+    def close(self, code=1000, reason=""):
+        """Send a close frame, wait for the server's (messages that arrive
+        meanwhile are dropped), end.  Once closed, this does nothing."""
+        if self.closed:
+            return
+        if not self.close_sent:
+            self._send_frame(_OP_CLOSE, ws_close_payload(code, reason))
+            self.close_sent = True
+        try:
+            while True:
+                self.receive()
+        except WebSocketDisconnect:
+            pass
+
+    def _gone(self):
+        """The connection ended without a close frame (1006)."""
+        self.closed = True
+        self.close_code = 1006
+        self._conversation.end()
+        raise WebSocketDisconnect(1006, "the connection ended without a close frame")
+
+    def _fail(self, message, code=1002):
+        """RFC 6455 §7.1.7: the server broke the protocol; fail the
+        connection (a close frame with ``code``, then close)."""
+        if not self.close_sent:
+            try:
+                self._send_frame(_OP_CLOSE, ws_close_payload(code))
+            except TestClientError:
+                pass
+            self.close_sent = True
+        self.closed = True
+        self.close_code = code
+        self._conversation.end(TestClientError("the WebSocket session on %s failed: %s"
+                                               % (self.path, message)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.closed = True
+            self._conversation.end(quiet=True)
+        else:
+            self.close()
+
+
+class _Call:
+    """One call of the application, as the test client saw it."""
+
+    __slots__ = ("scope_type", "done", "exception", "started")
+
+    def __init__(self, scope_type):
+        self.scope_type = scope_type
+        self.done = threading.Event()    # set when the call has returned or raised
+        self.exception = None            # what it raised (CancelledError aside)
+        self.started = False             # lifespan: startup.complete was sent
+
+
+class _RecordingApp:
+    """The application as the test client's server calls it: each call is
+    registered under the client address of its scope, and an exception it
+    raises is recorded for the test thread, then raised on to the server,
+    which answers as it always does (a 500, a close 1011, a cut stream).
+    A generator application gets a generator (``yield from``), an ``async
+    def`` one a coroutine (``await``): the server drives either the same
+    way, so the wrapper changes nothing it sees.  An exception on the
+    lifespan scope before startup.complete is a decline, not an error."""
+
+    def __init__(self, app, raise_exceptions):
+        self.app = app
+        self.raise_exceptions = raise_exceptions
+        self.lock = threading.Lock()
+        self.calls = {}            # (host, port) of the client -> _Call
+        self.errors = []           # exceptions the test has not seen yet
+        self.lifespan = None       # the _Call of the lifespan scope
+        self.startup_failed = None  # the message of lifespan.startup.failed
+
+    def __call__(self, scope, receive, send):
+        call = _Call(scope.get("type"))
+        if call.scope_type == "lifespan":
+            self.lifespan = call
+            send = self._watching(send, call)
+        elif scope.get("client"):
+            with self.lock:
+                self.calls[tuple(scope["client"])] = call
+        try:
+            coro = self.app(scope, receive, send)
+            if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+                raise TypeError("the application must return a generator or a coroutine, "
+                                "it returned %s (is it missing a 'yield' or 'async def'?)"
+                                % type(coro).__name__)
+        except Exception as exc:
+            self._ended(call, exc)
+            raise
+        if hasattr(coro, "__await__"):
+            return self._coroutine(coro, call)
+        return self._generator(coro, call)
+
+    def _generator(self, coro, call):
+        exception = None
+        try:
+            return (yield from coro)
+        except Exception as exc:
+            exception = exc
+            raise
+        finally:
+            self._ended(call, exception)
+
+    async def _coroutine(self, coro, call):
+        exception = None
+        try:
+            return await coro
+        except Exception as exc:
+            exception = exc
+            raise
+        finally:
+            self._ended(call, exception)
+
+    def _watching(self, send, call):
+        def lifespan_send(event):
+            etype = event.get("type") if isinstance(event, dict) else None
+            if etype == "lifespan.startup.complete":
+                call.started = True
+            elif etype == "lifespan.startup.failed":
+                self.startup_failed = event.get("message") or ""
+            elif etype == "lifespan.shutdown.failed":
+                self._record(LifespanFailed("lifespan.shutdown.failed: %s"
+                                            % (event.get("message") or "")))
+            return send(event)
+        return lifespan_send
+
+    def _ended(self, call, exception):
+        if isinstance(exception, CancelledError):
+            exception = None
+        call.exception = exception
+        declined = call.scope_type == "lifespan" and not call.started
+        if exception is not None and not declined:
+            self._record(exception)
+        call.done.set()
+
+    def _record(self, exception):
+        if self.raise_exceptions:
+            with self.lock:
+                self.errors.append(exception)
+
+    def call_of(self, client):
+        with self.lock:
+            return self.calls.pop(tuple(client), None)
+
+    def take_error(self):
+        with self.lock:
+            return self.errors.pop(0) if self.errors else None
+
+
+class _ServerThread:
+    """A Server and the thread that runs it: the lifespan startup first
+    (``ready`` is set after it, ``started`` says how it went), then
+    serve() until stop()."""
+
+    def __init__(self, server):
+        self.server = server
+        self.ready = threading.Event()
+        self.started = None            # True; False if refused; or what startup raised
+        self.thread = threading.Thread(target=self.run, name="pagi_ref.TestClient",
+                                       daemon=True)
+
+    def run(self):
+        server = self.server
+        try:
+            self.started = server.startup()
+        except BaseException as exc:    # a bug of the server: shown to the test
+            self.started = exc
+        self.ready.set()
+        if self.started is True:
+            server.serve()
+        else:
+            server.close()
+
+    def stop(self, timeout):
+        """Graceful stop (lifespan shutdown included); False if the thread
+        is still running after twice ``timeout`` (the shutdown timeout: for
+        the requests, then for the lifespan shutdown, as the server does),
+        plus a margin."""
+        self.server.stop(timeout)
+        self.thread.join(2 * timeout + 5.0)
+        return not self.thread.is_alive()
+
+
+def _stop_forgotten(running, timeout):
+    """A client dropped without close(): stop its server."""
+    if running.thread.is_alive():
+        running.stop(timeout)
+
+
+class TestClient:
+    """Test a PAGI application through the server, over real sockets.
+
+        with pagi_ref.TestClient(app) as client:
+            response = client.get("/")
+            assert response.status_code == 200
+
+    Entering the block starts a Server on 127.0.0.1 (a port the OS picks)
+    and runs the lifespan startup; leaving it runs the shutdown and stops
+    the server.  ``state`` is the lifespan state: requests get their
+    shallow copy of it, as under the server.  Used without ``with``, the
+    client starts the server at its first request, without lifespan (as
+    Starlette's does), and ``close()`` stops it.
+
+    Every request goes on a connection of its own and returns once the
+    application's call has returned.  An exception the application raised
+    is raised in the test (``raise_server_exceptions=False``: the test sees
+    only what a client sees: a 500, a close 1011, a cut stream).  Each wait
+    is bounded by ``timeout`` seconds.  Other keyword arguments are Config
+    fields (``max_body_size=1024``, ``lifespan="on"``...); the access log
+    is off unless asked for.
+    """
+
+    __test__ = False    # not a pytest test class, whatever its name
+
+    def __init__(self, app, raise_server_exceptions=True, timeout=10.0, **config):
+        self.app = app
+        self.raise_server_exceptions = raise_server_exceptions
+        self.timeout = timeout
+        config.setdefault("access_log", None)
+        config.setdefault("shutdown_timeout", timeout)     # a test waits no longer
+        config.update(host="127.0.0.1", port=0)
+        Config(**config)                # a bad field fails here, not at the first request
+        self._config = config
+        self.log = logging.getLogger("pagi_ref.testclient")
+        self._app = None                # the _RecordingApp of the running server
+        self._running = None            # its _ServerThread
+        self._finalizer = None
+
+    def __repr__(self):
+        return "<TestClient %s %s>" % (
+            getattr(self.app, "__qualname__", self.app),
+            "on http://%s:%d" % self.address if self._running else "stopped")
+
+    # -- the server -------------------------------------------------------------
+
+    def __enter__(self):
+        if self._running is not None:
+            raise TestClientError("this TestClient is running already: enter it before "
+                                  "its first request, and once")
+        self._start(lifespan=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._stop(raise_errors=exc_type is None)
+
+    def close(self):
+        """Stop the server (after the lifespan shutdown, if it ran) and
+        raise what the application raised that the test has not seen."""
+        self._stop(raise_errors=True)
+
+    def _start(self, lifespan):
+        config = dict(self._config)
+        if not lifespan:
+            config["lifespan"] = "off"
+        self._app = recording = _RecordingApp(self.app, self.raise_server_exceptions)
+        server = Server(recording, Config(**config), logger=self.log)
+        server.bind()
+        self._running = running = _ServerThread(server)
+        self._finalizer = weakref.finalize(self, _stop_forgotten, running,
+                                           server.config.shutdown_timeout)
+        running.thread.start()
+        if not running.ready.wait(self.timeout):
+            self._stop(raise_errors=False)
+            raise TestClientTimeout("the lifespan startup did not complete within %g s"
+                                    % self.timeout)
+        started = running.started
+        if started is True:
+            return
+        self._stop(raise_errors=False)
+        if isinstance(started, BaseException):
+            raise started
+        if recording.startup_failed is not None:
+            raise LifespanFailed(recording.startup_failed)
+        declined = recording.lifespan.exception if recording.lifespan else None
+        raise LifespanFailed("the application declined lifespan, which lifespan='on' "
+                             "requires") from declined
+
+    def _stop(self, raise_errors):
+        running, self._running = self._running, None
+        if running is None:
+            return
+        self._finalizer.detach()
+        shutdown_timeout = running.server.config.shutdown_timeout
+        if not running.stop(shutdown_timeout):
+            raise TestClientTimeout("the server did not stop within %g s"
+                                    % (2 * shutdown_timeout + 5.0))
+        if raise_errors:
+            self._raise_pending()
+
+    def _ensure_running(self):
+        if self._running is None:
+            self._start(lifespan=False)
+        self._raise_pending()
+
+    def _raise_pending(self):
+        if self._app is not None:
+            error = self._app.take_error()
+            if error is not None:
+                raise error
+
+    def _after_call(self, client, what, wait=True):
+        """After the client closed the connection of ``what``: wait for the
+        application's call on it to return, then raise what it raised."""
+        call = self._app.call_of(client)
+        if call is not None and wait and not call.done.wait(self.timeout):
+            self._raise_pending()
+            raise TestClientTimeout(
+                "the application was still running %g s after the client closed the "
+                "connection of %s: an application should return once the client has "
+                "gone (receive() gives a disconnect event; see pagi.connection)"
+                % (self.timeout, what))
+        self._raise_pending()
+
+    @property
+    def address(self):
+        """(host, port) of the running server: for clients other than this one."""
+        if self._running is None:
+            raise TestClientError("the server is not running: use 'with TestClient(app) as "
+                                  "client:' or make a request first")
+        return self._running.server.address
+
+    @property
+    def state(self):
+        """The lifespan state: what the application's startup put in its
+        ``scope["state"]``; each request gets a shallow copy."""
+        if self._running is None:
+            raise TestClientError("the server is not running: use 'with TestClient(app) as "
+                                  "client:'")
+        return self._running.server.state
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _conversation(self, method, path, content, data, json_body, headers, params,
+                      timeout, extra=()):
+        self._ensure_running()
+        body, content_type = _body_bytes(content, data, json_body)
+        pairs = _header_pairs(headers or ())
+        if content_type and not any(n.lower() == b"content-type" for n, _ in pairs):
+            pairs.append((b"content-type", content_type))
+        return _Conversation(self, method.upper(), _request_target(path, params), pairs, body,
+                             self.timeout if timeout is None else timeout, extra)
+
+    def request(self, method, path, *, content=None, data=None, json=None, headers=None,
+                params=None, timeout=None):
+        """Send one request, read the whole response.  ``content``: bytes,
+        str (UTF-8), or an iterable of pieces (sent chunked); ``data``: a
+        form (dict); ``json``: any JSON value.  ``headers``: a dict or a
+        list of pairs.  ``params``: added to the query."""
+        conversation = self._conversation(method, path, content, data, json, headers, params,
+                                          timeout)
+        try:
+            response = conversation.read_head()
+            response._content = conversation.read_body()
+        except TestClientError as exc:
+            conversation.end(exc)
+        except BaseException:
+            conversation.end(quiet=True)
+            raise
+        conversation.end()
+        return response
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def head(self, path, **kwargs):
+        return self.request("HEAD", path, **kwargs)
+
+    def options(self, path, **kwargs):
+        return self.request("OPTIONS", path, **kwargs)
+
+    def delete(self, path, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path, **kwargs):
+        return self.request("PUT", path, **kwargs)
+
+    def patch(self, path, **kwargs):
+        return self.request("PATCH", path, **kwargs)
+
+    def stream(self, method, path, *, content=None, data=None, json=None, headers=None,
+               params=None, timeout=None):
+        """``with client.stream("GET", path) as response:``, the body read
+        as it arrives (``response.iter_bytes()`` and friends)."""
+        conversation = self._conversation(method, path, content, data, json, headers, params,
+                                          timeout)
+        try:
+            conversation.read_head()
+        except TestClientError as exc:
+            conversation.end(exc)
+        except BaseException:
+            conversation.end(quiet=True)
+            raise
+        return StreamingResponse(conversation)
+
+    # -- Server-Sent Events ---------------------------------------------------------------
+
+    def sse(self, path, *, method="GET", last_event_id=None, content=None, data=None,
+            json=None, headers=None, params=None, timeout=None):
+        """``with client.sse(path) as events: for event in events: ...``:
+        a request with ``Accept: text/event-stream`` (the server gives the
+        application an ``sse`` scope), read as a browser's EventSource
+        reads it.  ``last_event_id``: sent as Last-Event-ID, as a browser
+        does when it reconnects."""
+        extra = [(b"accept", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        if last_event_id is not None:
+            extra.append((b"last-event-id", str(last_event_id).encode("utf-8")))
+        names = {n.lower() for n, _ in _header_pairs(headers or ())}
+        extra = [(n, v) for n, v in extra if n not in names]
+        conversation = self._conversation(method, path, content, data, json, headers, params,
+                                          timeout, extra)
+        try:
+            response = conversation.read_head()
+            media_type = (response.headers.get("content-type") or "").split(";")[0]
+            is_stream = (response.status_code == 200
+                         and media_type.strip().lower() == "text/event-stream")
+            if not is_stream:
+                response._content = conversation.read_body()
+        except TestClientError as exc:
+            conversation.end(exc)
+        except BaseException:
+            conversation.end(quiet=True)
+            raise
+        if not is_stream:
+            conversation.end()
+        return EventStream(conversation, response, is_stream)
+
+    # -- WebSocket ------------------------------------------------------------------------
+
+    def websocket_connect(self, path, subprotocols=None, *, headers=None, params=None,
+                          timeout=None):
+        """``with client.websocket_connect(path) as ws:``: the opening
+        handshake (RFC 6455 §4.1), then a WebSocketSession.  A refusal (any
+        answer but 101) raises WebSocketRejected with that answer."""
+        key = base64.b64encode(os.urandom(16))
+        extra = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+                 (b"sec-websocket-key", key), (b"sec-websocket-version", b"13")]
+        if subprotocols:
+            extra.append((b"sec-websocket-protocol", ", ".join(subprotocols).encode("ascii")))
+        conversation = self._conversation("GET", path, None, None, None, headers, params,
+                                          timeout, extra)
+        try:
+            response = conversation.read_head(upgrade=True)
+            if response.status_code != 101:
+                response._content = conversation.read_body()
+        except TestClientError as exc:
+            conversation.end(exc)
+        except BaseException:
+            conversation.end(quiet=True)
+            raise
+        if response.status_code != 101:
+            conversation.end()
+            raise WebSocketRejected("the WebSocket handshake to %s was answered %d %s"
+                                    % (conversation.what, response.status_code,
+                                       response.reason_phrase), response)
+        # §4.1: the client checks the server's handshake before using it.
+        expected = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest()).decode("ascii")
+        chosen = response.headers.get("sec-websocket-protocol")
+        problem = None
+        if (response.headers.get("upgrade") or "").lower() != "websocket":
+            problem = "no 'Upgrade: websocket'"
+        elif "upgrade" not in (response.headers.get("connection") or "").lower():
+            problem = "no 'Connection: Upgrade'"
+        elif response.headers.get("sec-websocket-accept") != expected:
+            problem = "a wrong Sec-WebSocket-Accept"
+        elif chosen is not None and chosen not in (subprotocols or ()):
+            problem = "a subprotocol the client did not offer: %r" % chosen
+        elif "sec-websocket-extensions" in response.headers:
+            problem = "an extension the client did not offer"
+        if problem is not None:
+            conversation.end(TestClientError("the 101 to %s has %s (RFC 6455 §4.1)"
+                                             % (conversation.what, problem), response))
+        return WebSocketSession(conversation, response, chosen)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ if ROOT not in sys.path:
 TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
+# The wire helpers (a raw-socket HTTP/1.1 client) are the conformance suite's:
+# one copy, spec_tests/spec_wire.py.
+SPEC_TESTS = os.path.join(ROOT, "spec_tests")
+if SPEC_TESTS not in sys.path:
+    sys.path.insert(0, SPEC_TESTS)
 
 import pagi_ref  # noqa: E402
 

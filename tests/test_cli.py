@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from wire import exchange
+from spec_wire import exchange
 from apputil import ROOT, SCRIPT, ServerProcess as Proc, req
 
 
@@ -137,7 +137,7 @@ def test_signals_stop_cleanly_with_status_0(sig):
 
 
 def test_signal_stops_an_idle_server_with_an_open_connection():
-    from wire import connect
+    from spec_wire import connect
     proc = Proc([SCRIPT, "examples/hello.py:app", "--port", "0", "--shutdown-timeout", "2"])
     try:
         _, port = proc.wait_listening()

@@ -17,7 +17,7 @@ import threading
 import pytest
 
 from conftest import ROOT, serve
-from wire import Reader, connect, exchange, get
+from spec_wire import Reader, connect, exchange, get
 from apputil import req, wait_until
 
 EXAMPLES = os.path.join(ROOT, "examples")

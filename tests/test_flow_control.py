@@ -26,7 +26,7 @@ import pytest
 
 import pagi_ref
 from conftest import ROOT, serve
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 from apputil import body, req, respond, start, wait_until
 
 

@@ -33,7 +33,7 @@ import pytest
 
 import pagi_ref
 from conftest import ROOT, serve
-from wire import Reader, connect
+from spec_wire import Reader, connect
 from apputil import read_body, req, respond, wait_until
 
 SCRIPT = os.path.join(ROOT, "pagi_ref.py")

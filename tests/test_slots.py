@@ -28,7 +28,7 @@ import pytest
 import pagi_ref
 from apputil import ServerProcess, req, respond, wait_until
 from conftest import serve
-from wire import Reader, connect
+from spec_wire import Reader, connect
 
 
 class Recorder:

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from apputil import ROOT, SCRIPT, ServerProcess, req
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 
 APP = textwrap.dedent('''
     import os

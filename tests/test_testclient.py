@@ -21,7 +21,7 @@ import pagi_ref
 from pagi_ref import (LifespanFailed, TestClient, TestClientError, TestClientTimeout,
                       WebSocketDisconnect, WebSocketRejected)
 from conftest import ROOT, serve
-from wire import exchange, get as raw_get
+from spec_wire import exchange, get as raw_get
 from apputil import read_body, respond
 
 

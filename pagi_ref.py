@@ -42,12 +42,34 @@ Principles:
      bounded number of steps, then goes back through the ready queue.
 """
 
+# Before anything else, refuse what cannot work, in words: this module
+# needs CPython 3.9+ (os.waitstatus_to_exitcode, the fork-safe standard
+# library it was tested with) and a POSIX system (fork, signals, the
+# resource module).  Kept to syntax that even Python 3.6 can parse, so that
+# an old interpreter reaches this message rather than a SyntaxError.
+import os as _os
+import sys as _sys
+
+_REFUSAL = None
+if _sys.version_info < (3, 9):
+    _REFUSAL = ("pagi_ref needs CPython 3.9 or newer; this is Python %s"
+                % ".".join(str(n) for n in tuple(_sys.version_info)[:3]))
+elif _os.name != "posix":
+    _REFUSAL = ("pagi_ref needs a POSIX system (Linux, macOS, a BSD): it uses fork, "
+                "POSIX signals and the resource module; this is os.name %r" % _os.name)
+if _REFUSAL is not None:
+    if __name__ == "__main__":
+        _sys.exit("pagi_ref: error: " + _REFUSAL)
+    raise ImportError(_REFUSAL)
+del _os, _sys, _REFUSAL
+
 import base64
 import binascii
 import codecs
 import collections
 import concurrent.futures
 import errno
+import faulthandler
 import hashlib
 import heapq
 import importlib
@@ -55,6 +77,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import re
 import resource
 import select
@@ -166,6 +189,17 @@ _CONFIG_FIELDS = [
     ("lifespan", "auto", str,
      "lifespan scope: auto (run it; an application that declines is fine), "
      "on (a decline stops the server), off (never)"),
+    # Supervision (sections 2, 10, 11).
+    ("slow_callback", 0.5, float,
+     "seconds one callback may hold the event loop before a WARNING names it (0: never)"),
+    ("worker_timeout", 30.0, float,
+     "seconds a worker's loop may go without turning before the supervisor kills "
+     "and replaces it (0: never)"),
+    ("max_requests", 0, int,
+     "requests a worker serves before it is replaced gracefully (0: no limit)"),
+    ("max_requests_jitter", 0, int,
+     "up to this many more requests, drawn per worker, so workers do not all "
+     "restart at once"),
 ]
 
 _CONFIG_FACTORIES = {"max_connections": _default_max_connections}
@@ -278,17 +312,41 @@ class Timer:
         return (self.when, self.seq) < (other.when, other.seq)
 
 
+def _loop_context(callback, args=()):
+    """What a callback serves, in the application's words, for the slow
+    callback warning.  An object may define ``loop_context()`` (a Task, a
+    connection, an exchange: "http GET /report"); a bound method stands for
+    its object."""
+    for obj in (callback,) + tuple(args[:1]):
+        for _ in range(3):
+            describe = getattr(obj, "loop_context", None)
+            if describe is not None:
+                try:
+                    return describe()
+                except Exception:
+                    break
+            owner = getattr(obj, "__self__", None)
+            if owner is None:
+                break
+            obj = owner
+    return getattr(callback, "__qualname__", None) or repr(callback)
+
+
 class Loop:
     """The reactor: I/O readiness, timers and a ready queue, on one thread.
 
     Collaborators are parameters so tests can drive it: ``selector`` (any
     selectors.BaseSelector) and ``clock`` (a monotonic float function).
+    ``slow_callback``: seconds one callback may hold the loop before a
+    WARNING names it (0: never), as asyncio's debug mode does.
     """
 
-    def __init__(self, selector=None, clock=time.monotonic, logger=None):
+    def __init__(self, selector=None, clock=time.monotonic, logger=None, slow_callback=0.5):
         self._selector = selector or selectors.DefaultSelector()
         self._clock = clock                 # monotonic seconds
         self.log = logger or logging.getLogger("pagi_ref")
+        self.slow_callback = slow_callback  # seconds; 0: callbacks are not timed
+        self._signals = {}                  # signum -> callback(signum), run on the loop
         self._ready = collections.deque()   # (callback, args) to run this turn
         self._timers = []                   # heap of Timer
         self._timer_seq = 0                 # tie-breaker: equal times run in order
@@ -403,6 +461,31 @@ class Loop:
             except (KeyError, ValueError):
                 pass
 
+    # -- signals --------------------------------------------------------------
+    #
+    # Python runs a signal handler in the main thread between two bytecodes
+    # of whatever it was doing -- possibly in the middle of a write to
+    # stderr, where logging from the handler fails with "reentrant call".
+    # So the handler only queues the callback and writes to the self-pipe;
+    # the callback runs on the loop like any other, and may log.
+
+    def add_signal_handler(self, signum, callback):
+        """Run ``callback(signum)`` on this loop when ``signum`` arrives.
+        Main thread only (Python's rule for signal handlers)."""
+        self._signals[signum] = callback
+        signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        callback = self._signals.get(signum)
+        if callback is not None:
+            self.call_soon_threadsafe(callback, signum)
+
+    def remove_signal_handlers(self):
+        """Give back the signals this loop handles to their default action."""
+        for signum in self._signals:
+            signal.signal(signum, signal.SIG_DFL)
+        self._signals.clear()
+
     # -- running --------------------------------------------------------------
 
     def stop(self):
@@ -437,10 +520,17 @@ class Loop:
             timeout = None
         events = self._selector.select(timeout)
         self.now = now = self._clock()
+        # A callback that holds the loop longer than slow_callback is named
+        # in a WARNING: one clock read per callback, each measured from the
+        # end of the one before.
+        slow = self.slow_callback
+        clock = self._clock
+        mark = now
         # The I/O callbacks are called in place, not through _run_callback:
         # this is the hot path, one call less per readiness event.
         for key, mask in events:
             handler = key.data
+            callback = handler[0] or handler[1]   # for the warning: the call may clear them
             try:
                 if mask & _READ and handler[0] is not None:
                     handler[0]()
@@ -451,6 +541,11 @@ class Loop:
             except BaseException:
                 self.log.error("unexpected error in an I/O callback for %r\n%s",
                                key.fileobj, traceback.format_exc().rstrip())
+            if slow:
+                end = clock()
+                if end - mark > slow:
+                    self._report_slow(callback, (), end - mark)
+                mark = end
         # Phase 2: move due timers to the ready queue.
         # A timer due within the clock's resolution fires now: epoll rounds
         # its timeout up to whole milliseconds, and waiting again for the
@@ -462,9 +557,23 @@ class Loop:
                 ready.append((timer.callback, timer.args))
         # Phase 3: run what was ready at the start of this phase; what those
         # callbacks schedule waits for the next turn, after another poll.
+        if not slow:
+            for _ in range(len(ready)):
+                callback, args = ready.popleft()
+                self._run_callback(callback, args)
+            return
         for _ in range(len(ready)):
             callback, args = ready.popleft()
             self._run_callback(callback, args)
+            end = clock()
+            if end - mark > slow:
+                self._report_slow(callback, args, end - mark)
+            mark = end
+
+    def _report_slow(self, callback, args, seconds):
+        self.log.warning("the loop was blocked for %.3f s by %s: every connection of "
+                         "this process waited (slow_callback %.3f s)", seconds,
+                         _loop_context(callback, args), self.slow_callback)
 
     def _run_callback(self, callback, args):
         try:
@@ -474,6 +583,20 @@ class Loop:
         except BaseException:
             self.log.error("unexpected error in loop callback %r\n%s",
                            callback, traceback.format_exc().rstrip())
+
+    def abandon_after_fork(self):
+        """In a child just forked from the process running this loop: let go
+        of the loop without touching what the parent still uses.  (Closing
+        it would unregister its descriptors from an epoll instance that the
+        fork shared with the parent.)"""
+        _running.loop = None
+        self._selector.close()    # only this process's handle on it
+        self._wake_r.close()
+        self._wake_w.close()
+        self._handlers.clear()
+        self._signals.clear()
+        self._ready.clear()
+        self._timers = []
 
     def close(self):
         if self._executor is not None:
@@ -658,6 +781,15 @@ class Task(Future):
     def __repr__(self):
         return "<Task %s %s>" % (self.name or getattr(self._coro, "__qualname__", "?"),
                                  self._state)
+
+    def loop_context(self):
+        """What this task serves, for the slow-callback warning: its owner's
+        words (the exchange, the session) when it has one."""
+        owner = getattr(self.on_exit, "__self__", None)
+        describe = getattr(owner, "loop_context", None)
+        if describe is not None:
+            return describe()
+        return "task %s" % (self.name or getattr(self._coro, "__qualname__", "?"))
 
     def cancel(self):
         """Throw CancelledError into the coroutine at its current yield."""
@@ -2215,6 +2347,13 @@ class Exchange:
         return "<Exchange %s %r status=%d done=%s>" % (
             self.head.method, self.head.target, self.status, self.response_done)
 
+    scope_type = "http"
+
+    def loop_context(self):
+        # ascii(): a client's path cannot forge log lines.
+        return "%s %s %s" % (self.scope_type, self.head.method,
+                             ascii(decode_path(self.head.path))[1:-1])
+
     def scope(self):
         conn = self.conn
         head = self.head
@@ -2606,6 +2745,7 @@ class Exchange:
 
 _LINGER_SECONDS = 2.0    # how long a closing socket keeps draining input
 _PIPELINE_BUFFER = 65536  # bytes of pipelined requests read ahead of the current one
+_FIRST_REQUEST_GRACE = 1.0  # seconds a request on its way at shutdown gets to arrive
 
 
 def _below_min_rate(waited, received, grace, min_rate):
@@ -2755,6 +2895,11 @@ class HTTPConnection(Connection):
         self.paused_at = None         # when reading last paused (None: reading)
         self.paused_for = 0.0         # seconds of this body's wait spent paused
 
+    def loop_context(self):
+        if self.exchange is not None:
+            return self.exchange.loop_context()
+        return "http connection from %s" % (self.client[0] if self.client else "?")
+
     def __repr__(self):
         return "<HTTPConnection fd=%d client=%r requests=%d %s>" % (
             self.fd, self.client, self.requests,
@@ -2898,6 +3043,10 @@ class HTTPConnection(Connection):
                 exchange.end_body()
 
     def _begin(self, head):
+        server = self.server
+        server.requests += 1              # counted against max_requests (section 10)
+        if server.requests == server.max_requests:
+            server.max_requests_reached()
         if head.upgrade is not None:
             upgrade = self.server.upgrades.get(head.upgrade)
             if upgrade is not None:
@@ -2996,12 +3145,23 @@ class HTTPConnection(Connection):
         return True
 
     def shutdown(self):
-        """Server shutdown: an idle connection closes now; a busy one after
-        its response (Connection: close)."""
-        if self.exchange is None:
-            self.close()
-        else:
+        """Server shutdown: an idle keep-alive connection closes now; a busy
+        one after its response (Connection: close).  A request on its way (a
+        new connection that has not sent its head yet, or part of a head)
+        gets a moment to arrive and is then served, with Connection: close:
+        the connection was accepted before the listener closed, and closing
+        it would fail a request no client could have known to retry (a
+        reload must not lose one)."""
+        if self.exchange is not None:
             self.exchange.shutdown()
+        elif self.requests == 0 or self.parser.buffered:
+            self.loop.call_later(_FIRST_REQUEST_GRACE, self._close_if_idle)
+        else:
+            self.close()
+
+    def _close_if_idle(self):
+        if self.exchange is None and not self.closed:
+            self.close()
 
     def _parser_failed(self, err):
         """A parser error caused by a bug in the parser, not by the client,
@@ -3375,6 +3535,9 @@ class WebSocketConnection(Connection):
 
     def __repr__(self):
         return "<WebSocketConnection fd=%d %s>" % (self.fd, self.state)
+
+    def loop_context(self):
+        return "websocket %s" % ascii(decode_path(self.head.path))[1:-1]
 
     # -- receive ----------------------------------------------------------------
 
@@ -3758,6 +3921,7 @@ class SSEExchange(Exchange):
     """One event-stream request: an Exchange whose events are sse.*."""
 
     REQUEST = "sse.request"
+    scope_type = "sse"
     # An event-stream client that sends FIN has gone: it has nothing more
     # to send and would only ever read (unlike an HTTP half-close).
     FIN_ENDS_RESPONSE = True
@@ -3946,6 +4110,9 @@ class Lifespan:
         self.app = app
         self.task = None
 
+    def loop_context(self):
+        return "lifespan"
+
     def start(self):
         """Call the application; run this on the running loop (its first
         step may use sleep, to_thread...)."""
@@ -4050,6 +4217,7 @@ ACCESS_LOG_FORMATS = {
     "combined": '%h %l %u %t "%r" %s %b "%{Referer}i" "%{User-Agent}i"',
 }
 _ACCESS_LOG_QUEUE = 10000       # lines waiting for the sink before drops begin
+_ACCESS_LOG_DRAIN = 1.0        # seconds the sink gets at shutdown to take the rest
 _ACCESS_LOG_TOKEN = re.compile(r"%(?:\{([^}]*)\}([io])|([hlutrsbDT%]))")
 
 
@@ -4082,15 +4250,22 @@ class AccessLog:
         self.error_log = error_log
         self.format = ACCESS_LOG_FORMATS.get(fmt, fmt)
         self._render = self._compile(self.format)
+        # The writer thread writes to a descriptor of its own with os.write:
+        # never through sys.stdout's buffer, whose lock the interpreter takes
+        # at exit to flush it -- a thread stuck writing into a full pipe
+        # held that lock and the process never exited.
         if sink == "-":
-            self._file = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
-            self._owned = False
+            try:
+                stdout = sys.stdout.fileno()
+            except (AttributeError, ValueError, OSError):
+                stdout = 1        # sys.stdout replaced by something without a file
+            self._fd = os.dup(stdout)
         else:
-            self._file = open(sink, "ab")
-            self._owned = True
+            self._fd = os.open(sink, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self._queue = collections.deque()   # lines for the writer thread
         self._wake = threading.Event()
         self._closing = False
+        self._writing = 0                   # lines in the write() under way
         self.dropped = 0                    # lines dropped since the last report
         self.dropped_total = 0
         self._thread = threading.Thread(target=self._write_lines, name="pagi_ref.access_log",
@@ -4164,6 +4339,7 @@ class AccessLog:
 
     def _write_lines(self):
         queue = self._queue
+        fd = self._fd
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -4171,22 +4347,35 @@ class AccessLog:
                 lines = []
                 while queue and len(lines) < 1000:
                     lines.append(queue.popleft())
+                self._writing = len(lines)
+                data = memoryview(b"".join(lines))
                 try:
-                    self._file.write(b"".join(lines))
-                    self._file.flush()
-                except (OSError, ValueError) as exc:
+                    while data:
+                        data = data[os.write(fd, data):]
+                except OSError as exc:
                     self.error_log.error("access log: cannot write: %s", exc)
                     return
+                self._writing = 0
             if self._closing:
                 return
 
-    def close(self, timeout=1.0):
+    def close(self, drain=_ACCESS_LOG_DRAIN):
+        """At shutdown: the sink gets ``drain`` seconds to take the queued
+        lines; what it has not taken by then is dropped and counted, so that
+        a sink nobody reads never holds the exit."""
         self._closing = True
         self._wake.set()
-        self._thread.join(timeout)
+        self._thread.join(drain)
+        if self._thread.is_alive():
+            left = len(self._queue) + self._writing
+            self._queue.clear()
+            self.dropped += left
+            self.dropped_total += left
+            self.error_log.warning("access log: the sink did not take the last %d lines "
+                                   "within %.1f s of the shutdown; dropped", left, drain)
+        else:
+            os.close(self._fd)
         self.report_drops()
-        if self._owned and not self._thread.is_alive():
-            self._file.close()
 
 
 _ACCEPT_BATCH = 64          # connections accepted per readiness event
@@ -4194,6 +4383,15 @@ _ACCEPT_BACKOFF = 0.5       # seconds the listener rests after EMFILE/ENFILE
 _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
 _SHUTDOWN_GRACE = 0.1       # seconds aborted applications get to clean up
 _REFUSAL_RESERVE = 16       # refused (503) sockets lingering at once, beyond max_connections
+
+
+_SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGTTIN, signal.SIGTTOU)
+
+
+def _exit_at_once(signum, frame):
+    """SIGQUIT, and the second SIGTERM/SIGINT: no flush, no cleanup."""
+    os._exit(1)
 
 
 def listening_socket(config):
@@ -4221,13 +4419,20 @@ class Server:
     call.  Two servers in one process share nothing.
     """
 
-    def __init__(self, app, config=None, logger=None, worker_num=None):
+    def __init__(self, app, config=None, logger=None, worker_num=None, loop=None,
+                 clock=time.monotonic):
         self.app = app
         self.worker_num = worker_num  # 1..N under a Supervisor, else None
         self.supervisor_pid = None    # a worker's parent: if it dies, shut down
         self.config = config or Config()
         self.log = logger or logging.getLogger("pagi_ref")
-        self.loop = Loop(logger=self.log)
+        # The loop (or the clock of the one made here) can be injected, so
+        # tests drive time instead of waiting for it.
+        self.loop = loop or Loop(clock=clock, logger=self.log,
+                                 slow_callback=self.config.slow_callback)
+        self.requests = 0             # requests begun (max_requests counts them)
+        self.max_requests = 0         # this process's limit, drawn in serve(); 0: none
+        self.on_retire = None         # called once when max_requests is reached
         self.state = {}               # the lifespan "state" namespace
         self.connections = set()      # open connections: HTTP, WebSocket
         # Admission (see the banner).  Ordered dicts used as ordered sets,
@@ -4245,6 +4450,7 @@ class Server:
         self._evicted = 0             # idle connections closed to admit new ones
         self._signals = 0             # shutdown signals received
         self._escalate = True         # a second signal exits at once
+        self._previous_handlers = {}  # signum -> handler before install_signal_handlers
         self._shutdown_timer = None
         self.access_log = None        # AccessLog while serving, if configured
         self.lifespan = None          # the Lifespan scope, once started
@@ -4308,6 +4514,11 @@ class Server:
         if self.config.access_log:
             self.access_log = AccessLog(self.config.access_log, self.config.access_log_format,
                                         self.log)
+        if self.config.max_requests:
+            # gunicorn's jitter: workers started together do not all retire
+            # in the same second.
+            self.max_requests = self.config.max_requests + random.randint(
+                0, self.config.max_requests_jitter)
         try:
             if not self.startup():
                 return False
@@ -4329,7 +4540,11 @@ class Server:
             self.close()
 
     def close(self):
-        """Release everything: connections, listeners, the loop, the logs."""
+        """Release everything: connections, listeners, the loop, the logs,
+        and the signal handlers installed (the previous ones come back)."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
         for conn in list(self.connections):
             conn.abort("server_shutdown")
         for sock in self.listeners:
@@ -4350,23 +4565,51 @@ class Server:
         self.loop.call_soon_threadsafe(self._shutdown, timeout)
 
     def install_signal_handlers(self, escalate=True):
-        """SIGTERM and SIGINT shut down gracefully (main thread only); with
+        """The signals of one process (main thread only; docs/server.md has
+        the table).  SIGTERM and SIGINT shut down gracefully; with
         ``escalate`` a second one exits at once.  A worker does not escalate:
         it may get a signal both from its supervisor and from whoever
-        signalled the process group, and the supervisor escalates for it."""
+        signalled the process group, and the supervisor escalates for it.
+        SIGQUIT exits at once.  SIGHUP, SIGTTIN and SIGTTOU need a
+        supervisor: one process logs them and goes on (their default
+        actions would end or freeze it)."""
         self._escalate = escalate
+        for signum in _SERVER_SIGNALS:
+            self._previous_handlers.setdefault(signum, signal.getsignal(signum))
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+            signal.signal(signum, self._on_stop_signal)
+        signal.signal(signal.SIGQUIT, _exit_at_once)
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            self.loop.add_signal_handler(signum, self._unsupervised_signal)
 
-    def _on_signal(self, signum, frame):
+    def _on_stop_signal(self, signum, frame):
+        # A signal handler: count, and leave the rest to the loop.
         self._signals += 1
         if self._signals > 1:
             if self._escalate:
                 os._exit(1)    # the second signal: exit at once
             return
-        self.log.info("pagi_ref: %s received, shutting down",
+        self.loop.call_soon_threadsafe(self._signalled_shutdown, signum)
+
+    def _signalled_shutdown(self, signum):
+        self.log.info("pagi_ref: %s received, shutting down", signal.Signals(signum).name)
+        self._shutdown(None)
+
+    def _unsupervised_signal(self, signum):
+        self.log.info("pagi_ref: %s ignored: reloading and changing the number of "
+                      "workers need a supervisor (--workers 2 or more)",
                       signal.Signals(signum).name)
-        self.loop.call_soon_threadsafe(self._shutdown, None)
+
+    def max_requests_reached(self):
+        """Section 6 counts the requests begun in ``requests`` (an attribute,
+        not a call: the common path) and calls this when they reach
+        ``max_requests``: retire gracefully."""
+        if not self.shutting_down:
+            self.log.info("pagi_ref: %d requests served (max_requests); shutting down "
+                          "to be replaced", self.requests)
+            if self.on_retire is not None:
+                self.on_retire()
+            self._shutdown(None)
 
     def _shutdown(self, timeout):
         if self.shutting_down:
@@ -4542,147 +4785,524 @@ class Server:
 # ============================================================================
 # 11. Workers (pre-fork; PAGI Lifespan "Execution Model")
 #
-# With --workers N the process binds the listener once, then forks N
-# children; each builds its own Server (its own loop -- nothing of the
-# parent's loop may cross a fork) around the inherited listener, runs its
-# own lifespan (pagi.is_worker 1, pagi.worker_num 1..N) and serves.  The
-# kernel hands each new connection to one of the children that are
-# waiting in accept.  The supervisor only watches: it prints the listening
-# line once every worker has started, replaces a worker that dies, and on
-# SIGTERM or SIGINT tells every worker to shut down gracefully (SIGTERM),
-# then exits once they have; a second signal kills them at once.
+# With --workers N the process binds the listener once and becomes a
+# supervisor: it forks N workers, each of which builds its own Server (its
+# own loop -- nothing of the supervisor's loop may cross a fork) around the
+# inherited listener, runs its own lifespan (pagi.is_worker 1,
+# pagi.worker_num 1..N) and serves.  The kernel hands each new connection
+# to one of the workers waiting in accept.
+#
+# The supervisor serves nothing.  It runs a Loop of its own whose callbacks
+# are its signals (gunicorn's meanings, docs/server.md has the table), the
+# deaths of its children (SIGCHLD) and one pipe per worker, on which the
+# worker says it has started ("R"), that its loop still turns ("." every
+# second: the watchdog), that it has served max_requests ("M"), or why its
+# application could not be loaded ("E" and a line).  It holds a desired
+# state -- N workers of the current generation -- and every event ends by
+# comparing what runs with it (_fill).  A worker that dies unexpectedly is
+# replaced after a back-off that doubles while deaths come quickly; the
+# supervisor never gives up while it is not told to stop.  Only the first
+# generation failing to start ends it (exit status 2 or 3), since then
+# nothing has ever served.
+#
+# What must not go in here: anything about connections or HTTP.  A worker
+# is a Server, configured and signalled; the supervisor never looks inside.
 # ============================================================================
 
-_WORKER_REFUSED = 3          # a worker's exit status when its app refused to start
-_RESPAWN_LIMIT = 5           # deaths within _RESPAWN_WINDOW that stop the supervisor
-_RESPAWN_WINDOW = 10.0       # seconds
+_WORKER_CANNOT_LOAD = 2      # a worker's exit status: the application does not import
+_WORKER_REFUSED = 3          # a worker's exit status: its application refused to start
+_RESPAWN_FIRST = 0.1         # seconds: the back-off after a quick death, then doubling
+_RESPAWN_CAP = 30.0          # seconds: the longest back-off
+_HEALTHY_RUN = 10.0          # seconds a worker must live for its slot's back-off to reset
+_STACK_GRACE = 1.0           # seconds a stuck worker gets to write its stack before SIGKILL
+_STACK_LIMIT = 65536         # bytes of a stuck worker's stack kept for the log
+_SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                       signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+
+def _watch_interval(config):
+    """Seconds between a worker's heartbeats, and between the supervisor's
+    checks of them."""
+    return min(1.0, config.worker_timeout / 4) if config.worker_timeout else 1.0
+
+
+def _describe_exit(code):
+    if code < 0:
+        try:
+            return "was killed by signal %s" % signal.Signals(-code).name
+        except ValueError:
+            return "was killed by signal %d" % -code
+    return "exited with status %d" % code
+
+
+class _Worker:
+    """The supervisor's record of one child."""
+
+    __slots__ = ("pid", "slot", "generation", "pipe", "buf", "started", "ready",
+                 "last_beat", "retiring", "stack", "stuck", "error")
+
+    def __init__(self, pid, slot, generation, pipe, now):
+        self.pid = pid
+        self.slot = slot              # 1..N: its pagi.worker_num
+        self.generation = generation  # which reload started it
+        self.pipe = pipe              # read end of the worker's pipe
+        self.buf = b""                # an "E" line not yet complete
+        self.started = now            # when it was forked
+        self.ready = False            # it sent "R": lifespan started, serving
+        self.last_beat = now          # when its loop last said it turns
+        self.retiring = False         # asked to stop (or stopping itself): not counted
+        self.stack = None             # bytearray: the stack it wrote when stuck
+        self.stuck = False            # the watchdog asked for its stack
+        self.error = None             # why its application could not be loaded
+
+    def __repr__(self):
+        return "<worker %d pid %d gen %d%s%s>" % (
+            self.slot, self.pid, self.generation, " ready" if self.ready else "",
+            " retiring" if self.retiring else "")
 
 
 class Supervisor:
-    """Forks ``config.workers`` servers on one listener and keeps them alive."""
+    """Forks ``config.workers`` servers on one listener and keeps them alive.
 
-    def __init__(self, app, config, log):
+    ``app`` is the application, or None with ``load``: a function that
+    imports it, called in every new worker, so that a reload (SIGHUP) runs
+    the code as it is on disk now.
+    """
+
+    def __init__(self, app, config, log, load=None, clock=time.monotonic):
         self.app = app
+        self.load = load
         self.config = config
         self.log = log
-        self.children = {}        # pid -> worker number
-        self.stopping = False     # a shutdown signal arrived
-        self.signals = 0
-        self.deaths = []          # times of unexpected worker exits
+        self.loop = Loop(clock=clock, logger=log, slow_callback=config.slow_callback)
+        self.sock = None              # the listener, until the stop begins
+        self.workers = {}             # pid -> _Worker
+        self.size = config.workers    # the desired number of workers (TTIN/TTOU)
+        self.generation = 1           # the generation that serves
+        self.next_generation = None   # the generation a reload is starting
+        self.generations = 1          # generations started so far
+        self.reload_again = False     # a SIGHUP came during a reload
+        self.first_ready = False      # the first generation has started
+        self.backoff = {}             # slot -> seconds of its last back-off
+        self.respawns = {}            # slot -> Timer of a respawn after a back-off
+        self.stopping = False         # a stop signal arrived (or the start failed)
+        self.signals = 0              # stop signals received
         self.exit_status = 0
+        self.finished = Future(self.loop)   # resolved when the last worker is gone
+
+    def __repr__(self):
+        return "<Supervisor size=%d generation=%d workers=%r%s>" % (
+            self.size, self.generation, sorted(self.workers.values(), key=lambda w: w.slot),
+            " stopping" if self.stopping else "")
+
+    # -- running ----------------------------------------------------------------
 
     def run(self, sock):
         """Serve with workers on the bound ``sock``; returns the exit status."""
-        ready_r, ready_w = os.pipe()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
-        for number in range(1, self.config.workers + 1):
-            self._spawn(number, sock, ready_r, ready_w)
-        os.close(ready_w)
-        if self._wait_ready(ready_r, sock):
-            self.log.info("pagi_ref: %d workers started", self.config.workers)
-            sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % sock.getsockname()[:2])
-            sys.stderr.flush()
-        os.close(ready_r)
-        self._watch(sock)
-        sock.close()
+        self.sock = sock
+        loop = self.loop
+        handlers = {signal.SIGTERM: self._on_stop_signal, signal.SIGINT: self._on_stop_signal,
+                    signal.SIGQUIT: self._on_quit, signal.SIGHUP: self._on_hup,
+                    signal.SIGTTIN: self._on_ttin, signal.SIGTTOU: self._on_ttou,
+                    signal.SIGCHLD: self._on_sigchld}
+        for signum in _SUPERVISED_SIGNALS:
+            loop.add_signal_handler(signum, handlers[signum])
+        try:
+            self._fill()
+            loop.call_later(_watch_interval(self.config), self._tick)
+            loop.run_until(self.finished)
+        finally:
+            loop.remove_signal_handlers()
+            for worker in list(self.workers.values()):
+                _kill(worker.pid, signal.SIGKILL)    # only if run() itself failed
+            self._close_listener()
+            loop.close()
         return self.exit_status
 
-    def _spawn(self, number, sock, ready_r=None, ready_w=None):
-        pid = os.fork()
-        if pid:
-            self.children[pid] = number
-            return
-        # The child: never returns into the supervisor's code.
-        status = 1
-        try:
-            if ready_r is not None:
-                os.close(ready_r)
-            status = self._serve_child(number, sock, ready_w)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(status)
+    def _close_listener(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
-    def _serve_child(self, number, sock, ready_w):
-        server = Server(self.app, self.config, logger=self.log, worker_num=number)
+    def _live(self, generation):
+        return [w for w in self.workers.values()
+                if w.generation == generation and not w.retiring]
+
+    def _fill(self):
+        """Start what the desired state lacks: one worker per slot of the
+        serving generation, except slots waiting out a back-off."""
+        if self.stopping or self.next_generation is not None:
+            return
+        taken = {w.slot for w in self._live(self.generation)}
+        for slot in range(1, self.size + 1):
+            if slot not in taken and slot not in self.respawns:
+                self._spawn(slot, self.generation)
+
+    def _spawn(self, slot, generation):
+        read_end, write_end = os.pipe()
+        # Signals stay blocked across the fork, so that none reaches the
+        # child before it has replaced the supervisor's handlers.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            os.close(read_end)
+            os.close(write_end)
+            self.log.error("cannot fork worker %d: %s; trying again in %.1f s",
+                           slot, exc, _RESPAWN_CAP)
+            self._respawn_later(slot, _RESPAWN_CAP)
+            return
+        if pid == 0:
+            # The child: never returns into the supervisor's code.
+            status = 1
+            try:
+                os.close(read_end)
+                status = self._serve_child(slot, write_end, blocked)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        worker = _Worker(pid, slot, generation, read_end, self.loop.time())
+        self.workers[pid] = worker
+        self.loop.add_reader(read_end, lambda: self._on_pipe(worker))
+
+    # -- the worker's side of the fork -------------------------------------------
+
+    def _serve_child(self, slot, pipe, blocked):
+        """In the new child: give back the supervisor's loop and signals,
+        load the application, serve; returns the exit status."""
+        self.loop.remove_signal_handlers()
+        for worker in self.workers.values():
+            os.close(worker.pipe)
+        self.loop.abandon_after_fork()
+        app = self.app
+        if self.load is not None:
+            try:
+                app = self.load()
+            except Exception as exc:
+                message = str(exc) or type(exc).__name__
+                os.write(pipe, b"E" + message.replace("\n", " ").encode("utf-8", "replace")
+                         + b"\n")
+                return _WORKER_CANNOT_LOAD
+        server = Server(app, self.config, logger=self.log, worker_num=slot)
         server.supervisor_pid = os.getppid()
-        server.use_listener(sock)
+        server.use_listener(self.sock)
+        # Ctrl-C reaches the whole process group, and a terminal hang-up
+        # sends SIGHUP to it: the supervisor acts on those for the workers.
+        # (Ignored before and after the server's own handlers, so that they
+        # stay ignored when the server gives its handlers back.)
+        supervised = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+        for signum in supervised:
+            signal.signal(signum, signal.SIG_IGN)
         server.install_signal_handlers(escalate=False)
-        # Ctrl-C reaches the whole process group; the supervisor turns it
-        # into one SIGTERM per worker, so a worker ignores SIGINT itself.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in supervised:
+            signal.signal(signum, signal.SIG_IGN)
+        # The watchdog's question "where are you stuck?" (SIGUSR2) is answered
+        # by faulthandler from C, even while Python code holds the loop.
+        os.set_blocking(pipe, False)
+        faulthandler.register(signal.SIGUSR2, file=pipe, all_threads=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        server.on_retire = lambda: _tell(pipe, b"M")
+        interval = _watch_interval(self.config)
+
+        def heartbeat():
+            _tell(pipe, b".")
+            server.loop.call_later(interval, heartbeat)
+        server.loop.call_soon(heartbeat)
         if not server.startup():
             server.close()
             return _WORKER_REFUSED
-        if ready_w is not None:
-            os.write(ready_w, b"r")
-            os.close(ready_w)
+        _tell(pipe, b"R")
         server.serve()
         return 0
 
-    def _wait_ready(self, ready_r, sock):
-        """Until every worker has started: True, or False if one refused."""
-        started = 0
-        while started < self.config.workers and not self.stopping:
-            readable, _, _ = select.select([ready_r], [], [], 0.1)
-            if readable:
-                data = os.read(ready_r, 64)
-                started += len(data)
-                if not data:
-                    break
-            self._reap(sock, block=False)
-            if self.exit_status == _WORKER_REFUSED:
-                return False
-        return started >= self.config.workers
+    # -- what the workers say ------------------------------------------------------
 
-    def _watch(self, sock):
-        while self.children:
-            self._reap(sock, block=True)
-
-    def _reap(self, sock, block):
+    def _on_pipe(self, worker):
         try:
-            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            self.children.clear()
+            data = os.read(worker.pipe, 4096)
+        except (BlockingIOError, InterruptedError):
             return
-        if pid == 0:
+        except OSError:
+            data = b""
+        if not data:              # the worker has gone; SIGCHLD tells how
+            self.loop.forget(worker.pipe)
             return
-        number = self.children.pop(pid, None)
-        code = os.waitstatus_to_exitcode(status)
-        if number is None or self.stopping:
+        if worker.stuck:          # what follows the watchdog's SIGUSR2 is the stack
+            if len(worker.stack) < _STACK_LIMIT:
+                worker.stack += data
             return
-        if code == _WORKER_REFUSED:
-            self.log.error("worker %d refused to start; stopping", number)
-            self.exit_status = _WORKER_REFUSED
-            self._stop()
-            return
-        now = time.monotonic()
-        self.deaths = [t for t in self.deaths if now - t < _RESPAWN_WINDOW] + [now]
-        if len(self.deaths) > _RESPAWN_LIMIT:
-            self.log.error("workers keep dying (%d in %.0f s); stopping",
-                           len(self.deaths), _RESPAWN_WINDOW)
-            self.exit_status = 1
-            self._stop()
-            return
-        self.log.warning("worker %d (pid %d) exited with status %d; starting another",
-                         number, pid, code)
-        self._spawn(number, sock)
+        data = worker.buf + data
+        worker.buf = b""
+        now = self.loop.time()
+        while data:
+            if data[:1] == b"E":
+                line, newline, rest = data[1:].partition(b"\n")
+                if not newline:
+                    worker.buf = data
+                    return
+                worker.error = line.decode("utf-8", "replace")
+                data = rest
+                continue
+            kind, data = data[:1], data[1:]
+            worker.last_beat = now
+            if kind == b"R":
+                self._started(worker)
+            elif kind == b"M":
+                self.log.info("pagi_ref: worker %d (pid %d) reached max_requests; "
+                              "starting its replacement", worker.slot, worker.pid)
+                worker.retiring = True
+                self._fill()
 
-    def _on_signal(self, signum, frame):
+    def _started(self, worker):
+        worker.ready = True
+        if self.stopping:
+            return
+        if not self.first_ready:
+            ready = [w for w in self._live(self.generation) if w.ready]
+            if len(ready) >= self.size:
+                self.first_ready = True
+                self.log.info("pagi_ref: %d workers started", self.size)
+                sys.stderr.write("pagi_ref: listening on http://%s:%d\n"
+                                 % self.sock.getsockname()[:2])
+                sys.stderr.flush()
+                if self.reload_again:       # a SIGHUP came during the start
+                    self.reload_again = False
+                    self._on_hup(signal.SIGHUP)
+        elif worker.generation == self.next_generation:
+            ready = [w for w in self._live(worker.generation) if w.ready]
+            if len(ready) >= self.size:
+                self._switch_generation()
+
+    # -- deaths -------------------------------------------------------------------
+
+    def _on_sigchld(self, signum):
+        self._reap()
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._died(worker, os.waitstatus_to_exitcode(status))
+        if self.stopping and not self.workers:
+            _resolve_if_pending(self.finished, None)
+
+    def _died(self, worker, code):
+        self.loop.forget(worker.pipe)
+        os.close(worker.pipe)
+        how = _describe_exit(code)
+        if self.stopping:
+            self.log.debug("worker %d (pid %d) %s", worker.slot, worker.pid, how)
+            return
+        if worker.retiring and not worker.stuck:
+            self.log.info("pagi_ref: worker %d (pid %d) of generation %d %s",
+                          worker.slot, worker.pid, worker.generation, how)
+            self._fill()
+            return
+        why = how
+        if code == _WORKER_CANNOT_LOAD and worker.error:
+            why = "could not load the application: %s" % worker.error
+        elif code == _WORKER_REFUSED:
+            why = "refused to start (its lifespan startup failed)"
+        if not self.first_ready and worker.generation == 1:
+            self.log.error("worker %d (pid %d) %s; stopping", worker.slot, worker.pid, why)
+            if code == _WORKER_CANNOT_LOAD and worker.error:
+                sys.stderr.write("pagi_ref: error: %s\n" % worker.error)
+                sys.stderr.flush()
+            self.exit_status = code if code in (_WORKER_CANNOT_LOAD, _WORKER_REFUSED) else 1
+            self._begin_stop()
+            return
+        if worker.generation == self.next_generation:
+            self._abort_reload(worker, why)
+            return
+        if worker.retiring:      # stuck, killed by the watchdog, already replaced
+            self.log.error("worker %d (pid %d) %s", worker.slot, worker.pid, why)
+            return
+        lived = self.loop.time() - worker.started
+        if lived >= _HEALTHY_RUN:
+            delay = 0.0
+        else:
+            delay = min(_RESPAWN_CAP, max(_RESPAWN_FIRST, 2 * self.backoff.get(worker.slot, 0)))
+        self.backoff[worker.slot] = delay
+        if worker.generation != self.generation:
+            self.log.error("worker %d (pid %d) of generation %d %s", worker.slot,
+                           worker.pid, worker.generation, why)
+            return
+        if delay:
+            self.log.error("worker %d (pid %d) %s after %.1f s; starting another in %.1f s",
+                           worker.slot, worker.pid, why, lived, delay)
+            self._respawn_later(worker.slot, delay)
+        else:
+            self.log.error("worker %d (pid %d) %s; starting another",
+                           worker.slot, worker.pid, why)
+            self._fill()
+
+    def _respawn_later(self, slot, delay):
+        def due():
+            self.respawns.pop(slot, None)
+            self._fill()
+        self.respawns[slot] = self.loop.call_later(delay, due)
+
+    # -- the watchdog ---------------------------------------------------------------
+
+    def _tick(self):
+        self._reap()
+        timeout = self.config.worker_timeout
+        now = self.loop.time()
+        for worker in list(self.workers.values()):
+            if timeout and worker.ready and not worker.stuck \
+                    and now - worker.last_beat > timeout:
+                worker.stuck = True
+                worker.stack = bytearray()
+                _kill(worker.pid, signal.SIGUSR2)
+                self.loop.call_later(_STACK_GRACE, self._kill_stuck, worker, now - worker.last_beat)
+        self.loop.call_later(_watch_interval(self.config), self._tick)
+
+    def _kill_stuck(self, worker, silent):
+        if self.workers.get(worker.pid) is not worker:
+            return
+        stack = bytes(worker.stack).decode("utf-8", "replace").rstrip()
+        self.log.error("worker %d (pid %d): its loop has not turned for %.1f s "
+                       "(worker_timeout %.1f s); killing it.  Where it was stuck:\n%s",
+                       worker.slot, worker.pid, silent, self.config.worker_timeout,
+                       stack or "(no stack received)")
+        _kill(worker.pid, signal.SIGKILL)
+        was_retiring, worker.retiring = worker.retiring, True
+        if not was_retiring and not self.stopping:
+            self._fill()       # its replacement starts now, back-off or not
+
+    # -- reloading and resizing ------------------------------------------------------
+
+    def _on_hup(self, signum):
+        if self.stopping:
+            return
+        if self.next_generation is not None or not self.first_ready:
+            self.log.info("pagi_ref: SIGHUP received while workers are starting; "
+                          "reloading once they have")
+            self.reload_again = True
+            return
+        self.generations += 1
+        self.next_generation = self.generations
+        self.log.info("pagi_ref: SIGHUP received: starting generation %d (%d workers); "
+                      "generation %d serves until it has started", self.next_generation,
+                      self.size, self.generation)
+        for slot in range(1, self.size + 1):
+            self._spawn(slot, self.next_generation)
+
+    def _switch_generation(self):
+        old, self.generation = self.generation, self.next_generation
+        self.next_generation = None
+        for timer in self.respawns.values():
+            timer.cancel()
+        self.respawns.clear()
+        self.backoff.clear()
+        stopping = [w for w in self.workers.values() if w.generation < self.generation]
+        for worker in stopping:
+            worker.retiring = True
+            _kill(worker.pid, signal.SIGTERM)
+        self.log.info("pagi_ref: generation %d serves; stopping generation %d "
+                      "gracefully (%d workers)", self.generation, old, len(stopping))
+        self._after_reload()
+
+    def _abort_reload(self, worker, why):
+        failed, self.next_generation = self.next_generation, None
+        for other in self._live(failed):
+            other.retiring = True
+            _kill(other.pid, signal.SIGTERM)
+        self.log.error("pagi_ref: reload failed: worker %d (pid %d) of generation %d %s; "
+                       "generation %d goes on serving", worker.slot, worker.pid, failed,
+                       why, self.generation)
+        self._after_reload()
+
+    def _after_reload(self):
+        self._fill()
+        if self.reload_again:
+            self.reload_again = False
+            self._on_hup(signal.SIGHUP)
+
+    def _on_ttin(self, signum):
+        if self.stopping:
+            return
+        self.size += 1
+        self.log.info("pagi_ref: SIGTTIN received: %d workers", self.size)
+        if self.next_generation is not None:    # the reload's generation grows too
+            self._spawn(self.size, self.next_generation)
+        self._fill()
+
+    def _on_ttou(self, signum):
+        if self.stopping:
+            return
+        if self.size == 1:
+            self.log.info("pagi_ref: SIGTTOU received: staying at 1 worker")
+            return
+        self.size -= 1
+        self.log.info("pagi_ref: SIGTTOU received: %d workers", self.size)
+        timer = self.respawns.pop(self.size + 1, None)
+        if timer is not None:
+            timer.cancel()
+        for worker in self.workers.values():
+            if worker.slot > self.size and not worker.retiring and \
+                    worker.generation in (self.generation, self.next_generation):
+                worker.retiring = True
+                _kill(worker.pid, signal.SIGTERM)
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def _on_stop_signal(self, signum):
         self.signals += 1
         if self.signals > 1:
-            for pid in list(self.children):
-                _kill(pid, signal.SIGKILL)
-            os._exit(1)
+            self.log.info("pagi_ref: second %s received: stopping at once",
+                          signal.Signals(signum).name)
+            self._stop_now()
+            return
         self.log.info("pagi_ref: %s received, stopping %d workers",
-                      signal.Signals(signum).name, len(self.children))
-        self._stop()
+                      signal.Signals(signum).name, len(self.workers))
+        self._begin_stop()
 
-    def _stop(self):
+    def _on_quit(self, signum):
+        self.log.info("pagi_ref: SIGQUIT received: stopping at once")
+        self._stop_now()
+
+    def _begin_stop(self):
+        """Graceful: the listener closes first (new connections are refused
+        at once), then every worker is told to finish what it is serving."""
         self.stopping = True
-        for pid in list(self.children):
-            _kill(pid, signal.SIGTERM)
+        self._close_listener()
+        for timer in self.respawns.values():
+            timer.cancel()
+        self.respawns.clear()
+        for worker in self.workers.values():
+            _kill(worker.pid, signal.SIGTERM)
+        self._reap()
+
+    def _stop_now(self):
+        self.stopping = True
+        self.exit_status = 1
+        self._close_listener()
+        for worker in self.workers.values():
+            _kill(worker.pid, signal.SIGKILL)
+        self._reap()
+
+
+def _tell(fd, message):
+    """A worker's one-byte message to its supervisor; never blocks (a full
+    pipe means the supervisor has plenty to read already)."""
+    try:
+        os.write(fd, message)
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:
+        pass    # the supervisor is gone: the sweep notices
 
 
 def _kill(pid, signum):
@@ -4752,11 +5372,16 @@ class _UsageError(Exception):
     pass
 
 
-def load_app(spec):
-    """Import ``MODULE:ATTR`` and return the attribute."""
+def _split_app_spec(spec):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise _UsageError("application must be given as MODULE:ATTR, got %r" % spec)
+    return module_name, attr
+
+
+def load_app(spec):
+    """Import ``MODULE:ATTR`` and return the attribute."""
+    module_name, attr = _split_app_spec(spec)
     try:
         if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
             path = os.path.abspath(module_name)
@@ -4822,7 +5447,9 @@ def main(argv=None):
         fields.pop("access_log", None)
     try:
         config = Config(**fields)
-        app = load_app(args.app)
+        # With workers, each worker imports the application after the fork
+        # (so that a reload imports it afresh); the supervisor never does.
+        app = load_app(args.app) if config.workers == 1 else _split_app_spec(args.app)
     except (ConfigError, _UsageError) as exc:
         sys.stderr.write("pagi_ref: error: %s\n" % exc)
         return 2
@@ -4840,7 +5467,8 @@ def main(argv=None):
                          % (config.host, config.port, exc.strerror or exc))
         return 1
     if config.workers > 1:
-        return Supervisor(app, config, _error_log(config)).run(sock)
+        return Supervisor(None, config, _error_log(config),
+                          load=lambda: load_app(args.app)).run(sock)
     server = Server(app, config, logger=_error_log(config))
     server.use_listener(sock)
     return 0 if _start_and_serve(server) else 3

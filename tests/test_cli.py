@@ -197,7 +197,8 @@ def test_help_lists_the_options():
     rc, out, err = run_to_end([SCRIPT, "--help"])
     assert rc == 0
     text = out + err
-    for option in ("--host", "--port", "--version", "--help"):
+    for option in ("--host", "--port", "--version", "--help", "--workers", "--worker-timeout",
+                   "--max-requests", "--max-requests-jitter", "--slow-callback"):
         assert option in text, option
     assert "MODULE" in text.upper()
 

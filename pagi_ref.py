@@ -182,9 +182,10 @@ _CONFIG_FIELDS = [
      "waits for it, once body_grace is over (408, reason client_timeout; 0: no minimum)"),
     ("shutdown_timeout", 30.0, float,
      "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
-    ("access_log", None, str, "access log: '-' (stdout) or a file path; off when absent"),
-    ("access_log_format", "common", str,
-     "access log format: common, combined, or tokens such as '%h %r %s %b %D'"),
+    ("access_log", "-", str,
+     "access log: '-' (stdout) or a file path; --no-access-log (or None from Python): none"),
+    ("access_log_format", "pagi", str,
+     "access log format: pagi, common, combined, or tokens such as '%h %r %s %b %D'"),
     ("log_level", "info", str, "error log level: error, warning, info, debug"),
     ("lifespan", "auto", str,
      "lifespan scope: auto (run it; an application that declines is fine), "
@@ -1033,6 +1034,8 @@ class HTTPError(Exception):
     reason reported on pagi.connection when a request was in progress.
     """
 
+    head = None     # the RequestHead, when the error came after its request line
+
     def __init__(self, status, message, reason="protocol_error"):
         Exception.__init__(self, message)
         self.status = status
@@ -1110,6 +1113,10 @@ class RequestHead:
 
     def __repr__(self):
         return "<RequestHead %s %r HTTP/%s>" % (self.method, self.target, self.http_version)
+
+    def request_line(self):
+        """The request line as text, for logs (the target is ASCII)."""
+        return "%s %s HTTP/%s" % (self.method, self.target.decode("latin-1"), self.http_version)
 
 
 class EndOfMessage:
@@ -1203,6 +1210,8 @@ class RequestParser:
                 raise self._error
             return self._read_chunked()
         except HTTPError as err:
+            if err.head is None:
+                err.head = self._request      # a field line broke, after the request line
             self._fail(err)
             raise
         except Exception as exc:
@@ -1310,7 +1319,11 @@ class RequestParser:
         return self._head_done(request)
 
     def _head_done(self, request):
-        self._frame(request)
+        try:
+            self._frame(request)
+        except HTTPError as err:
+            err.head = request
+            raise
         self.messages += 1
         return request
 
@@ -1743,6 +1756,8 @@ class Transport:
         self.closed = False               # nothing more will be written
         self.last_progress = loop.now     # when bytes last left the buffer
         self.high_water_events = 0        # times the high edge was crossed
+        self.bytes_queued = 0             # bytes ever given to write/write_file
+        self.bytes_written = 0            # bytes ever taken by the kernel
 
     def __repr__(self):
         return "<Transport fd=%d buffered=%d high-water-events=%d%s%s>" % (
@@ -1779,6 +1794,7 @@ class Transport:
         """Queue bytes for the socket, writing at once what the kernel takes."""
         if self.closed or not data:
             return
+        self.bytes_queued += len(data)
         if self._above and self._limit and self._buffered > self._limit:
             # A writer that does not wait for the drain (a send() not
             # awaited): the watermarks cannot hold it, so the connection
@@ -1796,6 +1812,7 @@ class Transport:
                 return
             if sent:
                 self.last_progress = self._loop.now
+                self.bytes_written += sent
                 if sent == len(data):
                     return
             data = memoryview(data)[sent:]
@@ -1810,6 +1827,7 @@ class Transport:
         if self.closed or length == 0:
             item.finish()
             return item.future
+        self.bytes_queued += length
         was_empty = not self._queue
         self._queue.append(item)
         self._grew(length)
@@ -1886,6 +1904,7 @@ class Transport:
                     sent = sock.send(item)
                 if sent:
                     self.last_progress = self._loop.now
+                    self.bytes_written += sent
                     self._consume(sent)
                 if sent < offered:
                     break   # the kernel took less than offered: it is full
@@ -1943,6 +1962,7 @@ class Transport:
                 return False
             # Bytes the kernel did not take are read again next time.
         self.last_progress = self._loop.now
+        self.bytes_written += sent
         item.offset += sent
         item.remaining -= sent
         self._shrank(sent)
@@ -2332,6 +2352,8 @@ class Exchange:
     logged = False                # the access-log line was written
     received = 0.0                # time.time() at arrival (access log %t)
     t0 = 0.0                      # time.monotonic() at arrival (%D, %T)
+    wire_start = 0                # transport.bytes_queued at arrival (%O)
+    in_start = 0                  # conn.bytes_in when the head began (%I)
 
     def __init__(self, conn, head):
         self.conn = conn
@@ -2342,6 +2364,8 @@ class Exchange:
         if conn.server.access_log is not None:
             self.received = time.time()
             self.t0 = time.monotonic()
+            self.wire_start = conn.transport.bytes_queued   # this response's first byte
+            self.in_start = conn.head_base                  # this request's first byte
 
     def __repr__(self):
         return "<Exchange %s %r status=%d done=%s>" % (
@@ -2443,6 +2467,8 @@ class Exchange:
         """The abnormal end: pagi.connection in the spec's order, then
         http.disconnect for a receive() in progress (step 5)."""
         if self.state._disconnected(reason):
+            self.conn.log.debug("%s: %s ended early: %s", self.conn.client,
+                                self.head.request_line(), reason)
             self.log_access()
             if self.waiter is not None:
                 self._deliver(self.disconnect_event())
@@ -2701,10 +2727,24 @@ class Exchange:
             return
         self.logged = True
         head = self.head
-        access_log.record(self.conn.client, self.received, time.monotonic() - self.t0,
-                          "%s %s HTTP/%s" % (head.method, head.target.decode("latin-1"),
-                                             head.http_version),
-                          self.status, self.bytes_out, head.headers, self.headers)
+        conn = self.conn
+        transport = conn.transport
+        # What reached the client: what was queued for this response, less
+        # what is still unwritten (or was, when the connection went).  The
+        # body count of a response cut short is the application's bytes less
+        # those -- chunk framing of the lost part aside, what the client got.
+        unwritten = transport.bytes_queued - transport.bytes_written
+        access_log.record(conn.client, self.received, time.monotonic() - self.t0,
+                          head.request_line(), self.status,
+                          max(0, self.bytes_out - unwritten), head.headers, self.headers,
+                          bytes_in=conn.bytes_in - self.in_start,
+                          bytes_out=max(0, transport.bytes_queued - self.wire_start - unwritten),
+                          end=self.access_end())
+
+    def access_end(self):
+        """How the exchange ended, for the access log's %{end}x."""
+        reason = self.state._reason
+        return "done" if reason is None else "cut:" + reason
 
     # -- the application's end ----------------------------------------------------
 
@@ -3005,7 +3045,7 @@ class HTTPConnection(Connection):
                     event = parser.next_event()
                 except HTTPError as err:
                     self._parser_failed(err)
-                    self.respond_error(err.status, err.message, None)
+                    self.respond_error(err.status, err.message, None, err.head)
                     return
                 if event is None:
                     return
@@ -3065,8 +3105,8 @@ class HTTPConnection(Connection):
         try:
             coro = self.app(exchange.scope(), exchange.receive, exchange.send)
         except Exception as exc:
-            self.log.error("application raised when called: %s\n%s", head.method,
-                           traceback.format_exc().rstrip())
+            self.log.error("application raised when called: %s %s\n%s", head.method,
+                           head.target.decode("latin-1"), traceback.format_exc().rstrip())
             coro = exc
         if not (hasattr(coro, "send") and hasattr(coro, "throw")):
             if not isinstance(coro, Exception):
@@ -3215,19 +3255,26 @@ class HTTPConnection(Connection):
             if not self.advancing:
                 self._advance()
 
-    def respond_error(self, status, message, reason):
+    def respond_error(self, status, message, reason, head=None):
         """A server-generated response, then close.  ``reason`` is reported on
-        pagi.connection when a request was in progress."""
+        pagi.connection when a request was in progress; ``head``, a request
+        refused before it began (a 413 for its Content-Length), is logged
+        with its request line."""
         if self.closed:
             return
-        self.transport.write(error_response(status, message))
+        response = error_response(status, message)
+        self.transport.write(response)
         exchange = self.exchange
         if exchange is not None and reason is not None:
             exchange.status = status
             exchange.headers = None
             exchange.disconnected(reason)
         elif self.server.access_log is not None:
-            self.server.access_log.record(self.client, time.time(), 0.0, "-", status, 0, (), ())
+            self.server.access_log.record(
+                self.client, time.time(), 0.0, head.request_line() if head is not None else "-",
+                status, len(response) - response.index(b"\r\n\r\n") - 4,
+                head.headers if head is not None else (), (),
+                bytes_in=self.bytes_in - self.head_base, bytes_out=len(response))
         self.log.debug("%s: answered %d %s", self.client, status, message)
         self.close_after_flush()
 
@@ -3489,9 +3536,16 @@ class WebSocketConnection(Connection):
         self.pong_timer = None        # its deadline for the pong
         self.close_timer = None       # deadline for the client's close frame
         self.last_activity = loop.now
+        # For the access log's one line per session, written when it ends.
+        self.status = None            # 101, or the status of the refusal or denial
+        self.bytes_in = len(leftover)  # bytes received after the handshake's head
+        self.wire_start = transport.bytes_queued
+        self.received = time.time()
+        self.t0 = time.monotonic()
         error = _websocket_handshake_error(head)
         if error is not None:
             status, message, headers = error
+            self.status = status
             transport.write(error_response(status, message, headers))
             self.state = _CLOSED
             self.close_after_flush()
@@ -3535,6 +3589,20 @@ class WebSocketConnection(Connection):
 
     def __repr__(self):
         return "<WebSocketConnection fd=%d %s>" % (self.fd, self.state)
+
+    def _release(self):
+        """The session is over: its one access-log line, then the socket."""
+        access_log = self.server.access_log
+        if access_log is not None:
+            transport = self.transport
+            unwritten = transport.bytes_queued - transport.bytes_written
+            code = self.disconnect["code"] if self.disconnect is not None else None
+            access_log.record(self.client, self.received, time.monotonic() - self.t0,
+                              self.head.request_line(), self.status, 0, self.head.headers, (),
+                              bytes_in=self.bytes_in,
+                              bytes_out=max(0, transport.bytes_queued - self.wire_start - unwritten),
+                              end="close:%d" % code if code is not None else "done")
+        Connection._release(self)
 
     def loop_context(self):
         return "websocket %s" % ascii(decode_path(self.head.path))[1:-1]
@@ -3593,6 +3661,7 @@ class WebSocketConnection(Connection):
             if name == b"sec-websocket-key":
                 key = value.strip()
         accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+        self.status = 101
         lines = [b"HTTP/1.1 101 Switching Protocols\r\n", b"upgrade: websocket\r\n",
                  b"connection: Upgrade\r\n", b"sec-websocket-accept: " + accept + b"\r\n"]
         subprotocol = event.get("subprotocol")
@@ -3673,6 +3742,7 @@ class WebSocketConnection(Connection):
             return _NO_WAIT      # PAGI: denial events after accept are ignored
         if self.denial is not None:
             raise EventError("websocket.http.response.start: already sent")
+        self.status = event["status"]
         self.denial = [event["status"], [(bytes(n), bytes(v)) for n, v in
                                          event.get("headers") or ()], False, False]
         return _NO_WAIT
@@ -3738,6 +3808,7 @@ class WebSocketConnection(Connection):
             else:
                 self.abort("client_closed")
             return
+        self.bytes_in += len(data)
         self.parser.feed(data)
         if self.state == _CONNECTING and len(self.parser._buf) > _PIPELINE_BUFFER:
             self._pause_reading()     # a client talking before the 101: wait
@@ -3820,6 +3891,7 @@ class WebSocketConnection(Connection):
     # -- the end --------------------------------------------------------------------
 
     def _refuse(self, status, message):
+        self.status = status
         self.transport.write(error_response(status, message))
         self.state = _CLOSED
         self.close_after_flush()
@@ -3935,6 +4007,11 @@ class SSEExchange(Exchange):
         del scope["pagi.connection"]     # PAGI: not applicable to sse
         scope["extensions"] = {}
         return scope
+
+    def access_end(self):
+        # An event stream ends somehow: "done" when the application ended it.
+        reason = self.state._reason
+        return "done" if not reason else "ended:" + reason
 
     def disconnect_event(self):
         # A stream the application ended itself has no abnormal reason.
@@ -4213,12 +4290,18 @@ class Lifespan:
 # dropped, counted, and reported in the error log -- never silently lost.
 
 ACCESS_LOG_FORMATS = {
+    # Apache's two, byte for byte, for the tools that parse them.
     "common": '%h %l %u %t "%r" %s %b',
     "combined": '%h %l %u %t "%r" %s %b "%{Referer}i" "%{User-Agent}i"',
+    # The default: "common", then how long it took, the bytes that crossed
+    # the wire each way, and how it ended (done; cut:REASON for a response
+    # the client did not get whole; close:CODE for a WebSocket session;
+    # ended:REASON for an event stream the application did not end).
+    "pagi": '%h %l %u %t "%r" %s %b %Dus in=%I out=%O %{end}x',
 }
 _ACCESS_LOG_QUEUE = 10000       # lines waiting for the sink before drops begin
 _ACCESS_LOG_DRAIN = 1.0        # seconds the sink gets at shutdown to take the rest
-_ACCESS_LOG_TOKEN = re.compile(r"%(?:\{([^}]*)\}([io])|([hlutrsbDT%]))")
+_ACCESS_LOG_TOKEN = re.compile(r"%(?:\{([^}]*)\}([iox])|([hlutrsbDTIO%]))")
 
 
 _LOG_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]')
@@ -4239,11 +4322,14 @@ def _clf_time(now):
 
 
 class AccessLog:
-    """One line per request, in a format of Apache's tokens:
+    """One line per request, WebSocket session or event stream, in a format
+    of Apache's tokens (mod_log_config, mod_logio):
 
     %h client address   %l "-"   %u "-"   %t time received   %r request line
-    %s status   %b body bytes ("-" for none)   %D microseconds   %T seconds
+    %s status   %b body bytes that reached the socket ("-" for none)
+    %D microseconds   %T seconds   %I bytes received   %O bytes sent
     %{Name}i a request header   %{Name}o a response header   %% a percent sign
+    and one of pagi_ref's own: %{end}x, how it ended (ACCESS_LOG_FORMATS).
     """
 
     def __init__(self, sink, fmt, error_log):
@@ -4292,7 +4378,7 @@ class AccessLog:
         return parts
 
     def record(self, client, received, duration, request_line, status, size,
-               request_headers, response_headers):
+               request_headers=(), response_headers=(), bytes_in=0, bytes_out=0, end="done"):
         """Format and queue one line; never blocks."""
         if len(self._queue) >= _ACCESS_LOG_QUEUE:
             self.dropped += 1
@@ -4302,6 +4388,9 @@ class AccessLog:
         for part in self._render:
             if part.__class__ is tuple:
                 where, name = part
+                if where == "x":
+                    out.append(_log_escape(end) if name == b"end" else "-")
+                    continue
                 headers = request_headers if where == "i" else response_headers
                 value = "-"
                 for k, v in headers or ():
@@ -4309,7 +4398,7 @@ class AccessLog:
                         value = _log_escape(v.decode("latin-1"))
                         break
                 out.append(value)
-            elif len(part) == 1 and part in "hlutrsbDT":
+            elif len(part) == 1 and part in "hlutrsbDTIO":
                 if part == "h":
                     out.append(client[0] if client else "-")
                 elif part in "lu":
@@ -4324,6 +4413,10 @@ class AccessLog:
                     out.append(str(size) if size else "-")
                 elif part == "D":
                     out.append(str(int(duration * 1e6)))
+                elif part == "I":
+                    out.append(str(bytes_in))
+                elif part == "O":
+                    out.append(str(bytes_out))
                 else:
                     out.append(str(int(duration)))
             else:
@@ -4594,6 +4687,11 @@ class Server:
     def _signalled_shutdown(self, signum):
         self.log.info("pagi_ref: %s received, shutting down", signal.Signals(signum).name)
         self._shutdown(None)
+        busy = len(self.connections)
+        if busy:
+            self.log.info("pagi_ref: waiting for %d connection%s to finish (up to %g s)%s",
+                          busy, "" if busy == 1 else "s", self.config.shutdown_timeout,
+                          "; press Ctrl-C again to stop now" if self._escalate else "")
 
     def _unsupervised_signal(self, signum):
         self.log.info("pagi_ref: %s ignored: reloading and changing the number of "
@@ -5067,9 +5165,8 @@ class Supervisor:
             if len(ready) >= self.size:
                 self.first_ready = True
                 self.log.info("pagi_ref: %d workers started", self.size)
-                sys.stderr.write("pagi_ref: listening on http://%s:%d\n"
-                                 % self.sock.getsockname()[:2])
-                sys.stderr.flush()
+                _announce(self.log, "pagi_ref: listening on http://%s:%d"
+                          % self.sock.getsockname()[:2])
                 if self.reload_again:       # a SIGHUP came during the start
                     self.reload_again = False
                     self._on_hup(signal.SIGHUP)
@@ -5265,8 +5362,10 @@ class Supervisor:
                           signal.Signals(signum).name)
             self._stop_now()
             return
-        self.log.info("pagi_ref: %s received, stopping %d workers",
-                      signal.Signals(signum).name, len(self.workers))
+        self.log.info("pagi_ref: %s received, stopping %d workers (each gets up to %g s to "
+                      "finish its requests); press Ctrl-C again to stop now",
+                      signal.Signals(signum).name, len(self.workers),
+                      self.config.shutdown_timeout)
         self._begin_stop()
 
     def _on_quit(self, signum):
@@ -5352,6 +5451,14 @@ def run(app, host="127.0.0.1", port=8000, **config):
         raise RuntimeError("pagi_ref: the application refused to start (lifespan)")
 
 
+def _announce(log, message):
+    """A line that operators and supervisors wait for ("listening on"): in
+    the error log's format, with its timestamp, whatever --log-level
+    filters out -- Logger.handle skips the logger's level, not its
+    handlers'."""
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None))
+
+
 def _start_and_serve(server):
     """What main() and run() share: signals, the lifespan startup, then the
     listening line -- the moment a supervisor may send traffic -- and serve.
@@ -5362,8 +5469,7 @@ def _start_and_serve(server):
         server.close()
         return False
     if not server.shutting_down:        # a signal may have come during startup
-        sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % server.address)
-        sys.stderr.flush()
+        _announce(server.log, "pagi_ref: listening on http://%s:%d" % server.address)
     server.serve()
     return True
 
@@ -5377,6 +5483,12 @@ def _split_app_spec(spec):
     if not sep or not module_name or not attr:
         raise _UsageError("application must be given as MODULE:ATTR, got %r" % spec)
     return module_name, attr
+
+
+def _import_machinery(filename):
+    """A frame of pagi_ref's own loading or of importlib, not the application's."""
+    return (filename == __file__ or filename.startswith("<frozen")
+            or os.sep + "importlib" + os.sep in filename)
 
 
 def load_app(spec):
@@ -5402,7 +5514,16 @@ def load_app(spec):
     except _UsageError:
         raise
     except Exception as exc:
-        raise _UsageError("cannot import %s: %s: %s" % (module_name, type(exc).__name__, exc))
+        # The first line says what failed; the traceback below it, from the
+        # application's own frames on (as uvicorn shows it), says where.
+        # A module that is simply not there gets the one line.
+        tb = exc.__traceback__
+        while tb is not None and _import_machinery(tb.tb_frame.f_code.co_filename):
+            tb = tb.tb_next
+        where = "" if tb is None and not isinstance(exc, SyntaxError) else "\n" + "".join(
+            traceback.format_exception(type(exc), exc, tb)).rstrip()
+        raise _UsageError("cannot import %s: %s: %s%s" % (module_name, type(exc).__name__,
+                                                           exc, where))
     try:
         obj = module
         for part in attr.split("."):
@@ -5434,7 +5555,7 @@ def _argument_parser():
                             default=None, metavar=kind.__name__.upper(),
                             help=("%s (default: %s)" % (help_text, shown)).replace("%", "%%"))
     parser.add_argument("--no-access-log", action="store_true",
-                        help="no access log (the default)")
+                        help="no access log (the default is one line per request to stdout)")
     return parser
 
 
@@ -5444,7 +5565,7 @@ def main(argv=None):
     fields = {name: getattr(args, name) for name, _d, _k, _h in _CONFIG_FIELDS
               if getattr(args, name) is not None}
     if args.no_access_log:
-        fields.pop("access_log", None)
+        fields["access_log"] = None
     try:
         config = Config(**fields)
         # With workers, each worker imports the application after the fork

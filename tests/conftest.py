@@ -67,6 +67,8 @@ def serve(app, **config):
     config.setdefault("port", 0)
     # Most tests are about http; those about lifespan ask for it.
     config.setdefault("lifespan", "off")
+    # The access log (on by default, to stdout) only where a test asks for it.
+    config.setdefault("access_log", None)
     server = pagi_ref.Server(app, pagi_ref.Config(**config), logger=logger)
     server.bind()
     thread = threading.Thread(target=server.serve, name="pagi_ref-test-server", daemon=True)

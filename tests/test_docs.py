@@ -188,3 +188,27 @@ def test_architecture_md_names_exist_in_pagi_ref():
                   or re.search(r"self\.%s = " % attr, source)):
             missing.append("%s.%s" % (cls, attr))
     assert not missing, "docs/architecture.md names what pagi_ref.py lacks: %s" % missing
+
+
+# -- README.md's first run -------------------------------------------------------------
+
+def test_readme_sample_output_is_what_a_first_run_prints():
+    """The lines the README shows under its first command are the lines the
+    server writes, timestamps and port aside."""
+    from apputil import ServerProcess
+    readme = read(ROOT, "README.md")
+    block = readme[readme.index("    python3 pagi_ref.py examples/hello.py:app\n"):]
+    shown = []
+    for line in block.splitlines()[1:]:
+        if not line.startswith("    # "):
+            break
+        shown.append(line[len("    # "):])
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+    expected = [stamp.sub("", l).replace(":8000", ":PORT") for l in shown if stamp.match(l)]
+    with ServerProcess([os.path.join(ROOT, "pagi_ref.py"), "examples/hello.py:app",
+                        "--port", "0"]) as proc:
+        _, port = proc.wait_listening()
+        printed = [stamp.sub("", l).replace(":%d" % port, ":PORT") for l in proc.stderr]
+        assert proc.stop() == 0
+    assert printed[:len(expected)] == expected, (printed, expected)
+    assert all(stamp.match(l) for l in shown[:len(expected)])

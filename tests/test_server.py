@@ -37,7 +37,7 @@ from spec_wire import Reader, connect
 from apputil import read_body, req, respond, wait_until
 
 SCRIPT = os.path.join(ROOT, "pagi_ref.py")
-LISTENING = re.compile(r"^pagi_ref: listening on http://([0-9.]+):(\d+)$")
+LISTENING = re.compile(r" INFO pagi_ref: listening on http://([0-9.]+):(\d+)$")
 
 
 # ============================================================================
@@ -239,7 +239,7 @@ class Proc:
             if line is None:
                 raise AssertionError("process ended before listening (rc=%r): %r"
                                      % (self.p.wait(5), self.stderr))
-            m = LISTENING.match(line)
+            m = LISTENING.search(line)
             if m:
                 return int(m.group(2))
 
@@ -882,7 +882,7 @@ def _check_clf_fields(m, expected, sent_at):
 
 
 def test_access_log_common(app_spec, tmp_path):
-    lines, sent = _run_logged(app_spec, tmp_path, None)      # the default: common
+    lines, sent = _run_logged(app_spec, tmp_path, "common")
     assert len(lines) == len(LOG_REQUESTS), lines
     for line, expected, at in zip(lines, LOG_REQUESTS, sent):
         m = COMMON.match(line)

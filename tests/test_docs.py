@@ -165,7 +165,7 @@ def test_architecture_md_names_exist_in_pagi_ref():
     missing = []
     # The section map: every backticked name in the "names" column.
     for line in text.splitlines():
-        if not re.match(r"\| (?:[1-9]|1[0-2]) \|", line):
+        if not re.match(r"\| (?:[1-9]|1[0-3]) \|", line):
             continue
         names_cell = line.split("|")[4]
         names = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", names_cell)
@@ -212,3 +212,36 @@ def test_readme_sample_output_is_what_a_first_run_prints():
         assert proc.stop() == 0
     assert printed[:len(expected)] == expected, (printed, expected)
     assert all(stamp.match(l) for l in shown[:len(expected)])
+
+
+# -- architecture.md's reading path --------------------------------------------------------
+
+def section_ranges():
+    """{number: (first line, last line)}: each section from the "# =====" line
+    above its banner to the line before the next section's."""
+    lines = read(ROOT, "pagi_ref.py").splitlines()
+    starts = []
+    for i, line in enumerate(lines):
+        m = re.match(r"# (\d+)\. ", line)
+        if m and i > 0 and lines[i - 1].startswith("# ====="):
+            starts.append((int(m.group(1)), i))      # i: the "=====" line, 1-based
+    ranges = {}
+    for k, (number, start) in enumerate(starts):
+        end = starts[k + 1][1] - 1 if k + 1 < len(starts) else None
+        ranges[number] = (start, end)
+    return ranges
+
+
+def test_architecture_reading_path_line_ranges_match_the_banners():
+    text = read(DOCS, "architecture.md")
+    rows = re.findall(r"^\| (\d+) \| (\d+) [^|]+\| (\d+)-(\d+|end) \|", text, re.M)
+    assert len(rows) >= 13, rows
+    ranges = section_ranges()
+    wrong = []
+    for _step, number, first, last in rows:
+        want = ranges[int(number)]
+        have = (int(first), None if last == "end" else int(last))
+        if have != want:
+            wrong.append("section %s: the page says %s-%s, the module %s-%s"
+                         % (number, first, last, want[0], want[1] or "end"))
+    assert not wrong, "docs/architecture.md's reading path is stale:\n" + "\n".join(wrong)

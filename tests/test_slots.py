@@ -381,7 +381,7 @@ def test_eviction_leaves_a_connection_whose_request_waits_unread_in_the_kernel()
         for _ in range(2):
             client, side, address = _tcp_pair(listener)
             pairs.append((client, side))
-            conn = pagi_ref.HTTPConnection(server, side, address)
+            conn = pagi_ref.HTTPConnection(server, pagi_ref.SocketStream(side, address))
             server.connections.add(conn)
             server.idle[conn] = None
             conns.append(conn)

@@ -1704,19 +1704,8 @@ def decode_path(raw_path):
 #
 # A byte stream is the one thing above the socket: SocketStream for a plain
 # TCP or Unix socket, TLSStream for one wrapped by the ssl module.  Both
-# offer the same small interface, and nothing above this section calls
-# recv, send, sendmsg or sendfile itself:
-#
-#   recv(size)           bytes; b"" at the peer's end; BlockingIOError when
-#                        nothing can be read now; another OSError on failure
-#   send(data)           bytes the stream took (maybe fewer); BlockingIOError
-#   send_many(buffers)   the same for a list of buffers (one sendmsg)
-#   sendfile             None, or f(in_fd, offset, count) -> bytes sent
-#   has_bytes()          something waits to be read (without reading it)
-#   shutdown_write()     no more bytes from us (TLS: a close_notify first)
-#   close()
-#   fd, peer_address, local_address, scheme_secure, tls (the scope's
-#   extension dict, or None)
+# offer the same small interface (SocketStream's attribute block lists it),
+# and nothing above this section calls recv, send, sendmsg or sendfile.
 #
 # Before you edit: SocketStream binds the socket's own methods as its
 # attributes, so the plain path costs no Python frame per call (E1 counts
@@ -1758,8 +1747,18 @@ def _address(family, address):
 class SocketStream:
     """A connected, non-blocking plain socket: TCP or Unix."""
 
+    # The interface.  The callables are set per instance: here the socket's
+    # own bound methods, in TLSStream its Python ones.
+    fd = -1                 # the descriptor, for the reactor
+    peer_address = None     # (host, port), (path, None) or None: scope["client"]
+    local_address = None    # the same for our end: scope["server"]
+    recv = None             # recv(size) -> bytes, b"" at the peer's end;
+                            #   BlockingIOError: nothing now; other OSError: failed
+    send = None             # send(data) -> bytes taken (maybe fewer); BlockingIOError
+    send_many = None        # send_many(buffers) -> the same, for a list (one sendmsg)
+    sendfile = None         # None, or sendfile(in_fd, offset, count) -> bytes sent
     scheme_secure = False   # "http"/"ws", not "https"/"wss"
-    tls = None              # no tls scope extension (PAGI tls: never on cleartext)
+    tls = None              # the tls scope extension's dict (PAGI tls: never on cleartext)
 
     def __init__(self, sock, peer=None):
         self.sock = sock

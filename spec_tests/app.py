@@ -164,6 +164,11 @@ def describe(scope):
     ext = scope.get("extensions")
     out["extensions"] = {k: kind(v) for k, v in ext.items()} \
         if isinstance(ext, dict) else None
+    tls = ext.get("tls") if isinstance(ext, dict) else None
+    out["tls"] = {k: {"kind": kind(v), "value": jsonable(v),
+                      "item_kinds": [kind(i) for i in v] if isinstance(v, (list, tuple))
+                      else None}
+                  for k, v in tls.items()} if isinstance(tls, dict) else None
     state = scope.get("state")
     out["state"] = sorted(state) if isinstance(state, dict) else None
     conn = scope.get("pagi.connection")

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-LISTENING = re.compile(r"pagi_ref: listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
+LISTENING = re.compile(r"pagi_ref: listening on https?://([^\s:]+|\[[^\]]+\]):(\d+)")
 CLAUSE_LINE = re.compile(
     r"^- \*\*([A-Z]+(?:-[A-Z]+)*-\d+)\*\* · (MUST NOT|MUST|SHOULD NOT|SHOULD|MAY) · "
     r"(wire|log|process|app)(?: \(([^)]*)\))?(?: · (PAGI|RFC|REF)((?: [^—]*?)?))? —")

@@ -6470,7 +6470,21 @@ class _Conversation:
             raise error
 
 
-class StreamingResponse(Response):
+class _OneConversation:
+    """What holds one _Conversation open: a context manager that ends it
+    (quietly when the with block raised), and close()."""
+
+    def close(self):
+        self._conversation.end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._conversation.end(quiet=exc_type is not None)
+
+
+class StreamingResponse(_OneConversation, Response):
     """A response whose body is read as it arrives: ``iter_bytes()``,
     ``iter_text()``, ``iter_lines()`` or ``read()``, inside ``with
     client.stream(...) as response:``; leaving the block closes the
@@ -6531,14 +6545,6 @@ class StreamingResponse(Response):
             pass
         return self.content
 
-    def close(self):
-        self._conversation.end()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self._conversation.end(quiet=exc_type is not None)
 
 
 class ServerSentEvent:
@@ -6638,7 +6644,7 @@ class _EventStreamParser:
         return ServerSentEvent("\n".join(data), event or "message", self.last_event_id, retry)
 
 
-class EventStream:
+class EventStream(_OneConversation):
     """``with client.sse(path) as events:`` -- iterate for ServerSentEvent
     objects until the server ends the stream; leaving the block closes the
     connection (the application gets sse.disconnect).  ``response`` is the
@@ -6683,14 +6689,6 @@ class EventStream:
             conversation.end(exc)
         conversation.end()
 
-    def close(self):
-        self._conversation.end()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self._conversation.end(quiet=exc_type is not None)
 
 
 class WebSocketSession:

@@ -234,7 +234,7 @@ def section_ranges():
 
 def test_architecture_reading_path_line_ranges_match_the_banners():
     text = read(DOCS, "architecture.md")
-    rows = re.findall(r"^\| (\d+) \| (\d+) [^|]+\| (\d+)-(\d+|end) \|", text, re.M)
+    rows = re.findall(r"^\| (\d+)\. \| (\d+) [^|]+\| (\d+)-(\d+|end) \|", text, re.M)
     assert len(rows) >= 13, rows
     ranges = section_ranges()
     wrong = []

@@ -1890,9 +1890,16 @@ class TLSStream(SocketStream):
         return total
 
     def _send_many(self, buffers):
-        joined = b"".join(buffers)
-        return self._send(joined[:_TLS_WRITE_MAX] if len(joined) > _TLS_WRITE_MAX
-                          else joined)
+        """The leading buffers joined, up to about _TLS_WRITE_MAX bytes: the
+        same bytes from the same start on a retry, as SSL_write wants."""
+        parts = []
+        size = 0
+        for buffer in buffers:
+            parts.append(buffer)
+            size += len(buffer)
+            if size >= _TLS_WRITE_MAX:
+                break
+        return self._send(b"".join(parts))
 
     def has_bytes(self):
         if self.sock.pending():
@@ -5532,8 +5539,9 @@ class Supervisor:
             if len(ready) >= self.size:
                 self.first_ready = True
                 self.log.info("pagi_ref: %d workers started", self.size)
-                _announce(self.log, "pagi_ref: listening on http://%s:%d"
-                          % self.sock.getsockname()[:2])
+                _announce(self.log, "pagi_ref: listening on %s://%s:%d" % (
+                    (("https" if self.config.ssl_certfile else "http",)
+                     + tuple(self.sock.getsockname()[:2]))))
                 if self.reload_again:       # a SIGHUP came during the start
                     self.reload_again = False
                     self._on_hup(signal.SIGHUP)

@@ -81,7 +81,7 @@ import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pagi_ref.py")
-LISTENING = re.compile(r" INFO pagi_ref: listening on http://([0-9.]+):(\d+)$")
+LISTENING = re.compile(r" INFO pagi_ref: listening on https?://([0-9.]+):(\d+)$")
 
 
 class ServerProcess:

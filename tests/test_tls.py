@@ -19,7 +19,7 @@ import warnings
 import pytest
 
 import pagi_ref
-from apputil import wait_until
+from apputil import ServerProcess, wait_until
 from conftest import serve
 from spec_wire import Client, WebSocket, build_request, read_chunked_stream
 
@@ -82,8 +82,12 @@ def client_context(certs, cert=False, maximum=None):
 class TLSClient(Client):
     """spec_wire's Client over the ssl module's client."""
 
-    def __init__(self, port, certs, cert=False, maximum=None, timeout=10.0):
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port, certs, cert=False, maximum=None, timeout=10.0, rcvbuf=None):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.settimeout(timeout)
+        raw.connect(("127.0.0.1", port))
         self.sock = client_context(certs, cert, maximum).wrap_socket(
             raw, server_hostname="localhost")
         from spec_wire import Reader
@@ -234,6 +238,37 @@ def test_large_streamed_body_with_flow_control(certs):
     assert seen["max"] <= limit
     assert transport.bytes_queued == transport.bytes_written
     assert transport.bytes_written > len(piece) * pieces    # the head as well
+
+
+def test_many_small_pieces_gathered_over_tls(certs):
+    # Small pieces queued behind a full socket go out joined (send_many: an
+    # SSLSocket has no sendmsg); every byte arrives, in order.
+    # More than the kernel's largest send buffer (tcp_wmem), so the queue fills.
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            kernel = int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        kernel = 4 << 20
+    pieces = [b"%07d:" % i + b"x" * 992 for i in range((kernel + (2 << 20)) // 1000)]
+    high = threading.Event()
+
+    def app(scope, receive, send):
+        scope["pagi.transport"].on_high_water(high.set)
+        yield send({"type": "http.response.start", "status": 200, "headers": []})
+        for piece in pieces:
+            yield send({"type": "http.response.body", "body": piece, "more": True})
+        yield send({"type": "http.response.body", "body": b""})
+
+    with serve(app, **tls_config(certs)) as srv:
+        client = TLSClient(srv.port, certs, rcvbuf=8192)
+        try:
+            client.send(build_request("GET", "/"))
+            assert high.wait(10)
+            resp = client.reader.read_response()
+        finally:
+            client.close()
+    assert resp.status == 200 and resp.body == b"".join(pieces)
+    assert srv.errors == []
 
 
 def test_file_body_over_tls(certs, tmp_path):
@@ -447,3 +482,35 @@ def test_client_cert_name_is_rfc4514():
                (("organizationName", " Acme, Inc"),),
                (("commonName", "bob"), ("userId", "b+1")))
     assert pagi_ref._rfc4514(subject) == "CN=bob+UID=b\\+1,O=\\ Acme\\, Inc,C=NZ"
+
+
+def test_workers_serve_tls_from_one_command_line(certs, tmp_path):
+    # Each worker builds the context from the same options and wraps the
+    # sockets it accepts; the listening line says https.
+    app = tmp_path / "tlsapp.py"
+    app.write_text(
+        "import json, os\n"
+        "def app(scope, receive, send):\n"
+        "    if scope['type'] != 'http':\n"
+        "        return\n"
+        "    yield receive()\n"
+        "    body = json.dumps({'pid': os.getpid(), 'scheme': scope['scheme'],\n"
+        "                       'tls': sorted(scope['extensions']['tls'])}).encode()\n"
+        "    yield send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    yield send({'type': 'http.response.body', 'body': body})\n")
+    proc = ServerProcess([pagi_ref.__file__, str(app) + ":app", "--port", "0",
+                          "--workers", "2", "--no-access-log", "--lifespan", "off",
+                          "--ssl-certfile", certs["server.pem"],
+                          "--ssl-keyfile", certs["server.key"]])
+    try:
+        _host, port = proc.wait_listening(20)
+        assert any("listening on https://" in line for line in proc.stderr)
+        for _ in range(4):
+            client = TLSClient(port, certs)
+            try:
+                info = get_json(client)
+            finally:
+                client.close()
+            assert info["scheme"] == "https" and info["tls"] == sorted(TLS_FIELDS)
+    finally:
+        assert proc.stop() == 0

@@ -70,6 +70,7 @@ import collections
 import concurrent.futures
 import errno
 import faulthandler
+import functools
 import hashlib
 import heapq
 import importlib
@@ -1770,9 +1771,8 @@ class SocketStream:
         self.recv = sock.recv
         self.send = sock.send
         self.send_many = sock.sendmsg
-        self.sendfile = (lambda in_fd, offset, count, _out=self.fd:
-                         os.sendfile(_out, in_fd, offset, count)) \
-            if hasattr(os, "sendfile") else None
+        if hasattr(os, "sendfile"):
+            self.sendfile = functools.partial(os.sendfile, self.fd)
 
     def __repr__(self):
         return "<%s fd=%d peer=%r>" % (type(self).__name__, self.fd, self.peer_address)
@@ -1780,10 +1780,8 @@ class SocketStream:
     def has_bytes(self):
         try:
             return bool(self.sock.recv(1, socket.MSG_PEEK))
-        except (BlockingIOError, InterruptedError):
-            return False
         except OSError:
-            return False
+            return False      # nothing (BlockingIOError), or a reset: not busy
 
     def shutdown_write(self):
         self.sock.shutdown(socket.SHUT_WR)
@@ -1906,7 +1904,7 @@ class TLSStream(SocketStream):
             return True
         try:
             return bool(socket.socket.recv(self.sock, 1, socket.MSG_PEEK))
-        except (BlockingIOError, InterruptedError, OSError):
+        except OSError:
             return False
 
     def shutdown_write(self):

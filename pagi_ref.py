@@ -1949,8 +1949,11 @@ _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 def _rfc4514(subject):
     """RFC 4514 §2: the RDNs of a DN from the last to the first, ',' between
-    them, '+' inside a multi-valued one, and the special characters escaped.
-    ``subject`` is getpeercert()'s tuple of RDNs, in certificate order."""
+    them, '+' inside a multi-valued one, and the special characters escaped
+    (§2.4).  ``subject`` is getpeercert()'s tuple of RDNs, in certificate
+    order.  Types outside §3's table keep the ssl module's long name
+    (``emailAddress``), as OpenSSL's own RFC 2253 output does, rather than
+    the dotted OID the RFC asks for: the ssl module does not give the OID."""
     short = {"commonName": "CN", "localityName": "L", "stateOrProvinceName": "ST",
              "organizationName": "O", "organizationalUnitName": "OU",
              "countryName": "C", "streetAddress": "STREET", "domainComponent": "DC",
@@ -2009,6 +2012,7 @@ def tls_context(config):
     if ssl is None:
         raise ConfigError("ssl_certfile: this Python has no ssl module")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # RFC 8996: TLS 1.0 and 1.1 "MUST NOT be used"; 1.2 is the floor.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     try:

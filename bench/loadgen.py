@@ -220,6 +220,44 @@ async def _download(loop, host, port, path, timeout, bufsize):
         sock.close()
 
 
+def _download_tls(host, port, path, timeout, bufsize, cafile):
+    """One download over TLS (E4T), blocking, in a thread: the stdlib ssl
+    client reading into one buffer, the same for every server."""
+    import ssl
+    context = ssl.create_default_context(cafile=cafile)
+    t0 = time.monotonic()
+    raw = socket.create_connection((host, port), timeout=timeout)
+    with context.wrap_socket(raw, server_hostname=host) as sock:
+        sock.sendall(request_bytes(host, port, path, close=True))
+        buf = bytearray(bufsize)
+        view = memoryview(buf)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            n = sock.recv_into(view)
+            if not n:
+                raise asyncio.IncompleteReadError(head, None)
+            head += bytes(view[:n])
+        head, _, rest = head.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        got = len(rest)
+        while length is None or got < length:
+            try:
+                n = sock.recv_into(view)
+            except ssl.SSLEOFError:
+                n = 0
+            if not n:
+                if length is not None:
+                    raise asyncio.IncompleteReadError(b"", length - got)
+                break
+            got += n
+    return status, got, time.monotonic() - t0
+
+
 async def mode_download(args):
     loop = asyncio.get_running_loop()
     results = []
@@ -227,6 +265,11 @@ async def mode_download(args):
 
     async def one():
         try:
+            if args.cafile:
+                results.append(await loop.run_in_executor(
+                    None, _download_tls, args.host, args.port, args.path,
+                    args.timeout, args.bufsize, args.cafile))
+                return
             results.append(await _download(loop, args.host, args.port, args.path,
                                            args.timeout, args.bufsize))
         except Exception as exc:
@@ -344,6 +387,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=200, help="idle: connections opened at once")
     p.add_argument("--hold", type=float, default=120.0, help="idle: max seconds to hold")
     p.add_argument("--bufsize", type=int, default=1 << 20, help="download: recv_into buffer")
+    p.add_argument("--cafile", help="download: over TLS, trusting this CA (E4T)")
     p.add_argument("--rate", type=float, default=1048576.0, help="slowread: bytes/s")
     p.add_argument("--no-uvloop", action="store_true")
     args = p.parse_args(argv)

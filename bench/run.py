@@ -258,8 +258,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def http_get(port, path, timeout=5.0):
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+def http_get(port, path, timeout=5.0, cafile=None):
+    if cafile:
+        import ssl
+        conn = http.client.HTTPSConnection(HOST, port, timeout=timeout,
+                                           context=ssl.create_default_context(cafile=cafile))
+    else:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
@@ -273,10 +278,12 @@ class ServerSpec:
         self.key, self.label, self.kind = key, label, kind
         self.available, self.why = available, why
 
-    def argv(self, port, workers=1, keepalive=None):
+    def argv(self, port, workers=1, keepalive=None, tls=None):
+        """``tls``: (certfile, keyfile), the same option names in both servers."""
+        tls_args = ["--ssl-certfile", tls[0], "--ssl-keyfile", tls[1]] if tls else []
         if self.kind == "pagi_ref":
             argv = [sys.executable, os.path.join(ROOT, "pagi_ref.py"), "bench/apps.py:app",
-                    "--host", HOST, "--port", str(port), "--no-access-log"]
+                    "--host", HOST, "--port", str(port), "--no-access-log"] + tls_args
             if workers != 1:
                 argv += ["--workers", str(workers)]
             if keepalive:
@@ -288,7 +295,7 @@ class ServerSpec:
                       "uvicorn-h11": ("h11", "asyncio")}[self.key]
         argv = [VENV_PY, "-m", "uvicorn", "asgi_apps:app", "--app-dir", BENCH,
                 "--host", HOST, "--port", str(port), "--http", http, "--loop", loop,
-                "--no-access-log"]
+                "--no-access-log"] + tls_args
         if workers != 1:
             argv += ["--workers", str(workers)]
         if keepalive:
@@ -413,13 +420,16 @@ class Bench:
 
     # ---- servers ---------------------------------------------------------
 
-    def start(self, spec, workers=1, keepalive=None, nofile=None, tag="", wrapper=None):
+    def start(self, spec, workers=1, keepalive=None, nofile=None, tag="", wrapper=None,
+              tls=None):
         if not spec.available:
             raise NotAvailable(spec.why)
+        if tls and spec.kind == "ceiling":
+            raise NotAvailable("the ceiling server speaks no TLS")
         port = free_port()
         self.started += 1
         logpath = os.path.join(self.tmp, "%s-%02d%s.log" % (spec.key, self.started, tag))
-        argv = spec.argv(port, workers=workers, keepalive=keepalive)
+        argv = spec.argv(port, workers=workers, keepalive=keepalive, tls=tls)
         if wrapper:  # e.g. the profiler: [python, profile_server.py, OUT] + pagi_ref's arguments
             argv = wrapper + argv[2:]
         argv = self.pin.server_prefix() + argv
@@ -438,7 +448,7 @@ class Bench:
             if not srv.alive():
                 break
             try:
-                status, body, _ = http_get(port, "/", timeout=2)
+                status, body, _ = http_get(port, "/", timeout=2, cafile=tls and tls[2])
                 if status == 200 and body == HELLO:
                     return srv
                 last = "GET / answered %d %r" % (status, body[:60])
@@ -643,7 +653,8 @@ class Bench:
 
         self.each("E3", specs, run)
 
-    def e4(self, specs):
+    def e4(self, specs, tls=None, name="E4"):
+        """``tls``: (certfile, keyfile, cafile): E4T, the same downloads over TLS."""
         total = self.p["e4_bytes"]
         big = os.path.join(self.tmp, "file-%d.bin" % total)
         small = os.path.join(self.tmp, "probe.bin")
@@ -663,7 +674,9 @@ class Bench:
             """Best MB/s of `repeat` downloads, or (None, why)."""
             rates = []
             for _ in range(repeat):
-                r = self.loadgen("download", srv.port, 120, path=path, concurrency=1, timeout=60)
+                extra = {"cafile": tls[2]} if tls else {}
+                r = self.loadgen("download", srv.port, 120, path=path, concurrency=1,
+                                 timeout=60, **extra)
                 if r["statuses"].get("200") != 1 or r["bytes"] < total:
                     return None, "incomplete: %s" % json.dumps(r)[:200]
                 rates.append(r["mb_per_s"])
@@ -672,7 +685,8 @@ class Bench:
         def run(srv):
             out = {}
             out["mem"], out["mem_note"] = best(srv, "/bytes?total=%d&chunk=65536" % total)
-            status, body, _ = http_get(srv.port, "/file?path=" + small, timeout=10)
+            status, body, _ = http_get(srv.port, "/file?path=" + small, timeout=10,
+                                       cafile=tls and tls[2])
             with open(small, "rb") as f:
                 expected = f.read()
             if status != 200 or body != expected:
@@ -684,11 +698,27 @@ class Bench:
             return out
 
         try:
-            self.each("E4", specs, run)
+            self.each(name, specs, run, **({"tls": tls} if tls else {}))
         finally:
             for path in (big, small):
                 if os.path.exists(path):
                     os.unlink(path)
+
+    def e4t(self, specs):
+        """E4 over TLS: a certificate made with openssl, both servers given
+        it with the same options (--ssl-certfile, --ssl-keyfile)."""
+        if shutil.which("openssl") is None:
+            self.results["E4T"] = {s.key: "not available: no openssl command to make "
+                                   "a certificate" for s in specs}
+            return
+        cert, key = os.path.join(self.tmp, "tls-cert.pem"), os.path.join(self.tmp, "tls-key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=" + HOST,
+                        "-addext", "subjectAltName=IP:" + HOST],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=60)
+        self.e4(specs, tls=(cert, key, cert), name="E4T")
 
     def e5(self, specs):
         p = self.p
@@ -1012,6 +1042,15 @@ FIGURES = {
         ("file", "from a file MB/s", f_int, "high"),
         ("hwm", "server peak RSS", f_mb, "low"),
     ]),
+    "E4T": ("One connection, large body, over TLS", "E4 over TLS: one client (the stdlib "
+            "`ssl` module, in a thread) downloads {e4_mb:.0f} MB from `/bytes` and from `/file` "
+            "over TLS 1.3 (a P-256 certificate made with openssl; both servers given "
+            "`--ssl-certfile`/`--ssl-keyfile`); best of {e4_repeat} downloads each. pagi_ref "
+            "sends a file body over TLS by 64 KiB reads (no sendfile).", [
+        ("mem", "from memory MB/s", f_int, "high"),
+        ("file", "from a file MB/s", f_int, "high"),
+        ("hwm", "server peak RSS", f_mb, "low"),
+    ]),
     "E5": ("50 concurrent downloads", "{e5_clients} concurrent downloads of {e5_mb:.0f} MB each "
            "from `/bytes`.", [
         ("mbps", "aggregate MB/s", f_int, "high"),
@@ -1126,7 +1165,7 @@ def render_report(bench, specs, started, finished, svg_name):
         for g in goals:
             L.append("| %s | %s | %s |" % g)
         L.append("")
-    for name in ("E1", "E2", "E3", "E4", "E5", "E6", "E7", "E8", "E9"):
+    for name in EXPERIMENTS:
         table = bench.results.get(name)
         if not table:
             continue
@@ -1375,7 +1414,7 @@ def _esc(s):
 # main
 # --------------------------------------------------------------------------
 
-EXPERIMENTS = ["E1", "E2", "E3", "E4", "E5", "E6", "E7", "E8", "E9"]
+EXPERIMENTS = ["E1", "E2", "E3", "E4", "E4T", "E5", "E6", "E7", "E8", "E9"]
 
 
 def main(argv=None):

@@ -521,3 +521,84 @@ def test_workers_serve_tls_from_one_command_line(certs, tmp_path):
             assert info["scheme"] == "https" and info["tls"] == sorted(TLS_FIELDS)
     finally:
         assert proc.stop() == 0
+
+
+class _SmallSendBuffer(pagi_ref.Server):
+    """A server whose accepted sockets have a 4 KiB send buffer, so that a
+    large certificate chain cannot leave in one go."""
+
+    def _stream(self, sock, client):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return pagi_ref.Server._stream(self, sock, client)
+
+
+def test_handshake_that_must_wait_for_the_kernel_to_take_its_flight(certs, tmp_path):
+    # The server's first flight (a chain padded with 60 copies of the CA
+    # certificate, ~40 KB) meets a full socket: the handshake waits for
+    # writability in the reactor (SSLWantWriteError), then completes.
+    chain = tmp_path / "chain.pem"
+    with open(certs["server.pem"]) as f:
+        leaf = f.read()
+    with open(certs["ca.pem"]) as f:
+        ca = f.read()
+    chain.write_text(leaf + ca * 60)
+
+    def app(scope, receive, send):
+        yield receive()
+        yield send({"type": "http.response.start", "status": 200, "headers": []})
+        yield send({"type": "http.response.body", "body": b"waited"})
+
+    config = pagi_ref.Config(port=0, lifespan="off", access_log=None,
+                             ssl_certfile=str(chain), ssl_keyfile=certs["server.key"])
+    server = _SmallSendBuffer(app, config)
+    server.bind()
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(10)
+    try:
+        raw.connect(server.address)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context(certs).wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        raw.sendall(outgoing.read())             # the ClientHello; then read nothing
+
+        def handshake_waits_for_writability():
+            return any(handler[1] is not None
+                       and getattr(handler[1], "__name__", "") == "_writable_in_handshake"
+                       for handler in list(server.loop._handlers.values()))
+        wait_until(handshake_waits_for_writability)
+        done = False
+        while not done:
+            incoming.write(raw.recv(65536))
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                pass
+            raw.sendall(outgoing.read())
+        tls.write(build_request("GET", "/", close=True))
+        raw.sendall(outgoing.read())
+        received = b""
+        while True:
+            try:
+                data = tls.read(65536)
+                if not data:
+                    break           # the server's close_notify
+                received += data
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                break
+            data = raw.recv(65536)
+            if not data:
+                break
+            incoming.write(data)
+        assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"waited")
+    finally:
+        raw.close()
+        server.stop(timeout=2)
+        thread.join(10)

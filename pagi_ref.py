@@ -3347,7 +3347,10 @@ class HTTPConnection(Connection):
         except (ConnectionResetError, ConnectionAbortedError):
             self.abort("client_closed")   # the client reset: it is gone
             return
-        except OSError:
+        except OSError as exc:
+            # A failed TLS handshake comes here too (ssl.SSLError): the
+            # client's doing, so DEBUG, where an operator can find why.
+            self.log.debug("%s: read failed: %s", self.client, exc)
             self.abort("read_error")
             return
         now = self.last_activity = self.loop.now

@@ -275,6 +275,12 @@ class Config:
             raise ConfigError("lifespan must be auto, on or off, got %r" % self.lifespan)
         if self.ssl_cert_reqs not in (0, 1, 2):
             raise ConfigError("ssl_cert_reqs must be 0, 1 or 2, got %r" % self.ssl_cert_reqs)
+        if not self.ssl_certfile:
+            for name in ("ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs",
+                         "ssl_cert_reqs", "ssl_ciphers"):
+                if getattr(self, name):
+                    raise ConfigError("%s needs ssl_certfile (no TLS without a certificate)"
+                                      % name)
         if self.ssl_cert_reqs and not self.ssl_ca_certs:
             raise ConfigError("ssl_cert_reqs %d needs ssl_ca_certs (the CAs to verify "
                               "client certificates with)" % self.ssl_cert_reqs)
@@ -2006,8 +2012,6 @@ def tls_context(config):
     cannot be used.  One context serves every connection (and every worker:
     each builds it from the same Config)."""
     if not config.ssl_certfile:
-        if config.ssl_keyfile:
-            raise ConfigError("ssl_keyfile needs ssl_certfile")
         return None
     if ssl is None:
         raise ConfigError("ssl_certfile: this Python has no ssl module")

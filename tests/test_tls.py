@@ -466,6 +466,9 @@ def test_encrypted_key_with_its_password(certs):
     ({"ssl_cert_reqs": 3}, "ssl_cert_reqs"),
     ({"ssl_cert_reqs": 2}, "ssl_ca_certs"),
     ({"ssl_ciphers": "NO-SUCH-CIPHER"}, "ssl_ciphers"),
+    ({"ssl_certfile": None}, "ssl_keyfile needs ssl_certfile"),
+    ({"ssl_certfile": None, "ssl_keyfile": None, "ssl_keyfile_password": None,
+      "ssl_cert_reqs": 2, "ssl_ca_certs": "ca.pem"}, "ssl_ca_certs needs ssl_certfile"),
 ])
 def test_unusable_tls_settings_name_the_field(certs, fields, named):
     config = dict(ssl_certfile=certs["server.pem"], ssl_keyfile=certs["server-enc.key"],

@@ -1752,14 +1752,12 @@ class ResponseStamp:
         self.server = server          # send the Server field
         self.date = date              # send the Date field
 
-    def fields(self, has_server=False, has_date=False):
-        """(name, value) pairs, for a head the application's headers make."""
-        out = []
+    def add_to(self, headers, has_server=False, has_date=False):
+        """Append the (name, value) pairs to a head's ``headers``."""
         if self.date and not has_date:
-            out.append((b"date", _date.get()))
+            headers.append((b"date", _date.get()))
         if self.server and not has_server:
-            out.append((b"server", SERVER_NAME))
-        return out
+            headers.append(_SERVER_FIELD)
 
     def lines(self, headers=()):
         """The same as header lines, minding what ``headers`` already has."""
@@ -1770,10 +1768,13 @@ class ResponseStamp:
                 has_server = True
             elif name == b"date":
                 has_date = True
-        return b"".join(n + b": " + v + b"\r\n" for n, v in self.fields(has_server, has_date))
+        fields = []
+        self.add_to(fields, has_server, has_date)
+        return b"".join(n + b": " + v + b"\r\n" for n, v in fields)
 
 
 SERVER_NAME = b"pagi_ref"     # the Server field's value
+_SERVER_FIELD = (b"server", SERVER_NAME)
 _STAMP = ResponseStamp()      # the defaults, for callers without a Config
 
 
@@ -2788,7 +2789,7 @@ class Exchange:
         if head.expect_continue and not self.continue_sent and not self.body_complete:
             keep_alive = False
         headers = self.headers       # the application's, then the server's own
-        headers += conn.server.stamp.fields(self.has_server, self.has_date)
+        conn.server.stamp.add_to(headers, self.has_server, self.has_date)
         if self.length is not None:
             pass                     # the application's Content-Length frames it
         elif self.no_body:
@@ -4838,6 +4839,11 @@ def _tcp_listener(host, port, backlog):
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::] is IPv6 only, as asyncio (so uvicorn) makes it: IPv4
+            # clients come through a 0.0.0.0 listener beside it, with their
+            # own addresses, not as ::ffff:a.b.c.d -- the same on every system.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
@@ -6012,6 +6018,14 @@ def load_app(spec):
     return obj
 
 
+def _uds_option(path):
+    return "unix:" + path
+
+
+def _fd_option(number):
+    return "fd://%d" % int(number)
+
+
 def _argument_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -6041,9 +6055,9 @@ def _argument_parser():
                                 metavar=kind.__name__.upper(), help=help_text)
     # uvicorn's spellings of two kinds of --bind.
     parser.add_argument("--uds", dest="bind", action="append", metavar="PATH",
-                        type=lambda path: "unix:" + path, help="the same as --bind unix:PATH")
+                        type=_uds_option, help="the same as --bind unix:PATH")
     parser.add_argument("--fd", dest="bind", action="append", metavar="N",
-                        type=lambda n: "fd://%d" % int(n), help="the same as --bind fd://N")
+                        type=_fd_option, help="the same as --bind fd://N")
     parser.add_argument("--no-access-log", action="store_true",
                         help="no access log (the default is one line per request to stdout)")
     return parser

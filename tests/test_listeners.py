@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 
+import pagi_ref
 from apputil import ROOT, SCRIPT, ServerProcess, req, wait_until
 from spec_wire import Reader, exchange
 
@@ -143,6 +144,20 @@ def test_the_first_tcp_listener_line_is_the_one_tools_parse(app_spec, sockdir):
         assert facts(tcp_get(port))["server"] == ["127.0.0.1", port]
         assert facts(unix_get(path))["server"] == [path, None]
         assert proc.stop() == 0
+
+
+def test_an_ipv6_listener_is_ipv6_only():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        (listener,) = pagi_ref.open_listeners(pagi_ref.Config(bind=["[::1]:0"]))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    try:
+        assert listener.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        assert listener.url() == "http://[::1]:%d" % listener.address[1]
+    finally:
+        listener.close()
 
 
 def test_ipv6_listener(app_spec):

@@ -105,7 +105,7 @@ __all__ = [
     "Transport", "ConnectionState", "Exchange", "HTTPConnection",
     "FrameParser", "FrameError", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
-    "Server", "Supervisor", "run", "main",
+    "Server", "Listener", "ListenError", "open_listeners", "Supervisor", "run", "main",
     "TestClient", "TestClientError", "TestClientTimeout", "WebSocketDisconnect",
     "WebSocketRejected",
 ]
@@ -5368,10 +5368,10 @@ class Server:
 # ============================================================================
 # 11. Workers (pre-fork; PAGI Lifespan "Execution Model")
 #
-# With --workers N the process binds the listener once and becomes a
+# With --workers N the process opens its listeners once and becomes a
 # supervisor: it forks N workers, each of which builds its own Server (its
-# own loop -- nothing of the supervisor's loop may cross a fork) around the
-# inherited listener, runs its own lifespan (pagi.is_worker 1,
+# own loop -- nothing of the supervisor's loop may cross a fork) around
+# every inherited listener, runs its own lifespan (pagi.is_worker 1,
 # pagi.worker_num 1..N) and serves.  The kernel hands each new connection
 # to one of the workers waiting in accept.
 #

@@ -2600,6 +2600,7 @@ class Exchange:
     t0 = 0.0                      # time.monotonic() at arrival (%D, %T)
     wire_start = 0                # transport.bytes_queued at arrival (%O)
     in_start = 0                  # conn.bytes_in when the head began (%I)
+    proxied_client = False        # --proxy-headers: the scope's client, for %h
 
     def __init__(self, conn, head):
         self.conn = conn
@@ -2647,6 +2648,7 @@ class Exchange:
         }
         if conn.server.trusted_peers is not None:
             apply_proxy_headers(scope, conn.client, conn.server.trusted_peers)
+            self.proxied_client = scope["client"]
         return scope
 
     # -- receive ------------------------------------------------------------------
@@ -2984,7 +2986,8 @@ class Exchange:
         # body count of a response cut short is the application's bytes less
         # those -- chunk framing of the lost part aside, what the client got.
         unwritten = transport.bytes_queued - transport.bytes_written
-        access_log.record(conn.client, self.received, time.monotonic() - self.t0,
+        client = conn.client if self.proxied_client is False else self.proxied_client
+        access_log.record(client, self.received, time.monotonic() - self.t0,
                           head.request_line(), self.status,
                           max(0, self.bytes_out - unwritten), head.headers, self.headers,
                           bytes_in=conn.bytes_in - self.in_start,
@@ -3804,6 +3807,7 @@ class WebSocketConnection(Connection):
         self.sock = sock
         self.fd = sock.fileno()
         self.client = client
+        self.access_client = client   # %h: the scope's client (--proxy-headers)
         self.head = head
         self.transport = transport
         transport.on_error = self._write_failed
@@ -3859,6 +3863,7 @@ class WebSocketConnection(Connection):
         }
         if server.trusted_peers is not None:
             apply_proxy_headers(scope, client, server.trusted_peers)
+            self.access_client = scope["client"]
         try:
             coro = server.app(scope, self.receive, self.send)
             if not (hasattr(coro, "send") and hasattr(coro, "throw")):
@@ -3882,7 +3887,7 @@ class WebSocketConnection(Connection):
             transport = self.transport
             unwritten = transport.bytes_queued - transport.bytes_written
             code = self.disconnect["code"] if self.disconnect is not None else None
-            access_log.record(self.client, self.received, time.monotonic() - self.t0,
+            access_log.record(self.access_client, self.received, time.monotonic() - self.t0,
                               self.head.request_line(), self.status, 0, self.head.headers, (),
                               bytes_in=self.bytes_in,
                               bytes_out=max(0, transport.bytes_queued - self.wire_start - unwritten),

@@ -227,6 +227,21 @@ def test_websocket_scheme_from_a_proxy(config, proto, scheme):
         assert got["client"][0] == "127.0.0.1"
 
 
+def test_the_access_log_names_the_client_the_proxy_names(tmp_path):
+    log = tmp_path / "access.log"
+    with serve(scope_app, access_log=str(log), **TRUSTED) as srv:
+        ask(srv, [("X-Forwarded-For", "203.0.113.7")])
+        client, resp = ws_handshake(("127.0.0.1", srv.port), "/",
+                                    headers=[("X-Forwarded-For", "198.51.100.4")])
+        with client:
+            assert resp.status == 101
+            WebSocket(client).recv_frame()
+        ask(srv, [("X-Forwarded-For", "unknown")])
+    lines = log.read_text().splitlines()
+    # (The WebSocket's line is written when its session ends: any order.)
+    assert sorted(l.split()[0] for l in lines) == ["-", "198.51.100.4", "203.0.113.7"], lines
+
+
 # -- configuration --------------------------------------------------------------------------------
 
 def test_a_bad_allow_list_is_refused_naming_the_field():

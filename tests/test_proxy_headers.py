@@ -14,7 +14,8 @@ import pytest
 import pagi_ref
 from apputil import ROOT, SCRIPT, req
 from conftest import serve
-from spec_wire import WebSocket, connect, exchange, ws_accept_value, ws_handshake
+from spec_wire import (WebSocket, connect, exchange, parse_sse, read_chunked_stream,
+                       sse_request, ws_accept_value, ws_handshake)
 
 
 def scope_app(scope, receive, send):
@@ -33,6 +34,11 @@ def scope_app(scope, receive, send):
         yield send({"type": "websocket.accept"})
         yield send({"type": "websocket.send", "text": json.dumps(facts)})
         yield send({"type": "websocket.close"})
+        return
+    if scope["type"] == "sse":
+        yield send({"type": "sse.start"})
+        yield send({"type": "sse.send", "data": json.dumps(facts)})
+        yield send({"type": "sse.close"})
         return
     yield send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]})
@@ -225,6 +231,20 @@ def test_websocket_scheme_from_a_proxy(config, proto, scheme):
         assert got["client"] == ["203.0.113.7", 0]
     else:
         assert got["client"][0] == "127.0.0.1"
+
+
+def test_an_event_stream_scope_too():
+    with serve(scope_app, **TRUSTED) as srv:
+        client, resp = sse_request(("127.0.0.1", srv.port), "/",
+                                   headers=[("X-Forwarded-For", "203.0.113.7"),
+                                            ("X-Forwarded-Proto", "https")])
+        with client:
+            assert resp.status == 200
+            data, ended = read_chunked_stream(client.reader)
+            assert ended
+            events = parse_sse(data.decode())
+    got = json.loads(events[0]["data"])
+    assert got["client"] == ["203.0.113.7", 0] and got["scheme"] == "https"
 
 
 def test_the_access_log_names_the_client_the_proxy_names(tmp_path):

@@ -96,10 +96,12 @@ def socket_inodes(pid):
 
 
 def unix_listener_inode(path):
+    # The accepted sockets carry the listener's path too; only the listener
+    # has the __SO_ACCEPTCON flag (0x10000).
     with open("/proc/net/unix") as f:
         for line in f.read().splitlines()[1:]:
             parts = line.split()
-            if len(parts) >= 8 and parts[7] == path:
+            if len(parts) >= 8 and parts[7] == path and int(parts[3], 16) & 0x10000:
                 return int(parts[6])
     return None
 

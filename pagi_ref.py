@@ -75,6 +75,7 @@ import hashlib
 import heapq
 import importlib
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -109,7 +110,7 @@ __all__ = [
     "SocketStream", "TLSStream", "Transport", "ConnectionState", "Exchange", "HTTPConnection",
     "FrameParser", "FrameError", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
-    "Server", "Supervisor", "run", "main",
+    "Server", "Listener", "ListenError", "open_listeners", "Supervisor", "run", "main",
     "TestClient", "TestClientError", "TestClientTimeout", "WebSocketDisconnect",
     "WebSocketRejected",
 ]
@@ -206,6 +207,18 @@ _CONFIG_FIELDS = [
     ("max_requests_jitter", 0, int,
      "up to this many more requests, drawn per worker, so workers do not all "
      "restart at once"),
+    # Listeners, proxies in front, the server's own headers (issue 12).
+    ("bind", (), tuple,
+     "listeners, instead of host and port: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N "
+     "(repeatable; --uds PATH and --fd N are the same as unix:PATH and fd://N)"),
+    ("proxy_headers", False, bool,
+     "believe X-Forwarded-For/-Proto or Forwarded from a trusted peer for "
+     "scope client and scheme"),
+    ("forwarded_allow_ips", "127.0.0.1", str,
+     "peers trusted with proxy headers: addresses, networks (10.0.0.0/8), "
+     "names, or * for all; comma-separated"),
+    ("server_header", True, bool, "send 'server: pagi_ref' unless the application sent one"),
+    ("date_header", True, bool, "send 'date' unless the application sent one"),
     # TLS (section 5), with uvicorn's names and meanings.
     ("ssl_certfile", None, str,
      "PEM certificate (chain) file: serve HTTPS/WSS with it (none: cleartext)"),
@@ -242,6 +255,8 @@ class Config:
                 value = _CONFIG_FACTORIES[name]()
             if value is not None and kind is float and isinstance(value, int):
                 value = float(value)
+            if kind is tuple and isinstance(value, (list, str)):
+                value = (value,) if isinstance(value, str) else tuple(value)
             if value is not None and not isinstance(value, kind):
                 raise ConfigError("%s must be %s, got %r" % (name, kind.__name__, value))
             setattr(self, name, value)
@@ -287,6 +302,9 @@ class Config:
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError("log_level must be one of %s, got %r"
                               % (", ".join(_LOG_LEVELS), self.log_level))
+        for text in self.bind:
+            parse_bind(text)
+        TrustedPeers(self.forwarded_allow_ips)
 
     def __repr__(self):
         return "Config(%s)" % ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.__slots__)
@@ -294,6 +312,73 @@ class Config:
 
 _LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING,
                "info": logging.INFO, "debug": logging.DEBUG}
+
+
+def parse_bind(text):
+    """One --bind value, as gunicorn and hypercorn write them:
+    ``("tcp", host, port)`` for HOST:PORT or [IPv6]:PORT, ``("unix", path)``
+    for unix:PATH, ``("fd", n)`` for fd://N (a listening socket inherited
+    from whoever started the process).  ConfigError names what is wrong."""
+    if not isinstance(text, str):
+        raise ConfigError("bind entries must be str, got %r" % (text,))
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise ConfigError("bind %r: unix: needs a path" % text)
+        return ("unix", text[5:])
+    if text.startswith("fd://"):
+        digits = text[5:]
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 9):
+            raise ConfigError("bind %r: fd:// needs a descriptor number" % text)
+        return ("fd", int(digits))
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise ConfigError("bind %r: an IPv6 address goes in brackets, [::1]:8000" % text)
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) \
+            or int(port) > 65535:
+        raise ConfigError("bind %r: expected HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N"
+                          % text)
+    return ("tcp", host, int(port))
+
+
+class TrustedPeers:
+    """The parsed value of forwarded_allow_ips (uvicorn's option): which
+    peers may speak for their clients in proxy headers.  Items are IP
+    addresses, networks (``10.0.0.0/8``), other names compared as written
+    (an RFC 7239 obfuscated node such as ``_proxy1``), or ``*`` for every
+    peer.  Calling it with a host string says whether it is trusted."""
+
+    def __init__(self, text):
+        self.everyone = False
+        self.networks = []            # ipaddress networks (an address is a /32 or /128)
+        self.names = set()            # anything else, compared as written
+        for item in text.split(","):
+            item = item.strip()
+            if item == "*":
+                self.everyone = True
+            elif "/" in item:
+                try:
+                    self.networks.append(ipaddress.ip_network(item, strict=False))
+                except ValueError:
+                    raise ConfigError("forwarded_allow_ips: %r is not a network" % item)
+            elif item:
+                try:
+                    self.networks.append(ipaddress.ip_network(item))
+                except ValueError:
+                    self.names.add(item)
+
+    def __call__(self, host):
+        if self.everyone:
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return host in self.names
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped       # a dual-stack listener's view of an IPv4 peer
+        return any(ip in network for network in self.networks)
 
 
 # ============================================================================
@@ -1680,18 +1765,178 @@ def trailer_section(headers):
     return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
 
 
-def error_response(status, message, extra_headers=()):
+class ResponseStamp:
+    """The fields the server adds to every response head it writes itself or
+    frames for the application: ``server: pagi_ref`` and the Date (RFC 9110
+    §10.2.4, §6.6.1), each unless turned off (--no-server-header,
+    --no-date-header) or sent by the application.  One place, so the four
+    writers of a head (a response, a WebSocket denial, a generated error,
+    the 101) agree."""
+
+    __slots__ = ("server", "date")
+
+    def __init__(self, server=True, date=True):
+        self.server = server          # send the Server field
+        self.date = date              # send the Date field
+
+    def add_to(self, headers, has_server=False, has_date=False):
+        """Append the (name, value) pairs to a head's ``headers``."""
+        if self.date and not has_date:
+            headers.append((b"date", _date.get()))
+        if self.server and not has_server:
+            headers.append(_SERVER_FIELD)
+
+    def lines(self, headers=()):
+        """The same as header lines, minding what ``headers`` already has."""
+        has_server = has_date = False
+        for name, _value in headers:
+            name = name.lower()
+            if name == b"server":
+                has_server = True
+            elif name == b"date":
+                has_date = True
+        fields = []
+        self.add_to(fields, has_server, has_date)
+        return b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+
+
+SERVER_NAME = b"pagi_ref"     # the Server field's value
+_SERVER_FIELD = (b"server", SERVER_NAME)
+_STAMP = ResponseStamp()      # the defaults, for callers without a Config
+
+
+def error_response(status, message, extra_headers=(), stamp=_STAMP):
     """A server-generated response: short text/plain body, Connection: close."""
     body = message.encode("utf-8") + b"\n"
     head = [status_line(status),
             b"content-type: text/plain; charset=utf-8\r\n",
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n",
-            b"date: " + _date.get() + b"\r\n"]
+            stamp.lines()]
     for name, value in extra_headers:
         head.append(name + b": " + value + b"\r\n")
     head.append(b"\r\n")
     return b"".join(head) + body
+
+
+# -- what proxies in front say (RFC 7239 Forwarded; X-Forwarded-For/-Proto) ----
+#
+# Pure parsing: whether to believe a proxy is section 6's question, asked
+# only of a trusted peer.  Each proxy on the way appends the address it
+# received the request from, so a list reads client first, nearest proxy
+# last; anyone may have written the left part, so it is read from the
+# right, skipping proxies that are trusted, and the first hop that is not
+# trusted is the client (all trusted: the leftmost).  When a request has
+# both X-Forwarded-* and Forwarded, X-Forwarded-* is used and Forwarded
+# ignored: it is what nginx, HAProxy and cloud balancers set by default and
+# what uvicorn reads (docs/deployment.md says which header a proxy must
+# overwrite).
+
+# RFC 7239 §4: forwarded-pair = token "=" value; value = token / quoted-string.
+# Each part can match the bytes one way only: linear on any input.
+_FORWARDED_PAIR = re.compile(rb'[ \t]*([%s]+)=("(?:[^"\\]|\\.)*"|[%s]*)[ \t]*'
+                             % (_TCHAR, _TCHAR))
+_QUOTED_PAIR = re.compile(rb"\\(.)", re.S)
+_FORWARDED_SCHEMES = {"http": False, "https": True, "ws": False, "wss": True}
+
+
+def forwarded_elements(value):
+    """RFC 7239 §4: the elements of a Forwarded field value, each a dict of
+    lower-case parameter names to ``str`` values, quotes undone; None if the
+    value does not follow the grammar (or repeats a parameter in an element,
+    which §4 forbids): then none of it is believed."""
+    elements = []
+    element = {}
+    pos, end = 0, len(value)
+    while True:
+        m = _FORWARDED_PAIR.match(value, pos)
+        if m is None:
+            return None
+        name, text = m.group(1).lower().decode("ascii"), m.group(2)
+        if text[:1] == b'"':
+            text = _QUOTED_PAIR.sub(rb"\1", text[1:-1])
+        if name in element:
+            return None
+        element[name] = text.decode("latin-1")
+        pos = m.end()
+        if pos == end:
+            elements.append(element)
+            return elements
+        if value[pos:pos + 1] == b",":
+            elements.append(element)
+            element = {}
+        elif value[pos:pos + 1] != b";":
+            return None
+        pos += 1
+
+
+def forwarded_node(text):
+    """RFC 7239 §6: ``[host, port]`` of a node -- an IPv4 address, an IPv6
+    one (bracketed as §6 writes it, or bare as X-Forwarded-For often has
+    it), either with an optional ``:port`` (0 when absent or obfuscated);
+    None for ``unknown``, an obfuscated name, or anything else."""
+    port = ""
+    if text[:1] == "[":
+        host, _sep, port = text[1:].partition("]")
+        if port and port[:1] != ":":
+            return None
+        port = port[1:]
+    elif text.count(":") == 1:
+        host, _sep, port = text.partition(":")
+    else:
+        host = text
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    number = int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else 0
+    return [str(address), number if number <= 65535 else 0]
+
+
+def forwarded(headers, trusted):
+    """What the proxies in front say: ``(hop, secure)``.  ``hop`` is the
+    client's node text as the proxies wrote it (pass it to forwarded_node),
+    or None when they name no client; ``secure`` is True for https/wss,
+    False for http/ws, None when they say nothing valid.  ``trusted(text)``
+    says whether a hop is a trusted proxy (the rule: see above).  Repeated
+    fields are one list (RFC 9110 §5.3)."""
+    xff, xfp, fwd = [], [], []
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            xff.append(value)
+        elif name == b"x-forwarded-proto":
+            xfp.append(value)
+        elif name == b"forwarded":
+            fwd.append(value)
+    if xff or xfp:
+        hops = [h.strip().decode("latin-1") for h in b",".join(xff).split(b",")] if xff else []
+        protos = [p.strip().decode("latin-1") for p in b",".join(xfp).split(b",")] \
+            if xfp else []
+    elif fwd:
+        elements = forwarded_elements(b",".join(fwd))
+        if elements is None:
+            return None, None
+        hops = [e.get("for") for e in elements] \
+            if any("for" in e for e in elements) else []
+        protos = [e.get("proto") for e in elements]
+    else:
+        return None, None
+    hop = index = None
+    if hops:
+        index = 0                     # every hop trusted: the leftmost
+        for i in range(len(hops) - 1, -1, -1):
+            node = forwarded_node(hops[i]) if hops[i] is not None else None
+            if hops[i] is None or not trusted(node[0] if node else hops[i]):
+                index = i
+                break
+        hop = hops[index]
+    # The scheme comes from the same hop as the client when the lists line
+    # up (always, for Forwarded), else from the nearest proxy (the rightmost).
+    proto = None
+    if protos:
+        proto = protos[index] if index is not None and len(protos) == len(hops) \
+            else protos[-1]
+    return hop, _FORWARDED_SCHEMES.get((proto or "").lower())
 
 
 def decode_path(raw_path):
@@ -2696,6 +2941,7 @@ class Exchange:
     headers = None                # the headers to send: the application's, then ours
     app_close = False             # the application sent Connection: close
     has_date = False              # the application sent a Date
+    has_server = False            # the application sent a Server
     length = None                 # declared Content-Length, if any
     sent = 0                      # body bytes accepted
     head_pending = False          # start accepted, head not yet written
@@ -2713,6 +2959,7 @@ class Exchange:
     t0 = 0.0                      # time.monotonic() at arrival (%D, %T)
     wire_start = 0                # transport.bytes_queued at arrival (%O)
     in_start = 0                  # conn.bytes_in when the head began (%I)
+    proxied_client = False        # --proxy-headers: the scope's client, for %h
 
     def __init__(self, conn, head):
         self.conn = conn
@@ -2740,7 +2987,7 @@ class Exchange:
     def scope(self):
         conn = self.conn
         head = self.head
-        return {
+        scope = {
             "type": "http",
             "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
             "http_version": head.http_version,
@@ -2759,6 +3006,10 @@ class Exchange:
             "pagi.connection": self.state,
             "pagi.transport": conn.transport,
         }
+        if conn.server.trusted_peers is not None:
+            apply_proxy_headers(scope, conn.client, conn.server.trusted_peers)
+            self.proxied_client = scope["client"]
+        return scope
 
     # -- receive ------------------------------------------------------------------
 
@@ -2872,6 +3123,8 @@ class Exchange:
                 continue    # the server manages Connection (PAGI HTTP)
             elif name == b"date":
                 self.has_date = True
+            elif name == b"server":
+                self.has_server = True
             headers.append((name, value))
         status = event["status"]
         self.status = status
@@ -2898,8 +3151,7 @@ class Exchange:
         if head.expect_continue and not self.continue_sent and not self.body_complete:
             keep_alive = False
         headers = self.headers       # the application's, then the server's own
-        if not self.has_date:
-            headers.append((b"date", _date.get()))
+        conn.server.stamp.add_to(headers, self.has_server, self.has_date)
         if self.length is not None:
             pass                     # the application's Content-Length frames it
         elif self.no_body:
@@ -3094,7 +3346,8 @@ class Exchange:
         # body count of a response cut short is the application's bytes less
         # those -- chunk framing of the lost part aside, what the client got.
         unwritten = transport.bytes_queued - transport.bytes_written
-        access_log.record(conn.client, self.received, time.monotonic() - self.t0,
+        client = conn.client if self.proxied_client is False else self.proxied_client
+        access_log.record(client, self.received, time.monotonic() - self.t0,
                           head.request_line(), self.status,
                           max(0, self.bytes_out - unwritten), head.headers, self.headers,
                           bytes_in=conn.bytes_in - self.in_start,
@@ -3258,6 +3511,25 @@ def _write_failure_reason(exc, peer_eof):
     if isinstance(exc, BufferError):
         return "queue_overflow"
     return "client_closed" if peer_eof else "write_error"
+
+
+def apply_proxy_headers(scope, peer, trusted):
+    """--proxy-headers: a trusted peer's word on the client and the scheme
+    (section 4, forwarded()), written into ``scope``.  A peer over a Unix
+    socket (``peer`` None) is trusted: only who may open the socket file
+    can connect (gunicorn decides the same).  The client's port is 0 when
+    the proxy does not say it; ``client`` is None for a client the proxy
+    calls ``unknown`` or by an obfuscated name (RFC 7239 §6)."""
+    if peer is not None and not trusted(peer[0]):
+        return
+    hop, secure = forwarded(scope["headers"], trusted)
+    if hop is not None:
+        scope["client"] = forwarded_node(hop)
+    if secure is not None:
+        if scope["type"] == "websocket":
+            scope["scheme"] = "wss" if secure else "ws"
+        else:
+            scope["scheme"] = "https" if secure else "http"
 
 
 class HTTPConnection(Connection):
@@ -3620,7 +3892,7 @@ class HTTPConnection(Connection):
         with its request line."""
         if self.closed:
             return
-        response = error_response(status, message)
+        response = error_response(status, message, stamp=self.server.stamp)
         self.transport.write(response)
         exchange = self.exchange
         if exchange is not None and reason is not None:
@@ -3879,6 +4151,7 @@ class WebSocketConnection(Connection):
         self.stream = stream
         self.fd = stream.fd
         self.client = client
+        self.access_client = client   # %h: the scope's client (--proxy-headers)
         self.head = head
         self.transport = transport
         transport.on_error = self._write_failed
@@ -3904,7 +4177,7 @@ class WebSocketConnection(Connection):
         if error is not None:
             status, message, headers = error
             self.status = status
-            transport.write(error_response(status, message, headers))
+            transport.write(error_response(status, message, headers, server.stamp))
             self.state = _CLOSED
             self.close_after_flush()
             return
@@ -3932,6 +4205,9 @@ class WebSocketConnection(Connection):
             "extensions": _with_tls({"websocket.http.response": {}}, stream),
             "pagi.transport": transport,
         }
+        if server.trusted_peers is not None:
+            apply_proxy_headers(scope, client, server.trusted_peers)
+            self.access_client = scope["client"]
         try:
             coro = server.app(scope, self.receive, self.send)
             if not (hasattr(coro, "send") and hasattr(coro, "throw")):
@@ -3955,7 +4231,7 @@ class WebSocketConnection(Connection):
             transport = self.transport
             unwritten = transport.bytes_queued - transport.bytes_written
             code = self.disconnect["code"] if self.disconnect is not None else None
-            access_log.record(self.client, self.received, time.monotonic() - self.t0,
+            access_log.record(self.access_client, self.received, time.monotonic() - self.t0,
                               self.head.request_line(), self.status, 0, self.head.headers, (),
                               bytes_in=self.bytes_in,
                               bytes_out=max(0, transport.bytes_queued - self.wire_start - unwritten),
@@ -4028,8 +4304,9 @@ class WebSocketConnection(Connection):
                 raise EventError("websocket.accept: 'subprotocol' %r was not offered by the "
                                  "client (%r)" % (subprotocol, self.subprotocols))
             lines.append(b"sec-websocket-protocol: " + subprotocol.encode("latin-1") + b"\r\n")
-        for name, value in event.get("headers") or ():
-            lines.append(bytes(name) + b": " + bytes(value) + b"\r\n")
+        headers = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()]
+        lines += [name + b": " + value + b"\r\n" for name, value in headers]
+        lines.append(self.server.stamp.lines(headers))
         self.transport.write(b"".join(lines) + b"\r\n")
         self.state = _OPEN
         self._resume_reading()
@@ -4124,7 +4401,7 @@ class WebSocketConnection(Connection):
                 chunked = True
             else:
                 lines.append(b"content-length: %d\r\n" % len(body))
-            lines.append(b"connection: close\r\ndate: " + _date.get() + b"\r\n\r\n")
+            lines.append(b"connection: close\r\n" + self.server.stamp.lines(headers) + b"\r\n")
             out.append(b"".join(lines))
             self.denial[2:] = [True, chunked]
         if chunked:
@@ -4250,7 +4527,7 @@ class WebSocketConnection(Connection):
 
     def _refuse(self, status, message):
         self.status = status
-        self.transport.write(error_response(status, message))
+        self.transport.write(error_response(status, message, stamp=self.server.stamp))
         self.state = _CLOSED
         self.close_after_flush()
 
@@ -4845,21 +5122,208 @@ def _exit_at_once(signum, frame):
     os._exit(1)
 
 
-def listening_socket(config):
-    """A bound, listening, non-blocking socket for config.host:config.port."""
-    infos = socket.getaddrinfo(config.host, config.port, socket.AF_UNSPEC,
-                               socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+# -- listeners ------------------------------------------------------------------
+#
+# A server listens on one socket or several: TCP (IPv4, IPv6), Unix, or
+# descriptors it inherits -- fd://N from whoever started it, or systemd's
+# socket activation (sd_listen_fds(3): LISTEN_PID is this process,
+# LISTEN_FDS descriptors from 3 on), picked up without options.  Workers
+# inherit every listener through the fork and accept on all of them.  A
+# Unix socket file is made by one process, and only that process removes it
+# at shutdown -- and only if it is still the file it made.
+
+_SD_LISTEN_FDS_START = 3    # sd_listen_fds(3): the first inherited descriptor
+
+
+class ListenError(OSError):
+    """A listener that cannot be opened; str() names it and says why."""
+
+
+class Listener:
+    """One listening, non-blocking socket, and the Unix socket file this
+    process made for it (removed by close())."""
+
+    __slots__ = ("sock", "path", "made")
+
+    def __init__(self, sock, path=None, made=None):
+        self.sock = sock
+        self.path = path              # a Unix socket's path, else None
+        self.made = made              # (pid, st_dev, st_ino) of the file this process bound
+
+    @property
+    def address(self):
+        """(host, port) of a TCP listener, the path of a Unix one."""
+        if self.sock.family == socket.AF_UNIX:
+            return self.path if self.path is not None else self.sock.getsockname()
+        return self.sock.getsockname()[:2]
+
+    def url(self, secure=False):
+        """How the listening line names it: http://HOST:PORT (https:// when
+        the server speaks TLS), unix:PATH."""
+        address = self.address
+        if self.sock.family == socket.AF_UNIX:
+            return "unix:%s" % (address,)
+        scheme = "https" if secure else "http"
+        if self.sock.family == socket.AF_INET6:
+            return "%s://[%s]:%d" % ((scheme,) + tuple(address))
+        return "%s://%s:%d" % ((scheme,) + tuple(address))
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+        made, self.made = self.made, None
+        if made is not None and made[0] == os.getpid():
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == made[1:]:
+                    os.unlink(self.path)      # ours still: not a successor's
+            except OSError:
+                pass
+
+
+def _tcp_listener(host, port, backlog):
+    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)
     family, kind, proto, _name, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::] is IPv6 only, as asyncio (so uvicorn) makes it: IPv4
+            # clients come through a 0.0.0.0 listener beside it, with their
+            # own addresses, not as ::ffff:a.b.c.d -- the same on every system.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(config.backlog)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
-    return sock
+    return Listener(sock)
+
+
+def _unix_listener(path, backlog):
+    """A stale socket file (left by a server that was killed) is replaced,
+    as gunicorn, uvicorn and PAGI::Server do; but not a file that is not a
+    socket, nor a socket some server still accepts on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise ListenError("the file exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)                   # nobody listens: stale
+        except OSError:
+            pass                              # bind() says what is wrong
+        else:
+            raise ListenError("a server is already listening on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        st = os.stat(path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return Listener(sock, path, (os.getpid(), st.st_dev, st.st_ino))
+
+
+def inherited_listener(fd):
+    """A listening socket this process was started with (fd://N, systemd)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.type != socket.SOCK_STREAM or \
+                not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenError("not a listening stream socket")
+        sock.setblocking(False)
+        os.set_inheritable(fd, False)         # the application's subprocesses do not get it
+    except OSError:
+        sock.detach()                         # not ours to close
+        raise
+    path = None
+    if sock.family == socket.AF_UNIX:
+        path = sock.getsockname()
+        if isinstance(path, bytes):
+            path = path.decode("utf-8", "surrogateescape")
+    return Listener(sock, path)
+
+
+def activation_listeners(environ):
+    """systemd socket activation: the descriptors systemd passed, when
+    LISTEN_PID names this process; the variables are then removed, as
+    sd_listen_fds(3) does, so that children do not take them for theirs."""
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if not (count.isascii() and count.isdigit()):
+        raise ListenError("socket activation: LISTEN_FDS is not a number: %r" % count)
+    listeners = []
+    for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + int(count)):
+        try:
+            listeners.append(inherited_listener(fd))
+        except OSError as exc:
+            for listener in listeners:
+                listener.close()
+            raise ListenError("socket activation: descriptor %d: %s"
+                              % (fd, exc.strerror or exc))
+    return listeners
+
+
+def open_listeners(config, environ=None):
+    """Every listener the configuration asks for: systemd's (when
+    ``environ`` is given and activates this process), then each --bind in
+    order; config.host:config.port when there is neither."""
+    listeners = activation_listeners(environ) if environ is not None else []
+    specs = [parse_bind(text) for text in config.bind]
+    if not specs and not listeners:
+        specs = [("tcp", config.host, config.port)]
+    try:
+        for spec in specs:
+            kind = spec[0]
+            try:
+                if kind == "tcp":
+                    listeners.append(_tcp_listener(spec[1], spec[2], config.backlog))
+                elif kind == "unix":
+                    listeners.append(_unix_listener(spec[1], config.backlog))
+                else:
+                    listeners.append(inherited_listener(spec[1]))
+            except (OSError, UnicodeError) as exc:
+                where = ("%s:%d" % spec[1:] if kind == "tcp" else
+                         "unix:%s" % spec[1] if kind == "unix" else "fd://%d" % spec[1])
+                raise ListenError("cannot listen on %s: %s"
+                                  % (where, getattr(exc, "strerror", None) or exc))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def announce_listeners(log, listeners, secure=False):
+    """The listening lines, one per listener, in the error log's format;
+    ``secure``: the server speaks TLS on them."""
+    for listener in listeners:
+        _announce(log, "pagi_ref: listening on " + listener.url(secure))
+
+
+def _announce(log, message):
+    """A line that operators and supervisors wait for ("listening on"): in
+    the error log's format, with its timestamp, whatever --log-level
+    filters out -- Logger.handle skips the logger's level, not its
+    handlers'."""
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None))
 
 
 class Server:
@@ -4891,8 +5355,13 @@ class Server:
         self.idle = collections.OrderedDict()       # HTTP connections between requests
         self.lingering = collections.OrderedDict()  # closed connections' _Lingers: slots
         self.refusing = collections.OrderedDict()   # refused sockets' _Lingers: the reserve
-        self.listeners = []           # listening sockets
-        self.address = None           # (host, port) actually bound
+        self.listeners = []           # Listeners (listening sockets)
+        self.address = None           # the first listener's (host, port), or its path
+        # Proxy headers are read only from these peers (None: not at all).
+        self.trusted_peers = (TrustedPeers(self.config.forwarded_allow_ips)
+                              if self.config.proxy_headers else None)
+        # The Server and Date fields of every response head (section 4).
+        self.stamp = ResponseStamp(self.config.server_header, self.config.date_header)
         self.shutting_down = False
         self._accepting = False       # listeners are watched
         self._backoff_timer = None    # the listener rests after EMFILE/ENFILE
@@ -4924,13 +5393,22 @@ class Server:
     # -- listening ------------------------------------------------------------------
 
     def bind(self):
-        return self.use_listener(listening_socket(self.config))
+        """Open the configured listeners (host and port, or every --bind);
+        returns the first one's address.  (Socket activation is for the
+        command line and run(): open_listeners(config, os.environ).)"""
+        for listener in open_listeners(self.config):
+            self.use_listener(listener)
+        return self.address
 
-    def use_listener(self, sock):
+    def use_listener(self, listener):
         """Serve on an already bound, listening, non-blocking socket (a
-        worker's, inherited from the supervisor)."""
-        self.listeners.append(sock)
-        self.address = sock.getsockname()[:2]
+        worker's, inherited from the supervisor): a Listener, or a plain
+        socket."""
+        if not isinstance(listener, Listener):
+            listener = Listener(listener)
+        self.listeners.append(listener)
+        if self.address is None:
+            self.address = listener.address
         return self.address
 
     def startup(self):
@@ -5003,9 +5481,9 @@ class Server:
         self._previous_handlers = {}
         for conn in list(self.connections):
             conn.abort("server_shutdown")
-        for sock in self.listeners:
-            self.loop.forget(sock.fileno())
-            sock.close()
+        for listener in self.listeners:
+            self.loop.forget(listener.fileno())
+            listener.close()
         self.listeners = []
         for linger in list(self.lingering) + list(self.refusing):
             linger.close()
@@ -5077,8 +5555,8 @@ class Server:
             return
         self.shutting_down = True
         self._unwatch_listeners()
-        for sock in self.listeners:
-            sock.close()
+        for listener in self.listeners:
+            listener.close()
         self.listeners = []
         for conn in list(self.connections):
             conn.shutdown()
@@ -5131,14 +5609,15 @@ class Server:
         if (not self._accepting and not self.shutting_down
                 and len(self.refusing) < _REFUSAL_RESERVE):
             self._accepting = True
-            for sock in self.listeners:
-                self.loop.add_reader(sock.fileno(), lambda s=sock: self._accept(s))
+            for listener in self.listeners:
+                self.loop.add_reader(listener.fileno(),
+                                     lambda s=listener.sock: self._accept(s))
 
     def _unwatch_listeners(self):
         if self._accepting:
             self._accepting = False
-            for sock in self.listeners:
-                self.loop.remove_reader(sock.fileno())
+            for listener in self.listeners:
+                self.loop.remove_reader(listener.fileno())
 
     def _accept(self, listener):
         config = self.config
@@ -5213,7 +5692,7 @@ class Server:
             stream = SocketStream(sock)
             if self.ssl_context is None:
                 stream.send(error_response(503, "Service Unavailable: too many connections",
-                                           [(b"retry-after", b"5")]))
+                                           [(b"retry-after", b"5")], self.stamp))
             # With TLS, an answer would need a handshake first (CPU and a
             # slot): the client sees the connection closed instead.
         except OSError:
@@ -5266,10 +5745,10 @@ class Server:
 # ============================================================================
 # 11. Workers (pre-fork; PAGI Lifespan "Execution Model")
 #
-# With --workers N the process binds the listener once and becomes a
+# With --workers N the process opens its listeners once and becomes a
 # supervisor: it forks N workers, each of which builds its own Server (its
-# own loop -- nothing of the supervisor's loop may cross a fork) around the
-# inherited listener, runs its own lifespan (pagi.is_worker 1,
+# own loop -- nothing of the supervisor's loop may cross a fork) around
+# every inherited listener, runs its own lifespan (pagi.is_worker 1,
 # pagi.worker_num 1..N) and serves.  The kernel hands each new connection
 # to one of the workers waiting in accept.
 #
@@ -5356,7 +5835,7 @@ class Supervisor:
         self.config = config
         self.log = log
         self.loop = Loop(clock=clock, logger=log, slow_callback=config.slow_callback)
-        self.sock = None              # the listener, until the stop begins
+        self.listeners = []           # every Listener, until the stop begins
         self.workers = {}             # pid -> _Worker
         self.size = config.workers    # the desired number of workers (TTIN/TTOU)
         self.generation = 1           # the generation that serves
@@ -5378,9 +5857,12 @@ class Supervisor:
 
     # -- running ----------------------------------------------------------------
 
-    def run(self, sock):
-        """Serve with workers on the bound ``sock``; returns the exit status."""
-        self.sock = sock
+    def run(self, listeners):
+        """Serve with workers on the open ``listeners`` (Listener objects, or
+        one socket); returns the exit status."""
+        if not isinstance(listeners, (list, tuple)):
+            listeners = [listeners]
+        self.listeners = [l if isinstance(l, Listener) else Listener(l) for l in listeners]
         loop = self.loop
         handlers = {signal.SIGTERM: self._on_stop_signal, signal.SIGINT: self._on_stop_signal,
                     signal.SIGQUIT: self._on_quit, signal.SIGHUP: self._on_hup,
@@ -5401,9 +5883,10 @@ class Supervisor:
         return self.exit_status
 
     def _close_listener(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        """Every listener, and the Unix socket files the supervisor made."""
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
 
     def _live(self, generation):
         return [w for w in self.workers.values()
@@ -5471,7 +5954,8 @@ class Supervisor:
                 return _WORKER_CANNOT_LOAD
         server = Server(app, self.config, logger=self.log, worker_num=slot)
         server.supervisor_pid = os.getppid()
-        server.use_listener(self.sock)
+        for listener in self.listeners:
+            server.use_listener(listener)     # a fork's copy: the file stays the supervisor's
         # Ctrl-C reaches the whole process group, and a terminal hang-up
         # sends SIGHUP to it: the supervisor acts on those for the workers.
         # (Ignored before and after the server's own handlers, so that they
@@ -5548,9 +6032,7 @@ class Supervisor:
             if len(ready) >= self.size:
                 self.first_ready = True
                 self.log.info("pagi_ref: %d workers started", self.size)
-                _announce(self.log, "pagi_ref: listening on %s://%s:%d" % (
-                    (("https" if self.config.ssl_certfile else "http",)
-                     + tuple(self.sock.getsockname()[:2]))))
+                announce_listeners(self.log, self.listeners, bool(self.config.ssl_certfile))
                 if self.reload_again:       # a SIGHUP came during the start
                     self.reload_again = False
                     self._on_hup(signal.SIGHUP)
@@ -5824,23 +6306,17 @@ def run(app, host="127.0.0.1", port=8000, **config):
     """Serve ``app`` until SIGTERM/SIGINT: for people who vendor this file.
     Prints the listening line (with the real port) as the command line does."""
     config = Config(host=host, port=port, **config)
+    listeners = open_listeners(config, os.environ)
     if config.workers > 1:
-        status = Supervisor(app, config, _error_log(config)).run(listening_socket(config))
+        status = Supervisor(app, config, _error_log(config)).run(listeners)
         if status:
             raise RuntimeError("pagi_ref: the workers stopped with status %d" % status)
         return
     server = Server(app, config, logger=_error_log(config))
-    server.bind()
+    for listener in listeners:
+        server.use_listener(listener)
     if not _start_and_serve(server):
         raise RuntimeError("pagi_ref: the application refused to start (lifespan)")
-
-
-def _announce(log, message):
-    """A line that operators and supervisors wait for ("listening on"): in
-    the error log's format, with its timestamp, whatever --log-level
-    filters out -- Logger.handle skips the logger's level, not its
-    handlers'."""
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None))
 
 
 def _start_and_serve(server):
@@ -5853,9 +6329,7 @@ def _start_and_serve(server):
         server.close()
         return False
     if not server.shutting_down:        # a signal may have come during startup
-        _announce(server.log, "pagi_ref: listening on %s://%s:%d" % (
-            "https" if server.ssl_context is not None else "http", server.address[0],
-            server.address[1]))
+        announce_listeners(server.log, server.listeners, server.ssl_context is not None)
     server.serve()
     return True
 
@@ -5921,6 +6395,14 @@ def load_app(spec):
     return obj
 
 
+def _uds_option(path):
+    return "unix:" + path
+
+
+def _fd_option(number):
+    return "fd://%d" % int(number)
+
+
 def _argument_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -5937,9 +6419,22 @@ def _argument_parser():
             shown = "from RLIMIT_NOFILE, now %r" % _CONFIG_FACTORIES[name]()
         else:
             shown = "off"
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
-                            default=None, metavar=kind.__name__.upper(),
-                            help=("%s (default: %s)" % (help_text, shown)).replace("%", "%%"))
+        help_text = ("%s (default: %s)" % (help_text, shown)).replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:      # --server-header / --no-server-header
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif kind is tuple:   # repeatable
+            parser.add_argument(flag, dest=name, action="append", metavar="ADDRESS",
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None,
+                                metavar=kind.__name__.upper(), help=help_text)
+    # uvicorn's spellings of two kinds of --bind.
+    parser.add_argument("--uds", dest="bind", action="append", metavar="PATH",
+                        type=_uds_option, help="the same as --bind unix:PATH")
+    parser.add_argument("--fd", dest="bind", action="append", metavar="N",
+                        type=_fd_option, help="the same as --bind fd://N")
     parser.add_argument("--no-access-log", action="store_true",
                         help="no access log (the default is one line per request to stdout)")
     return parser
@@ -5953,6 +6448,9 @@ def main(argv=None):
     if args.no_access_log:
         fields["access_log"] = None
     try:
+        if "bind" in fields and ("host" in fields or "port" in fields):
+            raise _UsageError("--bind, --uds and --fd replace --host and --port: "
+                              "give one or the other")
         config = Config(**fields)
         tls_context(config)     # a certificate that cannot be used stops us here
         # With workers, each worker imports the application after the fork
@@ -5969,16 +6467,16 @@ def main(argv=None):
                              % (config.access_log, exc.strerror or exc))
             return 2
     try:
-        sock = listening_socket(config)
+        listeners = open_listeners(config, os.environ)
     except OSError as exc:
-        sys.stderr.write("pagi_ref: error: cannot listen on %s:%d: %s\n"
-                         % (config.host, config.port, exc.strerror or exc))
+        sys.stderr.write("pagi_ref: error: %s\n" % exc)
         return 1
     if config.workers > 1:
         return Supervisor(None, config, _error_log(config),
-                          load=lambda: load_app(args.app)).run(sock)
+                          load=lambda: load_app(args.app)).run(listeners)
     server = Server(app, config, logger=_error_log(config))
-    server.use_listener(sock)
+    for listener in listeners:
+        server.use_listener(listener)
     return 0 if _start_and_serve(server) else 3
 
 

@@ -93,13 +93,13 @@ class ServerProcess:
     """
 
     def __init__(self, args, cwd=ROOT, env=None, new_session=False, preexec_fn=None,
-                 stdout=subprocess.DEVNULL):
+                 stdout=subprocess.DEVNULL, pass_fds=()):
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.p = subprocess.Popen([sys.executable] + list(args), cwd=cwd, env=full_env,
                                   stdin=subprocess.DEVNULL, stdout=stdout,
                                   stderr=subprocess.PIPE, start_new_session=new_session,
-                                  preexec_fn=preexec_fn)
+                                  preexec_fn=preexec_fn, pass_fds=pass_fds)
         self.lines = queue.Queue()
         self.stderr = []
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -497,7 +497,8 @@ def test_client_cert_name_is_rfc4514():
     assert pagi_ref._rfc4514(subject) == "CN=bob+UID=b\\+1,O=\\ Acme\\, Inc,C=NZ"
 
 
-def test_workers_serve_tls_from_one_command_line(certs, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_command_line_serves_tls(certs, tmp_path, workers):
     # Each worker builds the context from the same options and wraps the
     # sockets it accepts; the listening line says https.
     app = tmp_path / "tlsapp.py"
@@ -512,7 +513,7 @@ def test_workers_serve_tls_from_one_command_line(certs, tmp_path):
         "    yield send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
         "    yield send({'type': 'http.response.body', 'body': body})\n")
     proc = ServerProcess([pagi_ref.__file__, str(app) + ":app", "--port", "0",
-                          "--workers", "2", "--no-access-log", "--lifespan", "off",
+                          "--workers", str(workers), "--no-access-log", "--lifespan", "off",
                           "--ssl-certfile", certs["server.pem"],
                           "--ssl-keyfile", certs["server.key"]])
     try:

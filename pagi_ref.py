@@ -17,7 +17,8 @@ Contents (each section uses only the sections above it):
      4. HTTP/1.1 wire format   -- sans-I/O request parser, response serializer
      5. Outgoing buffer        -- counted bytes, watermarks, pagi.transport
      6. Connections            -- the http scope, receive/send, pagi.connection
-     7. WebSocket              -- RFC 6455: handshake, frame codec, the session
+     7. WebSocket              -- RFC 6455: handshake, frame codec, the session;
+                                  RFC 7692: permessage-deflate
      8. Server-Sent Events     -- the sse scope: event streams over HTTP
      9. Lifespan               -- startup and shutdown, the state namespace
     10. Server                 -- listeners, accept, admission, sweep, shutdown
@@ -77,7 +78,7 @@ __all__ = [
     "Future", "Task", "CancelledError", "sleep", "spawn", "wait_any", "wait_all", "to_thread",
     "HTTPError", "EventError", "RequestParser", "RequestHead", "EndOfMessage",
     "Transport", "ConnectionState", "Exchange", "HTTPConnection",
-    "FrameParser", "FrameError", "WebSocketConnection",
+    "FrameParser", "FrameError", "PerMessageDeflate", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
     "Server", "Supervisor", "run", "main",
 ]
@@ -2771,14 +2772,18 @@ class HTTPConnection(Connection):
 
 
 # ============================================================================
-# 7. WebSocket (RFC 6455; PAGI "WebSocket")
+# 7. WebSocket (RFC 6455; RFC 7692; PAGI "WebSocket")
 #
 # A request with "Upgrade: websocket" is handed over by HTTPConnection, with
 # its socket and its Transport, to a WebSocketConnection: one websocket
 # scope for the whole session.  FrameParser is sans-I/O like section 4: it
-# turns client bytes into messages (fragments reassembled, text decoded as
-# it arrives) and control frames, and raises FrameError -- which carries
-# the close code -- for a frame that breaks RFC 6455.
+# turns client bytes into messages (fragments reassembled, compressed ones
+# inflated, text decoded as it arrives) and control frames, and raises
+# FrameError -- which carries the close code -- for a frame that breaks
+# RFC 6455 or RFC 7692.  PerMessageDeflate is the compression extension:
+# the offer/answer of RFC 7692 §7 and one connection's zlib state, no I/O
+# either.  Keepalive pings and their deadlines are timestamps the server's
+# sweep checks (check_timeouts), never a timer per connection.
 #
 # Before you edit: the session has four states.  CONNECTING until the
 # application accepts (101) or refuses (403, or its own denial response);
@@ -2854,15 +2859,19 @@ def ws_close_payload(code, reason=""):
 # for a 4 KiB window too when its offer lets the server choose (browsers'
 # offers do); small JSON messages, the common case, lose little ratio to
 # the smaller window.  The zlib objects are made on a connection's first
-# compressed message, not at the handshake, and a side that agreed to "no
-# context takeover" keeps none between messages.  bench/README.md (E8)
-# has the measured figures.
+# compressed message, not at the handshake; a side that agreed to "no
+# context takeover" keeps none between messages; and a session that has
+# sent nothing for _DEFLATE_IDLE seconds drops its deflate state (the
+# server's sweep does it), so an idle session keeps only its inflate state,
+# which the client's next message may need.  bench/README.md has the
+# measured figures.
 
 _DEFLATE_WINDOW_BITS = 12     # the largest window pagi_ref compresses with or asks for
 _DEFLATE_MEM_LEVEL = 5        # zlib memLevel: 2**(5 + 9) bytes of hash and buffer
 _DEFLATE_LEVEL = 6            # zlib's default speed/ratio trade-off
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"   # §7.2.1 / §7.2.2: cut on send, appended on receive
 _INFLATE_STEP = 65536         # compressed bytes handed to zlib at a time
+_DEFLATE_IDLE = 10.0          # seconds without a message out before the deflate state goes
 # §7.1.2: a window size is an integer from 8 to 15 (pagi_ref: written
 # without leading zeros, as every client writes it).
 _WINDOW_BITS_VALUES = {str(n): n for n in range(8, 16)}
@@ -3017,6 +3026,14 @@ class PerMessageDeflate:
         self._compressor = None if self.server_no_context_takeover else compressor
         data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
         return data[:-4]
+
+    def forget_compressor(self):
+        """Let go of the deflate state (most of a session's compression
+        memory); the next message starts a fresh one.  Allowed at any time:
+        context takeover is a permission, not a duty (§7.1.1.1: "the server
+        MAY ..."), and a message that refers to nothing earlier is one any
+        client's inflater takes."""
+        self._compressor = None
 
     def inflate(self, data, final, room):
         """§7.2.2: the next piece of a compressed message, decompressed.
@@ -3264,6 +3281,7 @@ class WebSocketConnection(Connection):
         self.parser.feed(leftover)
         self.denial = None            # [status, headers, head_sent, chunked] of a denial
         self.deflate = None           # the PerMessageDeflate agreed, if any
+        self.last_compressed = None   # when the last compressed message went out
         # Keepalive: deadlines on the loop's clock, kept by the server's
         # sweep (check_timeouts), not by a timer per connection.
         self.keepalive = (self.config.ws_ping_interval, self.config.ws_ping_timeout)
@@ -3417,6 +3435,7 @@ class WebSocketConnection(Connection):
             # the Transport counts (and buffered_amount() reports) is the
             # compressed frame: the bytes that go on the wire.
             payload = self.deflate.compress(payload)
+            self.last_compressed = self.loop.now
         head = ws_frame_head(opcode, len(payload), compressed)
         if len(payload) > _COMBINE_LIMIT:     # no copy of a large payload
             self.transport.write(head)
@@ -3687,6 +3706,9 @@ class WebSocketConnection(Connection):
             self.abort("client_timeout")
         elif self.state == _OPEN:      # pings begin once the session is accepted
             self._keep_alive(now)
+            if self.last_compressed is not None and now - self.last_compressed > _DEFLATE_IDLE:
+                self.deflate.forget_compressor()      # an idle session's memory
+                self.last_compressed = None
 
 
 # ============================================================================

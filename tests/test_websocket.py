@@ -1574,3 +1574,32 @@ def test_deflate_flow_control_counts_compressed_bytes():
             assert high_water_events == 0, seen
             assert wire < 64 << 10, wire
             assert max(seen) <= wire, (seen, wire)
+
+
+def test_command_line_switches_compression_on_and_off():
+    parse = pagi_ref._argument_parser().parse_args
+    assert parse(["m:app"]).ws_per_message_deflate is None           # Config's default: on
+    assert parse(["m:app", "--no-ws-per-message-deflate"]).ws_per_message_deflate is False
+    assert parse(["m:app", "--no-ws-per-message-deflate",
+                  "--ws-per-message-deflate"]).ws_per_message_deflate is True
+    assert pagi_ref.Config().ws_per_message_deflate is True
+    with pytest.raises(pagi_ref.ConfigError, match="ws_per_message_deflate"):
+        pagi_ref.Config(ws_per_message_deflate="no")
+    with pytest.raises(pagi_ref.ConfigError, match="ws_ping_timeout"):
+        pagi_ref.Config(ws_ping_timeout=-1)
+
+
+def test_idle_session_drops_its_deflate_state_and_goes_on(monkeypatch):
+    monkeypatch.setattr(pagi_ref, "_DEFLATE_IDLE", 0.1)
+    app, rec = ws_app()
+    with serve(app) as s:
+        ws, deflate, _ = open_deflate(s.port, "/")
+        with ws:
+            ws.send(TEXT, deflate.compress(b"before the pause"), rsv=4)
+            assert recv_compressed(ws, deflate)[:2] == ("text", "before the pause")
+            conn = list(s.server.connections)[0]
+            assert conn.deflate._compressor is not None
+            assert wait_until(lambda: conn.deflate._compressor is None), "state kept"
+            for text in ("after the pause", "and again"):
+                ws.send(TEXT, deflate.compress(text.encode()), rsv=4)
+                assert recv_compressed(ws, deflate)[:2] == ("text", text)

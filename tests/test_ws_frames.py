@@ -354,3 +354,19 @@ def test_offer_accepted_or_declined(params, response):
         assert agreed is None
     else:
         assert agreed.response == response
+
+
+def test_a_forgotten_compressor_still_makes_what_the_client_inflates():
+    """The server may drop its deflate state between any two messages (an
+    idle session does): the client's inflater, which keeps its context,
+    takes the fresh stream."""
+    deflate = PerMessageDeflate(server_max_window_bits=12)
+    client = zlib.decompressobj(-12)
+    message = b'{"event": "tick", "value": 42}'
+    first = deflate.compress(message)
+    again = deflate.compress(message)
+    deflate.forget_compressor()
+    fresh = deflate.compress(message)
+    assert len(again) < len(first) == len(fresh)
+    for wire in (first, again, fresh, deflate.compress(message)):
+        assert client.decompress(wire + b"\x00\x00\xff\xff") == message

@@ -24,6 +24,7 @@ Contents (each section uses only the sections above it):
     10. Server                 -- listeners, accept, admission, sweep, shutdown
     11. Workers                -- the pre-fork supervisor and its signals
     12. Command line           -- python pagi_ref.py module:app
+    13. Test client            -- TestClient: test applications through the server
 
 Principles:
 
@@ -52,6 +53,7 @@ import hashlib
 import heapq
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -65,10 +67,11 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 import zlib
 from email.utils import formatdate
 from http import HTTPStatus
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes, urlencode
 
 __version__ = "0.1.0"
 
@@ -81,6 +84,8 @@ __all__ = [
     "FrameParser", "FrameError", "PerMessageDeflate", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
     "Server", "Supervisor", "run", "main",
+    "TestClient", "TestClientError", "TestClientTimeout", "WebSocketDisconnect",
+    "WebSocketRejected",
 ]
 
 PAGI_VERSION = "0.3"        # scope["pagi"]["version"]: the core spec
@@ -97,7 +102,8 @@ PAGI_SPEC_VERSION = "0.3"   # scope["pagi"]["spec_version"]: the HTTP sub-spec
 
 def _default_max_connections():
     """Leave headroom under RLIMIT_NOFILE for the process's own files
-    (listeners, self-pipe, log files, files being served)."""
+    (listeners, self-pipe, log files, files being served) and for the
+    sockets of refused connections (section 10, _REFUSAL_RESERVE)."""
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ValueError, OSError):
@@ -150,6 +156,19 @@ _CONFIG_FIELDS = [
      "seconds a request may go with no byte moving either way"),
     ("write_timeout", 60.0, float,
      "seconds the client may leave a full outgoing buffer unread"),
+    # Minimum data rates, Apache mod_reqtimeout's rule: a head or a body gets
+    # its grace period, then one more second for every min-rate bytes that
+    # arrive; a client slower than that is answered 408 (issue 9).
+    ("header_grace", 5.0, float,
+     "seconds a request head may take before header_min_rate applies"),
+    ("header_min_rate", 500, int,
+     "bytes/s a request head must average once header_grace is over "
+     "(408; 0: no minimum; header_timeout still caps the head)"),
+    ("body_grace", 20.0, float,
+     "seconds the server may wait for a request body before body_min_rate applies"),
+    ("body_min_rate", 500, int,
+     "bytes/s a request body must average, counting only the time the server "
+     "waits for it, once body_grace is over (408, reason client_timeout; 0: no minimum)"),
     ("shutdown_timeout", 30.0, float,
      "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
     ("access_log", None, str, "access log: '-' (stdout) or a file path; off when absent"),
@@ -862,9 +881,29 @@ def to_thread(function, *args):
 # answer with -- for input that breaks the grammar or a limit.  No socket is
 # touched here, so every rule is tested with bytes alone.
 #
-# Before you edit: the head is parsed in one pass over a complete header
-# block (found with bytes.find), because that is the common case; the
-# grammar checks are regular expressions over whole lines.
+# What must not go in here: PAGI scope types, disconnect reasons, anything
+# about what the server does after an error.  The parser says *what* is
+# wrong; the connection decides what to do about it.
+#
+# Before you edit -- three properties the tests hold this section to:
+#
+#   * Linear time on every input.  Nothing a client sends meets a pattern
+#     that can match the same bytes two ways (the regular expressions left
+#     here are single character classes, or sequences whose classes cannot
+#     overlap), and no digit string reaches int() before its length is
+#     checked (CPython refuses more than 4,300 decimal digits).
+#   * The same answer however the bytes are split.  A head is read line by
+#     line, left to right, each line decided when its LF arrives; the limits
+#     are checked on the bytes seen so far, before the grammar, so a prefix
+#     that breaks a limit breaks it in the whole message too.
+#     RequestParser._read_head is that definition; _read_whole_head is a
+#     shortcut for a complete, ordinary head that gives the same result or
+#     hands over to the definition.
+#   * Only HTTPError escapes.  After an error the parser is dead: every
+#     later next_event() raises the same error, so the bytes after a broken
+#     head are never read as a request.  An exception that is not an
+#     HTTPError (a bug) is turned into a 400 whose __cause__ is that
+#     exception, for the connection to log.
 # ============================================================================
 
 class HTTPError(Exception):
@@ -884,18 +923,25 @@ class HTTPError(Exception):
 # RFC 9110 §5.6.2: token = 1*tchar; tchar = "!" / "#" / "$" / "%" / "&" / "'"
 #   / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TCHARS = bytes(c for c in range(256) if re.fullmatch(rb"[%s]" % _TCHAR, bytes([c])))
 _TOKEN = re.compile(rb"[%s]+" % _TCHAR)
-# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS.  No white
-# space is allowed between the name and the colon (§5.1: reject with 400).
-# RFC 9110 §5.5: field-value is VCHAR / obs-text / SP / HTAB inside; CR, LF,
-# NUL and the other controls are invalid (we reject them all).
-_FIELD = rb"([%s]+):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*" % _TCHAR
-_FIELD_LINE = re.compile(_FIELD)                       # one line, for diagnosis
-_FIELD_LINES = re.compile(rb"(?:%s\r\n)*" % _FIELD)     # a whole block, checked at once
-_FIELD_PAIRS = re.compile(_FIELD + rb"\r\n")            # its (name, value) pairs
-# RFC 9112 §3: request-line = method SP request-target SP HTTP-version
+# RFC 9110 §5.5: field-value = *field-content, made of VCHAR, obs-text, SP
+# and HTAB.  CR, LF, NUL and the other controls are invalid (RFC 9110 §5.5
+# lets a recipient reject them, and we do).
+_FIELD_VALUE_BYTES = bytes([0x09]) + bytes(range(0x20, 0x7f)) + bytes(range(0x80, 0x100))
+# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS.  The pattern
+# for a whole block of field lines: a name (tchar, never ":"), the colon, then
+# everything up to CR as the value (OWS stripped afterwards).  The classes do
+# not overlap at their borders, so a block matches in at most one way.
+_FIELD_VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
+_FIELD_BLOCK = re.compile(rb"(?:[%s]+:%s\r\n)*" % (_TCHAR, _FIELD_VALUE))
+_FIELD_PAIRS = re.compile(rb"([%s]+):(%s)\r\n" % (_TCHAR, _FIELD_VALUE))
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version;
+# HTTP-version = "HTTP/" DIGIT "." DIGIT.
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
-_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
+# RFC 9112 §3.2: the request-target is ASCII without controls or SP (RFC
+# 3986 characters); raw UTF-8 or any byte above 0x7E is a 400.
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ], where
 # uri-host = IP-literal / IPv4address / reg-name (unreserved, pct-encoded,
 # sub-delims).  An invalid value is a 400, like a missing one.
@@ -905,6 +951,15 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~%]+)?\]"
 # bytes must be visible characters, SP or HTAB).
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _MAX_CHUNK_LINE = 4096      # bytes in a chunk-size line, extensions included
+# RFC 9110 §8.6: "a recipient MUST anticipate potentially large decimal
+# numerals and prevent parsing errors due to integer conversion overflows".
+# Leading zeros are grammar (1*DIGIT) and are skipped; more significant
+# digits than these mean more bytes than any server will take: 413.
+_MAX_LENGTH_DIGITS = 18     # Content-Length: below 10**18
+_MAX_CHUNK_DIGITS = 16      # chunk-size: below 2**64
+# RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF)
+# before the request-line.  We ignore up to this many, then answer 400.
+_MAX_EMPTY_LINES = 16
 
 # The transfer codings of RFC 9112 §7 and RFC 9110 §8.4.1; we decode only
 # chunked.  A known coding we do not implement is 501; an unknown one too.
@@ -915,8 +970,8 @@ class RequestHead:
     """A parsed request line and header block."""
 
     __slots__ = ("method", "target", "http_version", "path", "query_string",
-                 "headers", "keep_alive", "expect_continue", "content_length",
-                 "chunked", "upgrade", "event_stream")
+                 "authority", "headers", "keep_alive", "expect_continue",
+                 "content_length", "chunked", "upgrade", "event_stream")
 
     def __init__(self, method, target, http_version, headers):
         self.method = method                # str, e.g. "GET"
@@ -924,6 +979,7 @@ class RequestHead:
         self.http_version = http_version    # "1.1" or "1.0"
         self.path = b"/"                    # bytes: raw path of the target
         self.query_string = b""             # bytes: after "?", still encoded
+        self.authority = None               # bytes: host[:port] of an absolute-form target
         self.headers = headers              # [(lower-case name, value)], bytes
         self.keep_alive = http_version == "1.1"
         self.expect_continue = False        # "Expect: 100-continue" was sent
@@ -954,7 +1010,7 @@ _METHODS = {m: m.decode("ascii") for m in (
 _VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
 
 # Parser states.
-_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS = range(6)
+_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _ERROR = range(7)
 
 
 class RequestParser:
@@ -968,15 +1024,23 @@ class RequestParser:
         self.max_header_size = config.max_header_size
         self.max_header_count = config.max_header_count
         self.max_body_size = config.max_body_size
-        self._buf = b""           # bytes received, not yet parsed
+        self._buf = b""           # bytes received, not yet handed out
+        self._pos = 0             # where the first line not yet read starts in _buf
+        self._scan = 0            # where to look for its LF (no LF before it)
         self._state = _HEAD
+        self._error = None        # the HTTPError raised, once the parser is dead
+        # The head (or trailer section) being read, line by line:
+        self._request = None      # the RequestHead, once its request line is read
+        self._fields = []         # (name, value) pairs read so far
+        self._block_size = 0      # bytes of the field block so far
+        self._empty_lines = 0     # empty lines skipped before this request line
         self._remaining = 0       # body or chunk bytes still expected
         self._body_seen = 0       # body bytes of this message so far
         self.messages = 0         # requests whose head has been parsed
 
     def __repr__(self):
         return "<RequestParser state=%d buffered=%d messages=%d>" % (
-            self._state, len(self._buf), self.messages)
+            self._state, self.buffered, self.messages)
 
     def feed(self, data):
         if self._buf:
@@ -986,7 +1050,17 @@ class RequestParser:
 
     @property
     def buffered(self):
+        """Bytes received and not yet handed out (the lines of a head not yet
+        complete count: the head has begun)."""
         return len(self._buf)
+
+    def take_buffered(self):
+        """Hand out the bytes not yet parsed (an upgraded connection's first
+        bytes of the new protocol); the parser keeps none."""
+        data = self._buf[self._pos:]
+        self._buf = b""
+        self._pos = self._scan = 0
+        return data
 
     @property
     def body_exhausted(self):
@@ -1000,49 +1074,125 @@ class RequestParser:
 
     def next_event(self):
         state = self._state
-        if state == _HEAD:
-            return self._parse_head()
-        if state == _BODY:
-            return self._parse_body()
-        return self._parse_chunked()
+        try:
+            if state == _HEAD:
+                return self._read_head()
+            if state == _BODY:
+                return self._read_body()
+            if state == _ERROR:
+                raise self._error
+            return self._read_chunked()
+        except HTTPError as err:
+            self._fail(err)
+            raise
+        except Exception as exc:
+            # A bug, not the client's fault -- but the bytes are still not a
+            # request we understood: 400, and never read past them.
+            err = HTTPError(400, "unparseable request (%s)" % type(exc).__name__)
+            err.__cause__ = exc
+            self._fail(err)
+            raise err
+
+    def _fail(self, err):
+        self._state = _ERROR
+        self._error = err
+        self._buf = b""
+        self._pos = self._scan = 0
+
+    # -- lines ----------------------------------------------------------------
+
+    def _read_line(self, budget, status, message):
+        """The next complete line without its CRLF, or None if its LF has
+        not arrived.  ``budget`` bounds the bytes of the line with its CRLF;
+        the bytes seen so far are held to it before the line is complete."""
+        buf = self._buf
+        pos = self._pos
+        lf = buf.find(b"\n", self._scan)
+        if lf < 0:
+            if len(buf) - pos > budget:
+                raise HTTPError(status, message)
+            self._scan = len(buf)         # a trickled line is searched once
+            return None
+        if lf + 1 - pos > budget:
+            raise HTTPError(status, message)
+        # RFC 9112 §2.2: a line ends with CRLF; a bare LF may be rejected.
+        if lf == pos or buf[lf - 1] != 13:
+            raise HTTPError(400, "bare LF in request head")
+        self._pos = self._scan = lf + 1
+        return buf[pos:lf - 1]
+
+    def _consume(self):
+        """Drop the lines read so far from the buffer."""
+        self._buf = self._buf[self._pos:]
+        self._pos = self._scan = 0
 
     # -- the head -------------------------------------------------------------
 
-    def _parse_head(self):
-        buf = self._buf
-        if not buf:
+    def _read_head(self):
+        if not self._buf:
             return None
-        # RFC 9112 §2.2: a server SHOULD ignore at least one empty line
-        # (CRLF) received prior to the request-line.
-        if buf[:2] == b"\r\n":
-            buf = self._buf = buf.lstrip(b"\r\n")
+        if self._scan == 0 and self._request is None:
+            head = self._read_whole_head()
+            if head is not None:
+                return head
+        while True:
+            if self._request is None:
+                line = self._read_line(self.max_header_size + 2, 414, "request line too long")
+                if line is None:
+                    return None
+                if not line:
+                    # RFC 9112 §2.2: a server SHOULD ignore at least one
+                    # empty line (CRLF) received prior to the request-line.
+                    self._empty_lines += 1
+                    if self._empty_lines > _MAX_EMPTY_LINES:
+                        raise HTTPError(400, "too many empty lines before the request line")
+                    continue
+                self._request = self._parse_request_line(line)
+                continue
+            line = self._read_line(self.max_header_size - self._block_size,
+                                   431, "header block too large")
+            if line is None:
+                return None
+            self._block_size += len(line) + 2
+            if line:
+                self._fields.append(self._parse_field_line(line))
+                if len(self._fields) > self.max_header_count:
+                    raise HTTPError(431, "too many header fields")
+                continue
+            request, request.headers = self._request, self._fields
+            self._request, self._fields, self._block_size, self._empty_lines = None, [], 0, 0
+            self._consume()
+            return self._head_done(request)
+
+    def _read_whole_head(self):
+        """The common case, in a few calls over the whole block: a head that
+        is all here, with no empty line before it, no bare LF, within the
+        limits and well formed.  Anything else returns None, and _read_head
+        reads it line by line -- the definition, which finds the error."""
+        buf = self._buf
         end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            self._check_partial_head(buf)
+        if end < 0 or buf[:1] in (b"\r", b"\n"):
+            return None
+        if buf.count(b"\n", 0, end + 4) != buf.count(b"\r\n", 0, end + 4):
             return None
         line_end = buf.find(b"\r\n")
-        if line_end > self.max_header_size:
-            raise HTTPError(414, "request line too long")
-        if end + 4 > self.max_header_size + line_end + 2:
-            raise HTTPError(431, "header block too large")
-        self._buf = buf[end + 4:]
+        if line_end > self.max_header_size or end + 2 - line_end > self.max_header_size:
+            return None
+        block = buf[line_end + 2:end + 2]
+        if _FIELD_BLOCK.fullmatch(block) is None or \
+                block.count(b"\r\n") > self.max_header_count:
+            return None
         request = self._parse_request_line(buf[:line_end])
-        if line_end < end:
-            request.headers = self._parse_fields(buf[line_end + 2:end + 2])
+        self._buf = buf[end + 4:]
+        strip = bytes.strip
+        request.headers = [(name.lower(), strip(value, b" \t"))
+                           for name, value in _FIELD_PAIRS.findall(block)]
+        return self._head_done(request)
+
+    def _head_done(self, request):
         self._frame(request)
         self.messages += 1
         return request
-
-    def _check_partial_head(self, buf):
-        line_end = buf.find(b"\r\n")
-        if line_end < 0:
-            if len(buf) > self.max_header_size:
-                raise HTTPError(414, "request line too long")
-        elif len(buf) - line_end - 2 > self.max_header_size:
-            raise HTTPError(431, "header block too large")
-        # A lone LF (or CR) as a line end: RFC 9112 §2.2 lets us reject it.
-        if b"\n" in buf.replace(b"\r\n", b""):
-            raise HTTPError(400, "bare LF in request head")
 
     def _parse_request_line(self, line):
         parts = line.split(b" ")
@@ -1056,9 +1206,15 @@ class RequestParser:
             name = method.decode("ascii")
         http_version = _VERSIONS.get(version)
         if http_version is None:
-            if _HTTP_VERSION.fullmatch(version) is None:
+            match = _HTTP_VERSION.fullmatch(version)
+            if match is None:
                 raise HTTPError(400, "malformed HTTP version")
-            raise HTTPError(505, "HTTP version not supported")
+            # RFC 9110 §2.5: a higher minor version of a major version we
+            # implement SHOULD be processed as the highest minor version we
+            # conform to -- HTTP/1.2 is read (and answered) as HTTP/1.1.
+            if match.group(1) != b"1":
+                raise HTTPError(505, "HTTP version not supported")
+            http_version = "1.1"
         if not target or _TARGET_BAD.search(target):
             raise HTTPError(400, "malformed request target")
         request = RequestHead(name, target, http_version, [])
@@ -1073,37 +1229,50 @@ class RequestParser:
         elif request.method == "CONNECT":
             raise HTTPError(501, "CONNECT is not implemented")
         else:
-            scheme, sep, rest = target.partition(b"://")
-            if not sep or scheme.lower() not in (b"http", b"https"):
-                raise HTTPError(400, "malformed request target")
-            slash = rest.find(b"/")
-            question = rest.find(b"?")
-            cut = min(i for i in (slash, question, len(rest)) if i >= 0)
-            path_query = rest[cut:]
-            if path_query[:1] != b"/":
-                path_query = b"/" + path_query
-            path, _, query = path_query.partition(b"?")
+            path, query = self._absolute_form(request, target)
         request.path = path
         request.query_string = query
         return request
 
-    def _parse_fields(self, block):
-        """The (name, value) pairs of a header or trailer block: field lines,
-        each ending in CRLF.  One regex checks the whole block; only a block
-        that fails is looked at line by line, to say what is wrong."""
-        if _FIELD_LINES.fullmatch(block) is None:
-            for line in block.split(b"\r\n"):
-                if line and _FIELD_LINE.fullmatch(line) is None:
-                    if line[:1] in (b" ", b"\t"):
-                        # RFC 9112 §5.2: obs-fold; a server MUST reject it
-                        # or unfold it.  We reject it.
-                        raise HTTPError(400, "obsolete line folding in header field")
-                    break
+    def _absolute_form(self, request, target):
+        """RFC 9112 §3.2.2: absolute-form = absolute-URI.  Its authority
+        replaces Host (see _frame); its path and query are the request's."""
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise HTTPError(400, "malformed request target")
+        cut = len(rest)
+        for delimiter in (b"/", b"?", b"#"):
+            found = rest.find(delimiter)
+            if 0 <= found < cut:
+                cut = found
+        authority = rest[:cut]
+        # RFC 9110 §4.2.4: a recipient SHOULD treat userinfo in an http(s)
+        # URI as an error.  §4.2.1: an empty host MUST be rejected.
+        if b"@" in authority:
+            raise HTTPError(400, "userinfo in the request target")
+        if authority[:1] in (b"", b":") or not _HOST.fullmatch(authority):
+            raise HTTPError(400, "invalid authority in the request target")
+        request.authority = authority
+        path_query = rest[cut:]
+        if path_query[:1] != b"/":
+            path_query = b"/" + path_query
+        path, _, query = path_query.partition(b"?")
+        return path, query
+
+    def _parse_field_line(self, line):
+        """One field line -> (lower-case name, value without OWS)."""
+        name, colon, value = line.partition(b":")
+        # RFC 9112 §5.1: no white space between the name and the colon
+        # (400); the name is a token.
+        if not colon or not name or name.translate(None, _TCHARS):
+            if line[:1] in (b" ", b"\t"):
+                # RFC 9112 §5.2: obs-fold; a server MUST reject it or
+                # unfold it.  We reject it.
+                raise HTTPError(400, "obsolete line folding in header field")
             raise HTTPError(400, "malformed header field")
-        pairs = _FIELD_PAIRS.findall(block)
-        if len(pairs) > self.max_header_count:
-            raise HTTPError(431, "too many header fields")
-        return [(name.lower(), value) for name, value in pairs]
+        if value.translate(None, _FIELD_VALUE_BYTES):
+            raise HTTPError(400, "malformed header field")
+        return name.lower(), value.strip(b" \t")
 
     def _frame(self, request):
         """Decide connection and body framing from the header fields."""
@@ -1124,7 +1293,10 @@ class RequestParser:
                 # is 400), the strict reading of RFC 9112 §6.3 rule 5.
                 if content_length is not None or not value.isdigit():
                     raise HTTPError(400, "invalid or repeated Content-Length")
-                content_length = int(value)
+                digits = value.lstrip(b"0")
+                if len(digits) > _MAX_LENGTH_DIGITS:
+                    raise HTTPError(413, "request body too large", "body_too_large")
+                content_length = int(digits or b"0")
             elif name == b"transfer-encoding":
                 transfer_encoding = value if transfer_encoding is None \
                     else transfer_encoding + b"," + value
@@ -1157,28 +1329,13 @@ class RequestParser:
             raise HTTPError(400, "HTTP/1.1 requires exactly one Host header")
         if host_count > 1:
             raise HTTPError(400, "more than one Host header")
+        if request.authority is not None:
+            # RFC 9112 §3.2.2: with an absolute-form target the server MUST
+            # ignore the received Host field and use the target's authority.
+            request.headers = [(n, v) for n, v in request.headers if n != b"host"]
+            request.headers.append((b"host", request.authority))
         if transfer_encoding is not None:
-            # RFC 9112 §6.1: a server MAY reject a request with both
-            # Content-Length and Transfer-Encoding (we do); Transfer-Encoding
-            # in HTTP/1.0 cannot be trusted (§6.1, last paragraph).
-            if content_length is not None:
-                raise HTTPError(400, "both Content-Length and Transfer-Encoding")
-            if request.http_version == "1.0":
-                raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
-            codings = [c for c in codings if c]
-            # RFC 9112 §6.3 rule 4: final coding not chunked -> 400.
-            if not codings or codings[-1] != b"chunked":
-                raise HTTPError(400, "final transfer coding is not chunked")
-            # RFC 9112 §7: chunked MUST NOT be applied more than once.
-            if codings.count(b"chunked") > 1:
-                raise HTTPError(400, "chunked applied more than once")
-            # RFC 9112 §6.1: a coding we do not understand -> 501.
-            if len(codings) > 1:
-                raise HTTPError(501, "transfer coding not implemented: %s"
-                                % codings[0].decode("latin-1"))
-            request.chunked = True
-            self._state = _CHUNK_SIZE_LINE
+            self._transfer_codings(request, content_length, transfer_encoding)
         elif content_length:
             if self.max_body_size and content_length > self.max_body_size:
                 raise HTTPError(413, "request body too large", "body_too_large")
@@ -1200,9 +1357,37 @@ class RequestParser:
             rest.append((b"cookie", joined))
             request.headers = rest
 
+    def _transfer_codings(self, request, content_length, transfer_encoding):
+        # RFC 9112 §6.1: a server MAY reject a request with both
+        # Content-Length and Transfer-Encoding (we do); Transfer-Encoding
+        # in HTTP/1.0 cannot be trusted (§6.1, last paragraph).
+        if content_length is not None:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        if request.http_version == "1.0":
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
+        # RFC 9110 §5.6.1 asks recipients to ignore empty list elements; in
+        # this one field we refuse them instead (as h11 does): a proxy that
+        # reads ", chunked" differently from us is a request-smuggling
+        # desync, and a 400 never is (docs/deviations.md).
+        if b"" in codings:
+            raise HTTPError(400, "empty element in Transfer-Encoding")
+        # RFC 9112 §6.3 rule 4: final coding not chunked -> 400.
+        if codings[-1] != b"chunked":
+            raise HTTPError(400, "final transfer coding is not chunked")
+        # RFC 9112 §7: chunked MUST NOT be applied more than once.
+        if codings.count(b"chunked") > 1:
+            raise HTTPError(400, "chunked applied more than once")
+        # RFC 9112 §6.1: a coding we do not understand -> 501.
+        if len(codings) > 1:
+            raise HTTPError(501, "transfer coding not implemented: %s"
+                            % codings[0].decode("latin-1"))
+        request.chunked = True
+        self._state = _CHUNK_SIZE_LINE
+
     # -- the body -------------------------------------------------------------
 
-    def _parse_body(self):
+    def _read_body(self):
         remaining = self._remaining
         if remaining == 0:
             self._state = _HEAD
@@ -1218,22 +1403,22 @@ class RequestParser:
         self._remaining = 0
         return buf[:remaining]
 
-    def _parse_chunked(self):
+    def _read_chunked(self):
         # RFC 9112 §7.1: chunked-body = *chunk last-chunk trailer-section CRLF
         while True:
             state = self._state
-            buf = self._buf
             if state == _CHUNK_SIZE_LINE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_CHUNK_LINE:
-                        raise HTTPError(400, "chunk size line too long")
+                line = self._read_line(_MAX_CHUNK_LINE + 2, 400, "chunk size line too long")
+                if line is None:
                     return None
-                m = _CHUNK_SIZE.fullmatch(buf[:end])
-                if m is None or end > _MAX_CHUNK_LINE:
+                self._consume()
+                match = _CHUNK_SIZE.fullmatch(line)
+                if match is None:
                     raise HTTPError(400, "malformed chunk size line")
-                size = int(m.group(1), 16)
-                self._buf = buf[end + 2:]
+                digits = match.group(1).lstrip(b"0")
+                if len(digits) > _MAX_CHUNK_DIGITS:
+                    raise HTTPError(413, "request body too large", "body_too_large")
+                size = int(digits or b"0", 16)
                 if size == 0:
                     self._state = _TRAILERS
                     continue
@@ -1243,6 +1428,7 @@ class RequestParser:
                 self._remaining = size
                 self._state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
+                buf = self._buf
                 if not buf:
                     return None
                 remaining = self._remaining
@@ -1255,26 +1441,30 @@ class RequestParser:
                     self._state = _CHUNK_CRLF
                 return data
             elif state == _CHUNK_CRLF:
+                buf = self._buf
                 if len(buf) < 2:
+                    if buf[:1] not in (b"", b"\r"):
+                        raise HTTPError(400, "chunk data not followed by CRLF")
                     return None
                 if buf[:2] != b"\r\n":
                     raise HTTPError(400, "chunk data not followed by CRLF")
                 self._buf = buf[2:]
                 self._state = _CHUNK_SIZE_LINE
-            else:   # _TRAILERS: trailer-section = *( field-line CRLF ) CRLF
-                if buf[:2] == b"\r\n":
-                    self._buf = buf[2:]
-                    self._state = _HEAD
-                    return EndOfMessage()
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > self.max_header_size:
-                        raise HTTPError(431, "trailer section too large")
+            else:
+                # _TRAILERS: trailer-section = *( field-line CRLF ), then the
+                # CRLF that ends the message; the header limits apply.
+                line = self._read_line(self.max_header_size - self._block_size,
+                                       431, "trailer section too large")
+                if line is None:
                     return None
-                if end > self.max_header_size:
-                    raise HTTPError(431, "trailer section too large")
-                self._buf = buf[end + 4:]
-                trailers = self._parse_fields(buf[:end + 2])
+                self._block_size += len(line) + 2
+                if line:
+                    self._fields.append(self._parse_field_line(line))
+                    if len(self._fields) > self.max_header_count:
+                        raise HTTPError(431, "too many trailer fields")
+                    continue
+                trailers, self._fields, self._block_size = self._fields, [], 0
+                self._consume()
                 self._state = _HEAD
                 return EndOfMessage(trailers)
 
@@ -1804,11 +1994,50 @@ _FIELD_CHECKS = {"bytes": _check_bytes, "flag": _check_flag, "status": _check_st
                  "close_code": _check_close_code}
 
 
+# ASGI habits, named.  ASGI events look like PAGI's but differ in a few
+# keys and types, and PAGI allows extra fields -- so without these tables
+# an ASGI habit is accepted and silently means something else (an
+# http.response.body with ASGI's "more_body": True ends the response).
+# Each ASGI key or type that PAGI spells differently fails with a message
+# that names the PAGI way (docs/tutorial.md, "Coming from ASGI").
+#   ASGI key -> (what to say, the event types where ASGI has it)
+ASGI_KEYS = {
+    "more_body": ("PAGI uses 'more', not ASGI's 'more_body'",
+                  ("http.response.body", "websocket.http.response.body",
+                   "sse.http.response.body")),
+    "more_trailers": ("PAGI sends all trailers in one http.response.trailers event; "
+                      "ASGI's 'more_trailers' has no PAGI meaning",
+                      ("http.response.trailers",)),
+}
+#   ASGI event type -> what to send in PAGI instead
+ASGI_TYPES = {
+    "http.response.pathsend": "PAGI sends a file with http.response.body's 'file' field, "
+                              "not ASGI's http.response.pathsend",
+    "http.response.zerocopy": "PAGI sends an open file with http.response.body's 'fh', "
+                              "'offset' and 'length' fields, not ASGI's http.response.zerocopy",
+    "http.response.push": "PAGI has no server push (ASGI's http.response.push)",
+    "http.response.early_hint": "PAGI has no interim responses (ASGI's "
+                                "http.response.early_hint); send the final response",
+}
+
+
+def _asgi_key_check(message):
+    def check(etype, field, value):
+        raise EventError("%s: %s" % (etype, message))
+    return check
+
+
 def compile_schema(table):
-    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}"""
-    return {etype: tuple((field, _FIELD_CHECKS[kind], required)
-                         for field, (kind, required) in fields.items())
-            for etype, fields in table.items()}
+    """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}
+
+    A type that ASGI spells with another key (ASGI_KEYS) refuses that key."""
+    compiled = {}
+    for etype, fields in table.items():
+        checks = [(field, _FIELD_CHECKS[kind], required) for field, (kind, required) in fields.items()]
+        checks += [(key, _asgi_key_check(message), False)
+                   for key, (message, types) in ASGI_KEYS.items() if etype in types]
+        compiled[etype] = tuple(checks)
+    return compiled
 
 
 _HTTP_SEND_SCHEMA = compile_schema(HTTP_SEND_EVENTS)
@@ -1824,6 +2053,8 @@ def validate_event(event, schema):
     if fields is None:
         if not isinstance(etype, str):
             raise EventError("event has no 'type' string: %r" % (event,))
+        if etype in ASGI_TYPES:
+            raise EventError("%s: %s" % (etype, ASGI_TYPES[etype]))
         raise EventError("%s: unknown event type for this scope (expected one of %s)"
                          % (etype, ", ".join(sorted(schema))))
     for field, check, required in fields:
@@ -2043,6 +2274,7 @@ class Exchange:
         if self.head.expect_continue and not self.continue_sent and not self.head_sent:
             self.continue_sent = True
             self.conn.transport.write(_CONTINUE)
+            self.conn.start_body_clock()
         self.waiter = waiter = Future(self.conn.loop)
         return waiter
 
@@ -2388,14 +2620,26 @@ _LINGER_SECONDS = 2.0    # how long a closing socket keeps draining input
 _PIPELINE_BUFFER = 65536  # bytes of pipelined requests read ahead of the current one
 
 
+def _below_min_rate(waited, received, grace, min_rate):
+    """Apache mod_reqtimeout's rule: ``grace`` seconds, then one second more
+    for every ``min_rate`` bytes received.  So a client must average at
+    least ``min_rate`` bytes/s after the grace, and bytes sent early are
+    credit for later.  ``min_rate`` 0: no minimum."""
+    return min_rate > 0 and waited > grace + received / min_rate
+
+
 class _Linger:
     """Close a socket without losing the response just written to it.
 
     RFC 9112 §9.6: closing while the client is still sending makes the
     kernel answer with RST, which can destroy the response in flight.  So we
     shut down our side, read and drop what still arrives until the client
-    closes too or a short time passes, then close.
+    closes too or a short time passes, then close.  ``on_closed(linger)``
+    tells the server (section 10) that the descriptor is free, which may
+    also ask for it sooner: cut_short().
     """
+
+    timer = None
 
     def __init__(self, loop, sock, on_closed=None):
         self.loop = loop
@@ -2420,17 +2664,23 @@ class _Linger:
             pass
         self.close()
 
+    def cut_short(self):
+        """The descriptor is needed now: drop what has arrived (so that the
+        close sends no RST for it), then close."""
+        if self.sock is not None:
+            self._drain()
+        self.close()
+
     def close(self):
         if self.sock is None:
             return
-        timer = getattr(self, "timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         self.loop.forget(self.fd)
         self.sock.close()
         self.sock = None
         if self.on_closed is not None:
-            self.on_closed()
+            self.on_closed(self)
 
 
 class Connection:
@@ -2453,7 +2703,7 @@ class Connection:
         if self.closed:
             return
         self._release()
-        _Linger(self.loop, self.sock)
+        self.server.linger(self.sock)
 
     def close(self):
         """A normal close: nothing in flight."""
@@ -2507,6 +2757,15 @@ class HTTPConnection(Connection):
         now = self.loop.now
         self.last_activity = now      # last byte received
         self.head_started = now       # when the current head began to arrive
+        # The minimum data rates (section 1): byte counts, and the body's
+        # clock, which runs only while the server waits for body bytes.
+        self.bytes_in = 0             # bytes received on this socket
+        self.idle_set = server.idle   # the server's idle connections (section 10)
+        self.head_base = 0            # bytes_in when the current head began
+        self.body_started = None      # when the wait for this body began (None: not yet)
+        self.body_base = 0            # bytes_in then
+        self.paused_at = None         # when reading last paused (None: reading)
+        self.paused_for = 0.0         # seconds of this body's wait spent paused
 
     def __repr__(self):
         return "<HTTPConnection fd=%d client=%r requests=%d %s>" % (
@@ -2522,6 +2781,9 @@ class HTTPConnection(Connection):
     def resume_reading(self):
         if not self.reading and not self.closed and not self.peer_eof:
             self.reading = True
+            if self.paused_at is not None:
+                self.paused_for += self.loop.now - self.paused_at
+                self.paused_at = None
             self.loop.add_reader(self.fd, self._on_readable)
             # What was parked may need no more bytes (an end of message).
             if not self.advancing:
@@ -2530,7 +2792,23 @@ class HTTPConnection(Connection):
     def pause_reading(self):
         if self.reading:
             self.reading = False
+            self.paused_at = self.loop.now
             self.loop.remove_reader(self.fd)
+
+    def start_body_clock(self):
+        """The server now waits for body bytes: the body's minimum rate
+        counts from here.  Bytes that came with the head are the body's."""
+        self.body_started = now = self.loop.now
+        self.body_base = self.bytes_in - self.parser.buffered
+        self.paused_for = 0.0
+        self.paused_at = None if self.reading else now
+
+    def body_waited(self, now):
+        """Seconds the server has waited for this body, pauses excluded."""
+        paused = self.paused_for
+        if self.paused_at is not None:
+            paused += now - self.paused_at
+        return now - self.body_started - paused
 
     def _on_readable(self):
         try:
@@ -2551,7 +2829,11 @@ class HTTPConnection(Connection):
             return        # a closing connection drops what still arrives
         parser = self.parser
         if parser.in_head and not parser.buffered:
+            # The first bytes of a head: the connection is no longer idle.
             self.head_started = now
+            self.head_base = self.bytes_in
+            self.idle_set.pop(self, None)
+        self.bytes_in += len(data)
         parser.feed(data)
         self._advance()
 
@@ -2589,6 +2871,7 @@ class HTTPConnection(Connection):
                 try:
                     event = parser.next_event()
                 except HTTPError as err:
+                    self._parser_failed(err)
                     self.respond_error(err.status, err.message, None)
                     return
                 if event is None:
@@ -2609,6 +2892,7 @@ class HTTPConnection(Connection):
             try:
                 event = parser.next_event()
             except HTTPError as err:
+                self._parser_failed(err)
                 self._body_error(exchange, err)
                 return
             if event is None:
@@ -2637,6 +2921,10 @@ class HTTPConnection(Connection):
         if not head.chunked and not head.content_length:
             self.parser.next_event()      # the EndOfMessage of a body-less request
             exchange.body_complete = True
+        elif head.expect_continue:
+            self.body_started = None      # the client waits for the 100 (Exchange.receive)
+        else:
+            self.start_body_clock()
         try:
             coro = self.app(exchange.scope(), exchange.receive, exchange.send)
         except Exception as exc:
@@ -2664,30 +2952,60 @@ class HTTPConnection(Connection):
         self.reading = False
         self.loop.remove_reader(self.fd)
         self.server.connections.discard(self)
-        leftover, self.parser._buf = self.parser._buf, b""
+        leftover = self.parser.take_buffered()
         upgrade(self.server, self.sock, self.client, self.server_address,
                 self.transport, head, leftover)
 
     def check_timeouts(self, now, config):
         """The server's sweep: which timeout, if any, has this connection hit?"""
         transport = self.transport
+        exchange = self.exchange
         if self.write_timed_out(now, config):
             self.abort("write_timeout")
         elif self.closing:
             pass
-        elif self.exchange is None:
+        elif exchange is None:
             if self.parser.buffered or self.requests == 0:
-                # slowloris: the head must arrive within header_timeout
-                if now - self.head_started > config.header_timeout:
+                # slowloris: the head must arrive within header_timeout, and
+                # at header_min_rate once its grace is over
+                took = now - self.head_started
+                if took > config.header_timeout:
                     if self.parser.buffered:
                         self.respond_error(408, "Request Timeout", None)
                     else:
                         self.close()
+                elif self.parser.buffered and _below_min_rate(
+                        took, self.bytes_in - self.head_base,
+                        config.header_grace, config.header_min_rate):
+                    self.respond_error(408, "Request Timeout", None)
             elif now - self.last_activity > config.keepalive_timeout:
                 self.close()
-        elif (not self.exchange.body_complete and self.reading and now - max(
-                self.last_activity, transport.last_progress) > config.client_timeout):
+        elif exchange.body_complete:
+            pass
+        elif self.reading and now - max(
+                self.last_activity, transport.last_progress) > config.client_timeout:
             self.abort("client_timeout")
+        elif self.body_started is not None and _below_min_rate(
+                self.body_waited(now), self.bytes_in - self.body_base,
+                config.body_grace, config.body_min_rate):
+            self._body_error(exchange, HTTPError(
+                408, "Request Timeout: the request body arrives too slowly",
+                "client_timeout"))
+
+    def evict(self):
+        """Admission control (section 10) needs this idle connection's slot:
+        close it, as RFC 9112 §9.6 lets a server close an idle connection at
+        any time.  False if the next request has in fact begun to arrive."""
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK):
+                return False      # bytes wait in the kernel: busy, not idle
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass                  # a reset: closing is all that is left
+        self.log.debug("%s: idle connection closed to admit a new one", self.client)
+        self.close()
+        return True
 
     def shutdown(self):
         """Server shutdown: an idle connection closes now; a busy one after
@@ -2696,6 +3014,15 @@ class HTTPConnection(Connection):
             self.close()
         else:
             self.exchange.shutdown()
+
+    def _parser_failed(self, err):
+        """A parser error caused by a bug in the parser, not by the client,
+        still answers 400 -- and goes to the error log with its traceback."""
+        if err.__cause__ is not None:
+            self.log.error("the request parser failed on input from %s\n%s",
+                           self.client, "".join(
+                               traceback.format_exception(type(err.__cause__), err.__cause__,
+                                                          err.__cause__.__traceback__)).rstrip())
 
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""
@@ -2730,8 +3057,15 @@ class HTTPConnection(Connection):
         self.transport.forget_callbacks()   # they belonged to that request
         self.last_activity = self.head_started = self.loop.now
         self.resume_reading()
-        if self.parser.buffered and not self.advancing:
-            self._advance()
+        buffered = self.parser.buffered
+        if not buffered:
+            # Idle: a candidate for eviction at max_connections (section 10).
+            # The next head's first bytes set head_base (_on_readable).
+            self.idle_set[self] = None
+        else:
+            self.head_base = self.bytes_in - buffered   # pipelined: already here
+            if not self.advancing:
+                self._advance()
 
     def respond_error(self, status, message, reason):
         """A server-generated response, then close.  ``reason`` is reported on
@@ -4019,12 +4353,19 @@ class Lifespan:
 # 10. Server
 #
 # Listeners and accept, admission control, the timeout sweep, and shutdown.
-# Admission: past max_connections a new connection still gets an answer --
-# 503 with Retry-After -- and the ones already open keep being served.  When
-# accept() itself fails for want of descriptors (EMFILE, ENFILE) the
-# listener is unwatched for a short back-off instead of spinning.  Timeouts
-# are a periodic sweep over last-activity times, so a busy connection pays
-# nothing per read or write for them.
+# Admission: max_connections slots, each holding one client descriptor: an
+# open connection, or the socket of a closed one still lingering (section
+# 6, _Linger).  When they are all taken, a new connection makes room by
+# cutting short the oldest lingering socket, else by closing the oldest
+# idle keep-alive connection; only when every slot is busy does it get an
+# answer of its own -- 503 with Retry-After -- and the ones already open
+# keep being served.  Refused sockets linger in a small reserve of their
+# own; when it is full, accept rests until one is let go.  So descriptors
+# are bounded by the admission limit, not by the rate of closes.  When
+# accept() fails anyway (EMFILE, ENFILE: a limit set above what ulimit
+# allows) the listener is unwatched for a short back-off instead of
+# spinning.  Timeouts are a periodic sweep over last-activity times and
+# byte counts, so a busy connection pays nothing per read or write for them.
 # ============================================================================
 
 # -- the access log ------------------------------------------------------------
@@ -4183,6 +4524,7 @@ _ACCEPT_BATCH = 64          # connections accepted per readiness event
 _ACCEPT_BACKOFF = 0.5       # seconds the listener rests after EMFILE/ENFILE
 _SWEEP_INTERVAL = 0.5       # seconds between timeout sweeps
 _SHUTDOWN_GRACE = 0.1       # seconds aborted applications get to clean up
+_REFUSAL_RESERVE = 16       # refused (503) sockets lingering at once, beyond max_connections
 
 
 def listening_socket(config):
@@ -4219,6 +4561,11 @@ class Server:
         self.loop = Loop(logger=self.log)
         self.state = {}               # the lifespan "state" namespace
         self.connections = set()      # open connections: HTTP, WebSocket
+        # Admission (see the banner).  Ordered dicts used as ordered sets,
+        # oldest first, so that eviction takes the oldest in O(1).
+        self.idle = collections.OrderedDict()       # HTTP connections between requests
+        self.lingering = collections.OrderedDict()  # closed connections' _Lingers: slots
+        self.refusing = collections.OrderedDict()   # refused sockets' _Lingers: the reserve
         self.listeners = []           # listening sockets
         self.address = None           # (host, port) actually bound
         self.shutting_down = False
@@ -4226,6 +4573,7 @@ class Server:
         self._backoff_timer = None    # the listener rests after EMFILE/ENFILE
         self._accept_failures = 0     # failed accepts in this episode (0: none)
         self._refused = 0             # connections answered 503
+        self._evicted = 0             # idle connections closed to admit new ones
         self._signals = 0             # shutdown signals received
         self._escalate = True         # a second signal exits at once
         self._shutdown_timer = None
@@ -4238,9 +4586,9 @@ class Server:
         self._started = False         # startup() has run
 
     def __repr__(self):
-        return "<Server %s connections=%d refused=%d%s>" % (
-            self.address, len(self.connections), self._refused,
-            " shutting-down" if self.shutting_down else "")
+        return "<Server %s connections=%d idle=%d lingering=%d refused=%d evicted=%d%s>" % (
+            self.address, len(self.connections), len(self.idle), len(self.lingering),
+            self._refused, self._evicted, " shutting-down" if self.shutting_down else "")
 
     # -- listening ------------------------------------------------------------------
 
@@ -4319,6 +4667,8 @@ class Server:
             self.loop.forget(sock.fileno())
             sock.close()
         self.listeners = []
+        for linger in list(self.lingering) + list(self.refusing):
+            linger.close()
         self.loop.close()
         if self.access_log is not None:
             self.access_log.close()
@@ -4381,15 +4731,32 @@ class Server:
 
     def connection_closed(self, conn):
         self.connections.discard(conn)
+        self.idle.pop(conn, None)
         if self._backoff_timer is not None:
             self._end_backoff()    # a descriptor was freed: try again now
         if self.shutting_down:
             self._maybe_finished()
 
+    def linger(self, sock):
+        """A closed connection's socket drains (RFC 9112 §9.6) in its slot."""
+        linger = _Linger(self.loop, sock, self._linger_ended)
+        if linger.sock is not None:
+            self.lingering[linger] = None
+
+    def _linger_ended(self, linger):
+        self.lingering.pop(linger, None)
+        if self._backoff_timer is not None:
+            self._end_backoff()
+
+    def _refusal_ended(self, linger):
+        self.refusing.pop(linger, None)
+        self._end_backoff()        # a reserved descriptor is free: accept again
+
     # -- accepting --------------------------------------------------------------------
 
     def _watch_listeners(self):
-        if not self._accepting and not self.shutting_down:
+        if (not self._accepting and not self.shutting_down
+                and len(self.refusing) < _REFUSAL_RESERVE):
             self._accepting = True
             for sock in self.listeners:
                 self.loop.add_reader(sock.fileno(), lambda s=sock: self._accept(s))
@@ -4418,8 +4785,12 @@ class Server:
                                  self._accept_failures)
                 self._accept_failures = 0
             sock.setblocking(False)
-            if len(self.connections) >= config.max_connections:
+            if (len(self.connections) + len(self.lingering) >= config.max_connections
+                    and not self._make_room()):
                 self._refuse(sock)
+                if len(self.refusing) >= _REFUSAL_RESERVE:
+                    self._unwatch_listeners()   # rest until a refused socket is let go
+                    return
                 continue
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -4429,8 +4800,25 @@ class Server:
             self.connections.add(conn)
             conn.start()
 
+    def _make_room(self):
+        """Eviction before refusal: free a slot by cutting short the oldest
+        lingering socket (its response is out), else by closing the oldest
+        idle keep-alive connection (no request in progress, no byte of the
+        next one).  False if every slot holds a connection that is busy."""
+        if self.lingering:
+            next(iter(self.lingering)).cut_short()
+            return True
+        idle = self.idle
+        while idle:
+            conn, _ = idle.popitem(last=False)
+            if conn.evict():
+                self._evicted += 1
+                return True
+        return False
+
     def _refuse(self, sock):
-        """Admission control: 503, Retry-After: 5, Connection: close."""
+        """Admission control: 503, Retry-After: 5, Connection: close; the
+        socket lingers in the reserve."""
         self._refused += 1
         try:
             sock.send(error_response(503, "Service Unavailable: too many connections",
@@ -4438,7 +4826,9 @@ class Server:
         except OSError:
             sock.close()
             return
-        _Linger(self.loop, sock)
+        linger = _Linger(self.loop, sock, self._refusal_ended)
+        if linger.sock is not None:
+            self.refusing[linger] = None
 
     def _begin_backoff(self, exc):
         """Out of descriptors: rest the listener instead of spinning on it,
@@ -4801,6 +5191,1364 @@ def _demo_app(scope, receive, send):
     yield send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
     yield send({"type": "http.response.body", "body": body})
+
+
+# ============================================================================
+# 13. Test client (for application authors)
+#
+# ``with pagi_ref.TestClient(app) as client:`` serves ``app`` with a real
+# Server (sections 6 to 10, unchanged) on 127.0.0.1, on a port the OS picks,
+# in a background thread, and talks to it over real sockets with three small
+# blocking clients: HTTP/1.1 (RFC 9112), WebSocket (RFC 6455, the client's
+# side: masked frames, §5.3) and event streams (WHATWG HTML "Server-sent
+# events", §9.2.6 "Interpreting an event stream").  A test that passes here
+# passes against the server, because it is the server.  The one addition is
+# a wrapper around the application that registers each call under the
+# client address of its scope and records what it raises, so that the test
+# thread can wait for the call to end and raise the exception itself.
+#
+# What goes here: the client side of the three protocols, the thread that
+# runs the Server, that wrapper.  What must not: anything the server needs
+# (no section above uses this one; it uses Server's public face only: bind,
+# startup, serve, stop, address, state), and any shortcut that skips the
+# wire -- a client that called the application directly would pass tests
+# the server fails.  Every wait is bounded by the client's ``timeout`` and
+# fails with TestClientTimeout, naming what it waited for.
+#
+# The ``__main__`` block of section 12 stays below this section, at the very
+# bottom: an application that imports pagi_ref while the module runs as a
+# script gets the module as it is when main() starts, and it must be whole.
+# ============================================================================
+
+_TEST_HOST = "testserver"                 # the Host header the client sends
+_CLIENT_MAX_HEAD = 65536                  # bytes of one response head
+_CLIENT_MAX_LINE = 4096                   # bytes of one chunk-size or trailer line
+_CLIENT_MAX_BODY = 256 * 1024 * 1024      # bytes of a body read whole (stream() for more)
+_CLIENT_MAX_MESSAGE = 64 * 1024 * 1024    # bytes of a WebSocket message, characters of an event
+# Printable ASCII but space: what a request target may hold as it is
+# (RFC 9112 §3.2); anything else is percent-encoded as UTF-8.
+_TARGET_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+class TestClientError(Exception):
+    """The server's answer was not what the protocol allows, or the client
+    was used wrongly.  ``response`` holds what arrived, when that helps (a
+    body cut short, a WebSocket handshake refused)."""
+
+    __test__ = False    # not a pytest test class, whatever its name
+
+    def __init__(self, message, response=None):
+        Exception.__init__(self, message)
+        self.response = response
+
+
+class TestClientTimeout(TestClientError):
+    """Nothing arrived within the client's timeout; the message says what
+    the client was waiting for."""
+
+    __test__ = False
+
+
+class WebSocketRejected(TestClientError):
+    """The server answered the WebSocket handshake with something else than
+    ``101``; ``response`` is that answer (a ``403`` for an application that
+    closed before accepting, or the application's own denial response)."""
+
+
+class WebSocketDisconnect(Exception):
+    """The server closed the WebSocket session: ``code`` and ``reason`` of
+    its close frame (1005 for a close frame without a code, 1006 for a
+    connection that ended without one)."""
+
+    def __init__(self, code=1000, reason=""):
+        Exception.__init__(self, "the server closed the WebSocket session: %d %s"
+                           % (code, reason))
+        self.code = code
+        self.reason = reason
+
+
+class Headers:
+    """Header fields as the client received them, looked up in any case:
+    ``headers["Content-Type"]``, ``get(name, default)`` (several fields of
+    one name are joined with ", "), ``get_list(name)``; ``items()`` gives
+    (lower-case name, value) ``str`` pairs in order, ``raw`` the bytes."""
+
+    def __init__(self, raw=()):
+        self.raw = list(raw)     # [(lower-case name bytes, value bytes)]
+
+    @staticmethod
+    def _key(name):
+        return (name.encode("latin-1") if isinstance(name, str) else bytes(name)).lower()
+
+    def get_list(self, name):
+        key = self._key(name)
+        return [v.decode("latin-1") for k, v in self.raw if k == key]
+
+    def get(self, name, default=None):
+        values = self.get_list(name)
+        return ", ".join(values) if values else default
+
+    def __getitem__(self, name):
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name):
+        key = self._key(name)
+        return any(k == key for k, _ in self.raw)
+
+    def keys(self):
+        return list(dict.fromkeys(k.decode("latin-1") for k, _ in self.raw))
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self.keys())
+
+    def items(self):
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw]
+
+    def __repr__(self):
+        return "Headers(%r)" % self.items()
+
+
+class Response:
+    """What the server answered: ``status_code``, ``reason_phrase``,
+    ``http_version``, ``headers``, ``content`` (bytes), ``text``, ``json()``
+    and, for a chunked response that had them, ``trailers``."""
+
+    def __init__(self, request, status_code, reason_phrase, http_version, headers):
+        self.request = request                  # "GET /path?query"
+        self.status_code = status_code
+        self.reason_phrase = reason_phrase
+        self.http_version = http_version        # "HTTP/1.1"
+        self.headers = headers
+        self.trailers = Headers()
+        self._content = None
+
+    @property
+    def content(self):
+        if self._content is None:
+            raise TestClientError("the body of %s has not been read: call read() "
+                                  "(or iterate with iter_bytes()) first" % self.request)
+        return self._content
+
+    @property
+    def encoding(self):
+        """The charset of Content-Type, or utf-8."""
+        for param in (self.headers.get("content-type") or "").split(";")[1:]:
+            name, _, value = param.strip().partition("=")
+            if name.lower() == "charset" and value:
+                return value.strip('"')
+        return "utf-8"
+
+    @property
+    def text(self):
+        try:
+            return self.content.decode(self.encoding, "replace")
+        except LookupError:
+            return self.content.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.content)
+
+    def __repr__(self):
+        return "<Response [%d %s]>" % (self.status_code, self.reason_phrase)
+
+
+class _Wire:
+    """One client connection: a blocking socket and its unread bytes.  Every
+    read waits at most ``timeout`` seconds, and fails naming ``what`` it
+    waited for."""
+
+    def __init__(self, address, timeout, what):
+        self.timeout = timeout
+        self.buf = bytearray()
+        self.eof = False
+        self.send_error = None      # the server closed while the request went out
+        try:
+            self.sock = socket.create_connection(address, timeout=timeout)
+        except socket.timeout:
+            raise TestClientTimeout("could not connect for %s within %g s" % (what, timeout))
+        self.local = self.sock.getsockname()[:2]
+
+    def send(self, data, what):
+        if self.send_error is not None:
+            return
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise TestClientTimeout("the server read none of %s for %g s"
+                                    % (what, self.timeout))
+        except OSError as exc:
+            # The server may have answered early (a 413) and closed: keep
+            # going, the answer is what the test wants to see.
+            self.send_error = exc
+
+    def fill(self, what):
+        """One recv into the buffer; False at the end of the stream."""
+        if self.eof:
+            return False
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise TestClientTimeout("no %s within %g s" % (what, self.timeout))
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def read_until(self, marker, limit, what):
+        """Up to and including ``marker``; at the end of the stream, what
+        there is (without the marker)."""
+        start = 0
+        while True:
+            i = self.buf.find(marker, start)
+            if i >= 0:
+                return self.take(i + len(marker))
+            if len(self.buf) > limit:
+                raise TestClientError("%s is longer than %d bytes" % (what, limit))
+            start = max(0, len(self.buf) - len(marker) + 1)
+            if not self.fill(what):
+                return self.take(len(self.buf))
+
+    def read_exact(self, size, what):
+        """``size`` bytes, or fewer at the end of the stream."""
+        while len(self.buf) < size and self.fill(what):
+            pass
+        return self.take(size)
+
+    def read_some(self, most, what):
+        """What has arrived, at most ``most`` bytes; b"" at the end."""
+        if not self.buf:
+            self.fill(what)
+        return self.take(most)
+
+    def take(self, size):
+        out = bytes(self.buf[:size])
+        del self.buf[:size]
+        return out
+
+    def close(self, abort=False):
+        """``abort``: a reset (SO_LINGER 0) instead of a FIN, for a client
+        that leaves in the middle of a response; the server learns of it at
+        its next read or write, as when a browser tab is closed."""
+        try:
+            if abort:
+                # struct linger {l_onoff 1, l_linger 0}, in either byte order
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     b"\x01\0\0\0\0\0\0\0")
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _body_bytes(content, data, json_body):
+    """(body, content-type) of a request: bytes, or an iterator of pieces
+    for a chunked body; None for no body."""
+    given = [x for x in (content, data, json_body) if x is not None]
+    if len(given) > 1:
+        raise TypeError("give one of content=, data= and json=")
+    if json_body is not None:
+        return json.dumps(json_body).encode("utf-8"), b"application/json"
+    if data is not None:
+        return urlencode(data, doseq=True).encode("ascii"), b"application/x-www-form-urlencoded"
+    if content is None:
+        return None, None
+    if isinstance(content, str):
+        return content.encode("utf-8"), None
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return bytes(content), None
+    return iter(content), None      # an iterable of pieces: chunked
+
+
+def _header_pairs(headers):
+    """(name, value) bytes pairs from a dict or a list of pairs, str or
+    bytes; a CR, LF or NUL would split the request, so it is refused."""
+    items = headers.items() if hasattr(headers, "items") else (headers or ())
+    pairs = []
+    for name, value in items:
+        name = name.encode("latin-1") if isinstance(name, str) else bytes(name)
+        value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
+        if any(c in name + value for c in b"\r\n\0"):
+            raise ValueError("header %r contains CR, LF or NUL" % name)
+        pairs.append((name, value))
+    return pairs
+
+
+def _request_target(path, params):
+    """The origin-form target (RFC 9112 §3.2.1) of ``path``, with ``params``
+    added to its query.  A whole http:// or ws:// URL gives its path."""
+    for scheme in ("http://", "https://", "ws://", "wss://"):
+        if path.startswith(scheme):
+            path = "/" + path[len(scheme):].partition("/")[2]
+    if not path.startswith("/"):
+        raise ValueError("a request path starts with '/', not %r" % path)
+    if params:
+        path += ("&" if "?" in path else "?") + urlencode(params, doseq=True)
+    return quote(path, safe=_TARGET_SAFE)
+
+
+class _Conversation:
+    """One request on a connection of its own, from the test's side: send
+    the request, read the head, read the body as it comes, end.  Ending
+    closes the socket, waits for the application's call to return, and
+    raises what it raised."""
+
+    def __init__(self, client, method, target, headers, body, timeout, extra=()):
+        self.client = client
+        self.method = method
+        self.what = "%s %s" % (method, target)
+        self.ended = False
+        self.chunked = self.length = None
+        self.response = None
+        self.received = []          # the body's pieces so far
+        self.complete = False       # the response was read to its end
+        if not (method.isascii() and _TOKEN.fullmatch(method.encode("ascii"))):
+            raise ValueError("a method is a token (RFC 9110 §9.1), not %r" % method)
+        fields = _header_pairs(headers)
+        names = {n.lower() for n, _ in fields}
+        lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))]
+        if b"host" not in names:
+            lines.append(b"host: " + _TEST_HOST.encode("ascii"))
+        if b"user-agent" not in names:
+            lines.append(b"user-agent: testclient")
+        lines.extend(n + b": " + v for n, v in list(extra) + fields)
+        # Framing the test wrote itself (a lying Content-Length, say) is sent
+        # as it is, and the body without any of ours.
+        framed = b"content-length" in names or b"transfer-encoding" in names
+        if body is None:
+            body = b""
+        if isinstance(body, bytes) and not framed and (body or method in ("POST", "PUT", "PATCH")):
+            lines.append(b"content-length: %d" % len(body))
+        elif not isinstance(body, bytes) and not framed:
+            lines.append(b"transfer-encoding: chunked")
+        self.wire = _Wire(client.address, timeout, "the request " + self.what)
+        try:
+            if isinstance(body, bytes):
+                self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n" + body,
+                               "the request " + self.what)
+                return
+            self.wire.send(b"\r\n".join(lines) + b"\r\n\r\n", "the request " + self.what)
+            for piece in body:
+                if isinstance(piece, str):
+                    piece = piece.encode("utf-8")
+                elif not isinstance(piece, (bytes, bytearray, memoryview)):
+                    raise TypeError("a piece of content= is bytes or str, not %s"
+                                    % type(piece).__name__)
+                if piece:
+                    self.wire.send(bytes(piece) if framed else chunk(bytes(piece)),
+                                   "the request body of " + self.what)
+            if not framed:
+                self.wire.send(LAST_CHUNK, "the request body of " + self.what)
+        except BaseException:
+            self.wire.close(abort=True)
+            raise
+
+    def read_head(self, upgrade=False):
+        """A Response without its body; interim 1xx answers are skipped
+        (but a 101 is final when ``upgrade``)."""
+        what = "response head to " + self.what
+        while True:
+            raw = self.wire.read_until(b"\r\n\r\n", _CLIENT_MAX_HEAD, what)
+            if not raw.endswith(b"\r\n\r\n"):
+                message = "the server closed the connection before a complete %s" % what
+                if self.wire.send_error is not None:
+                    message += " (sending the request failed: %s)" % self.wire.send_error
+                raise TestClientError(message + (": %r" % raw if raw else ""))
+            lines = raw[:-4].split(b"\r\n")
+            version, _, rest = lines[0].partition(b" ")
+            status, _, reason = rest.partition(b" ")
+            if not (version.startswith(b"HTTP/") and len(status) == 3 and status.isdigit()):
+                raise TestClientError("not an HTTP status line in the %s: %r" % (what, lines[0]))
+            fields = []
+            for line in lines[1:]:
+                name, colon, value = line.partition(b":")
+                if not colon:
+                    raise TestClientError("not a header field in the %s: %r" % (what, line))
+                fields.append((name.strip().lower(), value.strip(b" \t")))
+            code = int(status)
+            if 100 <= code < 200 and not (upgrade and code == 101):
+                continue
+            break
+        response = Response(self.what, code, reason.decode("latin-1"),
+                            version.decode("latin-1"), Headers(fields))
+        # RFC 9112 §6.3: how the body is framed.
+        if self.method == "HEAD" or code < 200 or code in (204, 304):
+            self.length = 0
+        elif "transfer-encoding" in response.headers:
+            coding = response.headers["transfer-encoding"].split(",")[-1].strip().lower()
+            self.chunked = coding == "chunked"
+        elif "content-length" in response.headers:
+            values = {v.strip() for v in response.headers["content-length"].split(",")}
+            value = values.pop()
+            if values or not value or not all("0" <= c <= "9" for c in value):
+                raise TestClientError("bad content-length in the %s: %r"
+                                      % (what, response.headers["content-length"]))
+            self.length = int(value)
+        self.response = response
+        return response
+
+    def body(self, keep=True):
+        """The body's pieces as they arrive (kept in ``received`` if
+        ``keep``); a body cut short raises TestClientError after the last
+        piece."""
+        for piece in self._pieces():
+            if keep:
+                self.received.append(piece)
+            yield piece
+        self.complete = True
+
+    def _pieces(self):
+        wire, response = self.wire, self.response
+        what = "more of the response body of " + self.what
+        if self.chunked:
+            while True:
+                line = wire.read_until(b"\r\n", _CLIENT_MAX_LINE, "a chunk-size line of " + self.what)
+                if not line.endswith(b"\r\n"):
+                    raise self._cut("chunked, and the last chunk never came")
+                size_text = line[:-2].split(b";")[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise TestClientError("bad chunk size %r in the response to %s"
+                                          % (size_text, self.what))
+                if size == 0:
+                    break
+                while size:
+                    piece = wire.read_some(min(size, 65536), what)
+                    if not piece:
+                        raise self._cut("chunked, and a chunk was cut")
+                    size -= len(piece)
+                    yield piece
+                if wire.read_exact(2, what) != b"\r\n":
+                    raise TestClientError("a chunk of the response to %s does not end "
+                                          "with CRLF" % self.what)
+            trailers = []
+            while True:
+                line = wire.read_until(b"\r\n", _CLIENT_MAX_LINE, "the trailers of " + self.what)
+                if not line.endswith(b"\r\n"):
+                    raise self._cut("chunked, and the trailer section was cut")
+                if line == b"\r\n":
+                    break
+                name, _, value = line[:-2].partition(b":")
+                trailers.append((name.strip().lower(), value.strip(b" \t")))
+            response.trailers = Headers(trailers)
+        elif self.length is not None:
+            left = self.length
+            while left:
+                piece = wire.read_some(min(left, 65536), what)
+                if not piece:
+                    raise self._cut("content-length %d, %d bytes missing" % (self.length, left))
+                left -= len(piece)
+                yield piece
+        else:
+            while True:      # no framing: the body ends when the connection does
+                piece = wire.read_some(65536, what)
+                if not piece:
+                    break
+                yield piece
+
+    def read_body(self):
+        size = 0
+        for piece in self.body():
+            size += len(piece)
+            if size > _CLIENT_MAX_BODY:
+                raise TestClientError("the body of %s passed %d bytes: read it with "
+                                      "client.stream()" % (self.what, _CLIENT_MAX_BODY))
+        return b"".join(self.received)
+
+    def _cut(self, how):
+        """A body that ended before its framing said: the error carries the
+        response with what did arrive."""
+        self.response._content = b"".join(self.received)
+        return TestClientError("the response to %s was cut short (%s)" % (self.what, how),
+                               self.response)
+
+    def end(self, error=None, quiet=False):
+        """Close; wait for the application's call to return (unless the
+        client timed out already); raise what the application raised, else
+        ``error``.  ``quiet``: raise nothing (the test is raising already)."""
+        if self.ended:
+            if error is not None and not quiet:
+                raise error
+            return
+        self.ended = True
+        self.wire.close(abort=not self.complete)
+        if quiet:
+            return
+        self.client._after_call(self.wire.local, self.what,
+                                wait=not isinstance(error, TestClientTimeout))
+        if error is not None:
+            raise error
+
+
+class StreamingResponse(Response):
+    """A response whose body is read as it arrives: ``iter_bytes()``,
+    ``iter_text()``, ``iter_lines()`` or ``read()``, inside ``with
+    client.stream(...) as response:``; leaving the block closes the
+    connection (the application sees the client leave)."""
+
+    def __init__(self, conversation):
+        head = conversation.response
+        Response.__init__(self, head.request, head.status_code, head.reason_phrase,
+                          head.http_version, head.headers)
+        self._conversation = conversation
+        self._started = False
+
+    def iter_bytes(self):
+        """The body's pieces as they arrive (not kept: ``content`` is for
+        read())."""
+        return self._iterate(keep=False)
+
+    def _iterate(self, keep):
+        if self._started:
+            raise TestClientError("the body of %s is being read, or was" % self.request)
+        self._started = True
+        conversation = self._conversation
+        try:
+            for piece in conversation.body(keep):
+                yield piece
+        except TestClientError as exc:
+            conversation.end(exc)
+        self.trailers = conversation.response.trailers
+        if keep:
+            self._content = b"".join(conversation.received)
+        conversation.end()
+
+    def iter_text(self):
+        decoder = codecs.getincrementaldecoder(self.encoding)("replace")
+        for piece in self.iter_bytes():
+            text = decoder.decode(piece)
+            if text:
+                yield text
+        text = decoder.decode(b"", True)
+        if text:
+            yield text
+
+    def iter_lines(self):
+        """Lines without their line break (LF or CRLF)."""
+        pending = ""
+        for text in self.iter_text():
+            pending += text
+            lines = pending.split("\n")
+            pending = lines.pop()
+            for line in lines:
+                yield line[:-1] if line.endswith("\r") else line
+        if pending:
+            yield pending
+
+    def read(self):
+        """The whole body (what is left of it), as ``content``."""
+        for _ in self._iterate(keep=True):
+            pass
+        return self.content
+
+    def close(self):
+        self._conversation.end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._conversation.end(quiet=exc_type is not None)
+
+
+class ServerSentEvent:
+    """One dispatched event (WHATWG HTML §9.2.6): ``event`` ("message" when
+    the stream named none), ``data`` (its data lines joined with "\\n"),
+    ``id`` (the last event ID, which carries over from earlier events, as a
+    browser's ``lastEventId`` does), ``retry`` (the ``retry:`` field of this
+    event in milliseconds, or None)."""
+
+    __slots__ = ("event", "data", "id", "retry")
+
+    def __init__(self, data="", event="message", id="", retry=None):
+        self.event = event
+        self.data = data
+        self.id = id
+        self.retry = retry
+
+    def json(self):
+        return json.loads(self.data)
+
+    def __eq__(self, other):
+        if not isinstance(other, ServerSentEvent):
+            return NotImplemented
+        return ((self.event, self.data, self.id, self.retry)
+                == (other.event, other.data, other.id, other.retry))
+
+    def __repr__(self):
+        return "ServerSentEvent(event=%r, data=%r, id=%r, retry=%r)" % (
+            self.event, self.data, self.id, self.retry)
+
+
+class _EventStreamParser:
+    """WHATWG HTML §9.2.6 "Interpreting an event stream", sans I/O: feed text,
+    get the events it completes.  What is pending at the end of the stream
+    is discarded, as the standard says."""
+
+    def __init__(self):
+        self.text = ""             # undecoded remainder: an incomplete line
+        self.first = True          # a U+FEFF at the very start is dropped
+        self.after_cr = False      # the last text fed ended with CR
+        self.data = []             # the data buffer, line by line
+        self.data_size = 0         # characters in it (bounded: _CLIENT_MAX_MESSAGE)
+        self.event = ""            # the event type buffer
+        self.retry = None          # this event's retry field
+        self.last_event_id = ""    # carries over from event to event
+        self.reconnection_time = None   # the last valid retry field, in ms
+
+    def feed(self, text):
+        if self.first and text:
+            self.first = False
+            if text.startswith("\ufeff"):
+                text = text[1:]
+        if self.after_cr and text.startswith("\n"):
+            text = text[1:]         # the LF of a CRLF split between two reads
+            self.after_cr = False
+        if text:
+            self.after_cr = text.endswith("\r")
+        text = self.text + text
+        events, start = [], 0
+        for match in _SSE_LINE_BREAK.finditer(text):
+            event = self._line(text[start:match.start()])
+            if event is not None:
+                events.append(event)
+            start = match.end()
+        self.text = text[start:]
+        if len(self.text) + self.data_size > _CLIENT_MAX_MESSAGE:
+            raise TestClientError("an event of the stream passed %d characters"
+                                  % _CLIENT_MAX_MESSAGE)
+        return events
+
+    def _line(self, line):
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None                     # a comment
+        field, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            self.event = value
+        elif field == "data":
+            self.data.append(value)
+            self.data_size += len(value) + 1
+        elif field == "id":
+            if "\0" not in value:
+                self.last_event_id = value
+        elif field == "retry":
+            if value and all("0" <= c <= "9" for c in value):
+                self.retry = self.reconnection_time = int(value)
+        return None                         # any other field is ignored
+
+    def _dispatch(self):
+        data, event, retry = self.data, self.event, self.retry
+        self.data, self.event, self.retry, self.data_size = [], "", None, 0
+        if not data:
+            return None                     # no data: nothing is dispatched
+        return ServerSentEvent("\n".join(data), event or "message", self.last_event_id, retry)
+
+
+class EventStream:
+    """``with client.sse(path) as events:`` -- iterate for ServerSentEvent
+    objects until the server ends the stream; leaving the block closes the
+    connection (the application gets sse.disconnect).  ``response`` is the
+    response head; an answer that is not a stream (a status other than 200,
+    or a content type other than text/event-stream: WHATWG "fail the
+    connection") has its body read, and iterating raises TestClientError."""
+
+    def __init__(self, conversation, response, is_stream):
+        self._conversation = conversation
+        self.response = response
+        self.is_stream = is_stream
+        self._parser = _EventStreamParser()
+        self._started = False
+
+    @property
+    def last_event_id(self):
+        return self._parser.last_event_id
+
+    @property
+    def reconnection_time(self):
+        """The last ``retry:`` the server sent, in milliseconds, or None."""
+        return self._parser.reconnection_time
+
+    def __iter__(self):
+        if not self.is_stream:
+            response = self.response
+            raise TestClientError("%s is not an event stream: %d %s, content-type %s"
+                                  % (response.request, response.status_code,
+                                     response.reason_phrase,
+                                     response.headers.get("content-type")), response)
+        if self._started:
+            raise TestClientError("this event stream is being read, or was")
+        self._started = True
+        conversation, parser = self._conversation, self._parser
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            for piece in conversation.body(keep=False):
+                for event in parser.feed(decoder.decode(piece)):
+                    yield event
+            parser.feed(decoder.decode(b"", True))
+        except TestClientError as exc:
+            conversation.end(exc)
+        conversation.end()
+
+    def close(self):
+        self._conversation.end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._conversation.end(quiet=exc_type is not None)
+
+
+class WebSocketSession:
+    """The client's side of one WebSocket session (RFC 6455), after a 101.
+
+    ``send_text``, ``send_bytes``, ``send_json``; ``receive()`` (a ``str``
+    for a text message, ``bytes`` for a binary one), ``receive_text``,
+    ``receive_bytes``, ``receive_json``; ``close(code, reason)``.  Frames
+    are masked (§5.3), fragmented messages reassembled (§5.4), pings
+    answered (§5.5.2); a close frame from the server is answered (§5.5.1),
+    and receive raises WebSocketDisconnect with its code and reason.
+    ``subprotocol`` is the one the server chose, or None; ``headers`` those
+    of the 101."""
+
+    def __init__(self, conversation, response, subprotocol):
+        self._conversation = conversation
+        self._wire = conversation.wire
+        self.path = conversation.what.partition(" ")[2]
+        self.headers = response.headers
+        self.subprotocol = subprotocol
+        self.closed = False              # a close frame was received, or we gave up
+        self.close_sent = False
+        self.close_code = None           # the server's close frame, once received
+        self.close_reason = ""
+
+    # -- sending (RFC 6455 §5.2, §5.3: every client frame masked) ------------
+
+    def _send_frame(self, opcode, payload):
+        if self.close_sent:
+            raise TestClientError("the WebSocket session on %s is closing; "
+                                  "nothing can be sent" % self.path)
+        size = len(payload)
+        if size < 126:
+            head = bytes((0x80 | opcode, 0x80 | size))
+        elif size < 65536:
+            head = bytes((0x80 | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
+        else:
+            head = bytes((0x80 | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
+        mask = os.urandom(4)
+        self._wire.send(head + mask + _unmask(payload, mask),
+                        "a WebSocket frame on " + self.path)
+
+    def send_text(self, text):
+        self._send_frame(_OP_TEXT, text.encode("utf-8"))
+
+    def send_bytes(self, data):
+        self._send_frame(_OP_BINARY, bytes(data))
+
+    def send_json(self, value, mode="text"):
+        text = json.dumps(value)
+        if mode == "text":
+            self.send_text(text)
+        else:
+            self.send_bytes(text.encode("utf-8"))
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _read_frame(self):
+        what = "WebSocket message on " + self.path
+        wire = self._wire
+        head = wire.read_exact(2, what)
+        if len(head) < 2:
+            self._gone()
+        fin, opcode, size = head[0] & 0x80, head[0] & 0x0F, head[1] & 0x7F
+        if head[0] & 0x70:
+            self._fail("RSV bits set, and no extension was agreed (RFC 6455 §5.2)")
+        if head[1] & 0x80:
+            self._fail("a masked frame from the server (RFC 6455 §5.1)")
+        if size >= 126:
+            extra = wire.read_exact(2 if size == 126 else 8, what)
+            if len(extra) < (2 if size == 126 else 8):
+                self._gone()
+            size = int.from_bytes(extra, "big")
+        if opcode >= 0x8 and (size > 125 or not fin):
+            self._fail("a control frame longer than 125 bytes or fragmented (RFC 6455 §5.5)")
+        if size > _CLIENT_MAX_MESSAGE:
+            self._fail("a frame of %d bytes, past the client's %d" % (size, _CLIENT_MAX_MESSAGE),
+                       1009)
+        payload = wire.read_exact(size, what)
+        if len(payload) < size:
+            self._gone()
+        return fin, opcode, payload
+
+    def receive(self):
+        """The next message: ``str`` (text) or ``bytes`` (binary)."""
+        if self.closed:
+            raise WebSocketDisconnect(self.close_code or 1006, self.close_reason)
+        kind, parts, size = None, [], 0
+        while True:
+            fin, opcode, payload = self._read_frame()
+            if opcode == _OP_PING:
+                if not self.close_sent:
+                    self._send_frame(_OP_PONG, payload)
+                continue
+            if opcode == _OP_PONG:
+                continue
+            if opcode == _OP_CLOSE:
+                self._closed_by_server(payload)
+            if opcode == _OP_CONT:
+                if kind is None:
+                    self._fail("a continuation frame with no message to continue (§5.4)")
+            elif opcode in (_OP_TEXT, _OP_BINARY):
+                if kind is not None:
+                    self._fail("a new message inside a fragmented one (§5.4)")
+                kind = opcode
+            else:
+                self._fail("unknown opcode 0x%x (§5.2)" % opcode)
+            size += len(payload)
+            if size > _CLIENT_MAX_MESSAGE:
+                self._fail("a message of more than %d bytes" % _CLIENT_MAX_MESSAGE, 1009)
+            parts.append(payload)
+            if fin:
+                break
+        data = b"".join(parts)
+        if kind == _OP_BINARY:
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail("a text message that is not UTF-8 (§8.1)", 1007)
+
+    def receive_text(self):
+        message = self.receive()
+        if not isinstance(message, str):
+            raise TestClientError("expected a text message on %s, got %d bytes of binary"
+                                  % (self.path, len(message)))
+        return message
+
+    def receive_bytes(self):
+        message = self.receive()
+        if not isinstance(message, bytes):
+            raise TestClientError("expected a binary message on %s, got text %r"
+                                  % (self.path, message[:80]))
+        return message
+
+    def receive_json(self):
+        return json.loads(self.receive())
+
+    # -- closing (RFC 6455 §5.5.1, §7) --------------------------------------------------
+
+    def _closed_by_server(self, payload):
+        """The server's close frame: answer it, end, raise WebSocketDisconnect
+        (or what the application raised: its exception is why a 1011 came)."""
+        if len(payload) == 1:
+            self._fail("a close frame with a 1-byte payload (§5.5.1)")
+        code = int.from_bytes(payload[:2], "big") if payload else 1005
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail("a close reason that is not UTF-8 (§5.5.1)", 1007)
+        if not self.close_sent:
+            # §5.5.1: answer with a close frame, echoing the status code.
+            self._send_frame(_OP_CLOSE, payload[:2])
+            self.close_sent = True
+        self.closed = True
+        self.close_code, self.close_reason = code, reason
+        self._conversation.complete = True      # a clean close: a FIN, not a reset
+        self._conversation.end()
+        raise WebSocketDisconnect(code, reason)
+
+    def close(self, code=1000, reason=""):
+        """Send a close frame, wait for the server's (messages that arrive
+        meanwhile are dropped), end.  Once closed, this does nothing."""
+        if self.closed:
+            return
+        if not self.close_sent:
+            self._send_frame(_OP_CLOSE, ws_close_payload(code, reason))
+            self.close_sent = True
+        try:
+            while True:
+                self.receive()
+        except WebSocketDisconnect:
+            pass
+
+    def _gone(self):
+        """The connection ended without a close frame (1006)."""
+        self.closed = True
+        self.close_code = 1006
+        self._conversation.end()
+        raise WebSocketDisconnect(1006, "the connection ended without a close frame")
+
+    def _fail(self, message, code=1002):
+        """RFC 6455 §7.1.7: the server broke the protocol; fail the
+        connection (a close frame with ``code``, then close)."""
+        if not self.close_sent:
+            try:
+                self._send_frame(_OP_CLOSE, ws_close_payload(code))
+            except TestClientError:
+                pass
+            self.close_sent = True
+        self.closed = True
+        self.close_code = code
+        self._conversation.end(TestClientError("the WebSocket session on %s failed: %s"
+                                               % (self.path, message)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.closed = True
+            self._conversation.end(quiet=True)
+        else:
+            self.close()
+
+
+class _Call:
+    """One call of the application, as the test client saw it."""
+
+    __slots__ = ("scope_type", "done", "exception", "started")
+
+    def __init__(self, scope_type):
+        self.scope_type = scope_type
+        self.done = threading.Event()    # set when the call has returned or raised
+        self.exception = None            # what it raised (CancelledError aside)
+        self.started = False             # lifespan: startup.complete was sent
+
+
+class _RecordingApp:
+    """The application as the test client's server calls it: each call is
+    registered under the client address of its scope, and an exception it
+    raises is recorded for the test thread, then raised on to the server,
+    which answers as it always does (a 500, a close 1011, a cut stream).
+    A generator application gets a generator (``yield from``), an ``async
+    def`` one a coroutine (``await``): the server drives either the same
+    way, so the wrapper changes nothing it sees.  An exception on the
+    lifespan scope before startup.complete is a decline, not an error."""
+
+    def __init__(self, app, raise_exceptions):
+        self.app = app
+        self.raise_exceptions = raise_exceptions
+        self.lock = threading.Lock()
+        self.calls = {}            # (host, port) of the client -> _Call
+        self.errors = []           # exceptions the test has not seen yet
+        self.lifespan = None       # the _Call of the lifespan scope
+        self.startup_failed = None  # the message of lifespan.startup.failed
+
+    def __call__(self, scope, receive, send):
+        call = _Call(scope.get("type"))
+        if call.scope_type == "lifespan":
+            self.lifespan = call
+            send = self._watching(send, call)
+        elif scope.get("client"):
+            with self.lock:
+                self.calls[tuple(scope["client"])] = call
+        try:
+            coro = self.app(scope, receive, send)
+            if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+                raise TypeError("the application must return a generator or a coroutine, "
+                                "it returned %s (is it missing a 'yield' or 'async def'?)"
+                                % type(coro).__name__)
+        except Exception as exc:
+            self._ended(call, exc)
+            raise
+        if hasattr(coro, "__await__"):
+            return self._coroutine(coro, call)
+        return self._generator(coro, call)
+
+    def _generator(self, coro, call):
+        exception = None
+        try:
+            return (yield from coro)
+        except Exception as exc:
+            exception = exc
+            raise
+        finally:
+            self._ended(call, exception)
+
+    async def _coroutine(self, coro, call):
+        exception = None
+        try:
+            return await coro
+        except Exception as exc:
+            exception = exc
+            raise
+        finally:
+            self._ended(call, exception)
+
+    def _watching(self, send, call):
+        def lifespan_send(event):
+            etype = event.get("type") if isinstance(event, dict) else None
+            if etype == "lifespan.startup.complete":
+                call.started = True
+            elif etype == "lifespan.startup.failed":
+                self.startup_failed = event.get("message") or ""
+            elif etype == "lifespan.shutdown.failed":
+                self._record(LifespanFailed("lifespan.shutdown.failed: %s"
+                                            % (event.get("message") or "")))
+            return send(event)
+        return lifespan_send
+
+    def _ended(self, call, exception):
+        if isinstance(exception, CancelledError):
+            exception = None
+        call.exception = exception
+        declined = call.scope_type == "lifespan" and not call.started
+        if exception is not None and not declined:
+            self._record(exception)
+        call.done.set()
+
+    def _record(self, exception):
+        if self.raise_exceptions:
+            with self.lock:
+                self.errors.append(exception)
+
+    def call_of(self, client):
+        with self.lock:
+            return self.calls.pop(tuple(client), None)
+
+    def take_error(self):
+        with self.lock:
+            return self.errors.pop(0) if self.errors else None
+
+
+class _ServerThread:
+    """A Server and the thread that runs it: the lifespan startup first
+    (``ready`` is set after it, ``started`` says how it went), then
+    serve() until stop()."""
+
+    def __init__(self, server):
+        self.server = server
+        self.ready = threading.Event()
+        self.started = None            # True; False if refused; or what startup raised
+        self.thread = threading.Thread(target=self.run, name="pagi_ref.TestClient",
+                                       daemon=True)
+
+    def run(self):
+        server = self.server
+        try:
+            self.started = server.startup()
+        except BaseException as exc:    # a bug of the server: shown to the test
+            self.started = exc
+        self.ready.set()
+        if self.started is True:
+            server.serve()
+        else:
+            server.close()
+
+    def stop(self, timeout):
+        """Graceful stop (lifespan shutdown included); False if the thread
+        is still running after twice ``timeout`` (the shutdown timeout: for
+        the requests, then for the lifespan shutdown, as the server does),
+        plus a margin."""
+        self.server.stop(timeout)
+        self.thread.join(2 * timeout + 5.0)
+        return not self.thread.is_alive()
+
+
+def _stop_forgotten(running, timeout):
+    """A client dropped without close(): stop its server."""
+    if running.thread.is_alive():
+        running.stop(timeout)
+
+
+class TestClient:
+    """Test a PAGI application through the server, over real sockets.
+
+        with pagi_ref.TestClient(app) as client:
+            response = client.get("/")
+            assert response.status_code == 200
+
+    Entering the block starts a Server on 127.0.0.1 (a port the OS picks)
+    and runs the lifespan startup; leaving it runs the shutdown and stops
+    the server.  ``state`` is the lifespan state: requests get their
+    shallow copy of it, as under the server.  Used without ``with``, the
+    client starts the server at its first request, without lifespan (as
+    Starlette's does), and ``close()`` stops it.
+
+    Every request goes on a connection of its own and returns once the
+    application's call has returned.  An exception the application raised
+    is raised in the test (``raise_server_exceptions=False``: the test sees
+    only what a client sees: a 500, a close 1011, a cut stream).  Each wait
+    is bounded by ``timeout`` seconds.  Other keyword arguments are Config
+    fields (``max_body_size=1024``, ``lifespan="on"``...); the access log
+    is off unless asked for.
+    """
+
+    __test__ = False    # not a pytest test class, whatever its name
+
+    def __init__(self, app, raise_server_exceptions=True, timeout=10.0, **config):
+        self.app = app
+        self.raise_server_exceptions = raise_server_exceptions
+        self.timeout = timeout
+        config.setdefault("access_log", None)
+        config.setdefault("shutdown_timeout", timeout)     # a test waits no longer
+        config.update(host="127.0.0.1", port=0)
+        Config(**config)                # a bad field fails here, not at the first request
+        self._config = config
+        self.log = logging.getLogger("pagi_ref.testclient")
+        self._app = None                # the _RecordingApp of the running server
+        self._running = None            # its _ServerThread
+        self._finalizer = None
+
+    def __repr__(self):
+        return "<TestClient %s %s>" % (
+            getattr(self.app, "__qualname__", self.app),
+            "on http://%s:%d" % self.address if self._running else "stopped")
+
+    # -- the server -------------------------------------------------------------
+
+    def __enter__(self):
+        if self._running is not None:
+            raise TestClientError("this TestClient is running already: enter it before "
+                                  "its first request, and once")
+        self._start(lifespan=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._stop(raise_errors=exc_type is None)
+
+    def close(self):
+        """Stop the server (after the lifespan shutdown, if it ran) and
+        raise what the application raised that the test has not seen."""
+        self._stop(raise_errors=True)
+
+    def _start(self, lifespan):
+        config = dict(self._config)
+        if not lifespan:
+            config["lifespan"] = "off"
+        self._app = recording = _RecordingApp(self.app, self.raise_server_exceptions)
+        server = Server(recording, Config(**config), logger=self.log)
+        server.bind()
+        self._running = running = _ServerThread(server)
+        self._finalizer = weakref.finalize(self, _stop_forgotten, running,
+                                           server.config.shutdown_timeout)
+        running.thread.start()
+        if not running.ready.wait(self.timeout):
+            self._stop(raise_errors=False)
+            raise TestClientTimeout("the lifespan startup did not complete within %g s"
+                                    % self.timeout)
+        started = running.started
+        if started is True:
+            return
+        self._stop(raise_errors=False)
+        if isinstance(started, BaseException):
+            raise started
+        if recording.startup_failed is not None:
+            raise LifespanFailed(recording.startup_failed)
+        declined = recording.lifespan.exception if recording.lifespan else None
+        raise LifespanFailed("the application declined lifespan, which lifespan='on' "
+                             "requires") from declined
+
+    def _stop(self, raise_errors):
+        running, self._running = self._running, None
+        if running is None:
+            return
+        self._finalizer.detach()
+        shutdown_timeout = running.server.config.shutdown_timeout
+        if not running.stop(shutdown_timeout):
+            raise TestClientTimeout("the server did not stop within %g s"
+                                    % (2 * shutdown_timeout + 5.0))
+        if raise_errors:
+            self._raise_pending()
+
+    def _ensure_running(self):
+        if self._running is None:
+            self._start(lifespan=False)
+        self._raise_pending()
+
+    def _raise_pending(self):
+        if self._app is not None:
+            error = self._app.take_error()
+            if error is not None:
+                raise error
+
+    def _after_call(self, client, what, wait=True):
+        """After the client closed the connection of ``what``: wait for the
+        application's call on it to return, then raise what it raised."""
+        call = self._app.call_of(client)
+        if call is not None and wait and not call.done.wait(self.timeout):
+            self._raise_pending()
+            raise TestClientTimeout(
+                "the application was still running %g s after the client closed the "
+                "connection of %s: an application should return once the client has "
+                "gone (receive() gives a disconnect event; see pagi.connection)"
+                % (self.timeout, what))
+        self._raise_pending()
+
+    @property
+    def address(self):
+        """(host, port) of the running server: for clients other than this one."""
+        if self._running is None:
+            raise TestClientError("the server is not running: use 'with TestClient(app) as "
+                                  "client:' or make a request first")
+        return self._running.server.address
+
+    @property
+    def state(self):
+        """The lifespan state: what the application's startup put in its
+        ``scope["state"]``; each request gets a shallow copy."""
+        if self._running is None:
+            raise TestClientError("the server is not running: use 'with TestClient(app) as "
+                                  "client:'")
+        return self._running.server.state
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _conversation(self, method, path, content, data, json_body, headers, params,
+                      timeout, extra=()):
+        self._ensure_running()
+        body, content_type = _body_bytes(content, data, json_body)
+        pairs = _header_pairs(headers or ())
+        if content_type and not any(n.lower() == b"content-type" for n, _ in pairs):
+            pairs.append((b"content-type", content_type))
+        return _Conversation(self, method.upper(), _request_target(path, params), pairs, body,
+                             self.timeout if timeout is None else timeout, extra)
+
+    def request(self, method, path, *, content=None, data=None, json=None, headers=None,
+                params=None, timeout=None):
+        """Send one request, read the whole response.  ``content``: bytes,
+        str (UTF-8), or an iterable of pieces (sent chunked); ``data``: a
+        form (dict); ``json``: any JSON value.  ``headers``: a dict or a
+        list of pairs.  ``params``: added to the query."""
+        conversation = self._conversation(method, path, content, data, json, headers, params,
+                                          timeout)
+        try:
+            response = conversation.read_head()
+            response._content = conversation.read_body()
+        except TestClientError as exc:
+            conversation.end(exc)
+        except BaseException:
+            conversation.end(quiet=True)
+            raise
+        conversation.end()
+        return response
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def head(self, path, **kwargs):
+        return self.request("HEAD", path, **kwargs)
+
+    def options(self, path, **kwargs):
+        return self.request("OPTIONS", path, **kwargs)
+
+    def delete(self, path, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path, **kwargs):
+        return self.request("PUT", path, **kwargs)
+
+    def patch(self, path, **kwargs):
+        return self.request("PATCH", path, **kwargs)
+
+    def stream(self, method, path, *, content=None, data=None, json=None, headers=None,
+               params=None, timeout=None):
+        """``with client.stream("GET", path) as response:``, the body read
+        as it arrives (``response.iter_bytes()`` and friends)."""
+        conversation = self._conversation(method, path, content, data, json, headers, params,
+                                          timeout)
+        try:
+            conversation.read_head()
+        except TestClientError as exc:
+            conversation.end(exc)
+        except BaseException:
+            conversation.end(quiet=True)
+            raise
+        return StreamingResponse(conversation)
+
+    # -- Server-Sent Events ---------------------------------------------------------------
+
+    def sse(self, path, *, method="GET", last_event_id=None, content=None, data=None,
+            json=None, headers=None, params=None, timeout=None):
+        """``with client.sse(path) as events: for event in events: ...``:
+        a request with ``Accept: text/event-stream`` (the server gives the
+        application an ``sse`` scope), read as a browser's EventSource
+        reads it.  ``last_event_id``: sent as Last-Event-ID, as a browser
+        does when it reconnects."""
+        extra = [(b"accept", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        if last_event_id is not None:
+            extra.append((b"last-event-id", str(last_event_id).encode("utf-8")))
+        names = {n.lower() for n, _ in _header_pairs(headers or ())}
+        extra = [(n, v) for n, v in extra if n not in names]
+        conversation = self._conversation(method, path, content, data, json, headers, params,
+                                          timeout, extra)
+        try:
+            response = conversation.read_head()
+            media_type = (response.headers.get("content-type") or "").split(";")[0]
+            is_stream = (response.status_code == 200
+                         and media_type.strip().lower() == "text/event-stream")
+            if not is_stream:
+                response._content = conversation.read_body()
+        except TestClientError as exc:
+            conversation.end(exc)
+        except BaseException:
+            conversation.end(quiet=True)
+            raise
+        if not is_stream:
+            conversation.end()
+        return EventStream(conversation, response, is_stream)
+
+    # -- WebSocket ------------------------------------------------------------------------
+
+    def websocket_connect(self, path, subprotocols=None, *, headers=None, params=None,
+                          timeout=None):
+        """``with client.websocket_connect(path) as ws:``: the opening
+        handshake (RFC 6455 §4.1), then a WebSocketSession.  A refusal (any
+        answer but 101) raises WebSocketRejected with that answer."""
+        key = base64.b64encode(os.urandom(16))
+        extra = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+                 (b"sec-websocket-key", key), (b"sec-websocket-version", b"13")]
+        if subprotocols:
+            extra.append((b"sec-websocket-protocol", ", ".join(subprotocols).encode("ascii")))
+        conversation = self._conversation("GET", path, None, None, None, headers, params,
+                                          timeout, extra)
+        try:
+            response = conversation.read_head(upgrade=True)
+            if response.status_code != 101:
+                response._content = conversation.read_body()
+        except TestClientError as exc:
+            conversation.end(exc)
+        except BaseException:
+            conversation.end(quiet=True)
+            raise
+        if response.status_code != 101:
+            conversation.end()
+            raise WebSocketRejected("the WebSocket handshake to %s was answered %d %s"
+                                    % (conversation.what, response.status_code,
+                                       response.reason_phrase), response)
+        # §4.1: the client checks the server's handshake before using it.
+        expected = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest()).decode("ascii")
+        chosen = response.headers.get("sec-websocket-protocol")
+        problem = None
+        if (response.headers.get("upgrade") or "").lower() != "websocket":
+            problem = "no 'Upgrade: websocket'"
+        elif "upgrade" not in (response.headers.get("connection") or "").lower():
+            problem = "no 'Connection: Upgrade'"
+        elif response.headers.get("sec-websocket-accept") != expected:
+            problem = "a wrong Sec-WebSocket-Accept"
+        elif chosen is not None and chosen not in (subprotocols or ()):
+            problem = "a subprotocol the client did not offer: %r" % chosen
+        elif "sec-websocket-extensions" in response.headers:
+            problem = "an extension the client did not offer"
+        if problem is not None:
+            conversation.end(TestClientError("the 101 to %s has %s (RFC 6455 §4.1)"
+                                             % (conversation.what, problem), response))
+        return WebSocketSession(conversation, response, chosen)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Routes (bench/asgi_apps.py has the same ones for uvicorn):
     /stream?chunks=20&interval=0.1      20 small chunks, 100 ms apart (2 s), chunked
     /bytes?total=N&chunk=65536          N bytes in chunks, as fast as send() allows
     /file?path=/tmp/...                 a file, sent with http.response.body "file"
+    /upload                             reads the request body, answers "got N" (N bytes)
 
 Every route is written as a generator application: ``event = yield
 receive()``, ``yield send({...})``, ``yield pagi_ref.sleep(0.1)``.
@@ -70,8 +71,22 @@ def app(scope, receive, send):
         yield from _bytes(scope, send)
     elif path == "/file":
         yield from _file(scope, send)
+    elif path == "/upload":
+        yield from _upload(receive, send)
     else:
         yield from _plain(send, 404, b"not found\n")
+
+
+def _upload(receive, send):
+    size = 0
+    while True:
+        event = yield receive()
+        if event["type"] != "http.request":
+            return                      # http.disconnect: the client left
+        size += len(event["body"])
+        if not event["more"]:
+            break
+    yield from _plain(send, 200, b"got %d" % size)
 
 
 def _plain(send, status, body):

@@ -54,10 +54,24 @@ async def app(scope, receive, send):
         await _stream(scope, send)
     elif path == "/bytes":
         await _bytes(scope, send)
+    elif path == "/upload":
+        await _upload(receive, send)
     elif path == "/file":
         await _file(scope, send)
     else:
         await _plain(send, 404, b"not found\n")
+
+
+async def _upload(receive, send):
+    size = 0
+    while True:
+        event = await receive()
+        if event["type"] != "http.request":
+            return                      # http.disconnect: the client left
+        size += len(event.get("body", b""))
+        if not event.get("more_body"):
+            break
+    await _plain(send, 200, b"got %d" % size)
 
 
 async def _plain(send, status, body):

@@ -4,7 +4,6 @@
     python pagi_ref.py examples/hello_async.py:app --port 8000
     curl -i http://127.0.0.1:8000/
 """
-import logging
 
 import pagi_ref
 
@@ -23,7 +22,4 @@ async def app(scope, receive, send):
 
 
 if __name__ == "__main__":
-    # pagi_ref.run() logs through the "pagi_ref" logger and configures no
-    # handler itself: without this line the "listening on" line is not shown.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     pagi_ref.run(app, host="127.0.0.1", port=8000)

@@ -171,7 +171,7 @@ def test_absolute_form_target(addr):
     assert s["raw_path"] == "/scope/abs"
     assert s["query_string"] == "q=1"
     assert s["scheme"] == "http"
-    assert [v for n, v in s["headers"] if n == "host"] == ["spec.test"]
+    assert [v for n, v in s["headers"] if n == "host"] == ["example.com:8080"]
 
 
 @clause("HTTP-SCOPE-18")

@@ -92,12 +92,13 @@ class ServerProcess:
     the test's own threads would measure the test harness, not the server.
     """
 
-    def __init__(self, args, cwd=ROOT, env=None, new_session=False):
+    def __init__(self, args, cwd=ROOT, env=None, new_session=False, preexec_fn=None):
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.p = subprocess.Popen([sys.executable] + list(args), cwd=cwd, env=full_env,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, start_new_session=new_session)
+                                  stderr=subprocess.PIPE, start_new_session=new_session,
+                                  preexec_fn=preexec_fn)
         self.lines = queue.Queue()
         self.stderr = []
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -5,11 +5,20 @@ that they cannot go stale silently:
   ``--flag-name``, in a table row that shows the field's default;
 - every Python block of docs/tutorial.md is an excerpt of a file in
   examples/ (which tests/test_examples.py runs);
+- every Python block of README.md and docs/*.md runs: it is an excerpt of
+  a file in examples/ (which runs), or it runs on its own -- it executes,
+  and every global name it uses is defined by it or is a builtin -- or it
+  is marked as a sketch with an HTML comment ``<!-- sketch: why -->`` on
+  the line before its fence;
 - every name docs/architecture.md gives in its section map, and every
   ``Class.method`` it mentions, exists in pagi_ref.py.
 """
+import builtins
+import dis
+import glob
 import os
 import re
+import types
 
 import pytest
 
@@ -100,6 +109,53 @@ def test_every_python_block_of_the_tutorial_is_an_excerpt_of_an_example():
     assert len(blocks) >= 10
     orphans = [b for b in blocks if not any(is_excerpt(b, s) for s in sources.values())]
     assert not orphans, "tutorial blocks not found verbatim in examples/: %r" % orphans
+
+
+# -- every Python block of README.md and docs/ ----------------------------------
+
+SKETCH = re.compile(r"<!-- sketch: [^>]+ -->\n$")
+
+
+def all_python_blocks():
+    """(file, line, block, is_sketch) for every ```python block."""
+    out = []
+    for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(DOCS, "*.md"))):
+        text = read(path)
+        for m in re.finditer(r"```python\n(.*?)```", text, re.S):
+            before = text[:m.start()]
+            out.append((os.path.relpath(path, ROOT), before.count("\n") + 1, m.group(1),
+                        bool(SKETCH.search(before[-200:]))))
+    return out
+
+
+def global_names(code):
+    """The global names a code object (and the functions in it) loads."""
+    names = {i.argval for i in dis.get_instructions(code)
+             if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= global_names(const)
+    return names
+
+
+BLOCKS = all_python_blocks()
+
+
+@pytest.mark.parametrize("where,line,block,sketch", BLOCKS,
+                         ids=["%s:%d" % (b[0], b[1]) for b in BLOCKS])
+def test_every_python_block_runs_or_is_marked_a_sketch(where, line, block, sketch):
+    if sketch:
+        pytest.skip("marked as a sketch")
+    sources = [read(EXAMPLES, n) for n in os.listdir(EXAMPLES) if n.endswith(".py")]
+    if any(is_excerpt(block, source) for source in sources):
+        return          # an excerpt of an example, which test_examples.py runs
+    code = compile(block, "%s:%d" % (where, line), "exec")
+    namespace = {"__name__": "docs_block"}
+    exec(code, namespace)
+    undefined = sorted(n for n in global_names(code)
+                       if n not in namespace and not hasattr(builtins, n))
+    assert not undefined, ("%s:%d uses names it does not define: %s (define them, or mark "
+                           "the block <!-- sketch: ... -->)" % (where, line, undefined))
 
 
 # -- architecture.md -------------------------------------------------------------

@@ -95,10 +95,34 @@ GOOD = [
      [("head", "PUT", b"/", "1.1", b"/", b"", ((b"host", b"x"), (b"expect", b"100-Continue"),
                                                (b"content-length", b"1")), True, True, 1, False),
       ("body", b"z"), ("end", ())]),
-    ("absolute-form target",
-     b"GET http://example.com:80/p/q?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    ("absolute-form target: its authority replaces Host (RFC 9112 §3.2.2)",
+     b"GET http://example.com:80/p/q?x=1 HTTP/1.1\r\nHost: other.example\r\nX-A: 1\r\n\r\n",
      [("head", "GET", b"http://example.com:80/p/q?x=1", "1.1", b"/p/q", b"x=1",
+       ((b"x-a", b"1"), (b"host", b"example.com:80")), True, False, 0, False),
+      ("body", b""), ("end", ())]),
+    ("absolute-form target without a path",
+     b"GET https://example.com?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+     [("head", "GET", b"https://example.com?x=1", "1.1", b"/", b"x=1",
        ((b"host", b"example.com"),), True, False, 0, False), ("body", b""), ("end", ())]),
+    ("HTTP/1.2 is read as HTTP/1.1 (RFC 9110 §2.5)",
+     b"GET / HTTP/1.2\r\nHost: x\r\n\r\n",
+     [("head", "GET", b"/", "1.1", b"/", b"", ((b"host", b"x"),), True, False, 0, False),
+      ("body", b""), ("end", ())]),
+    ("one empty line before the request line (RFC 9112 §2.2)",
+     b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+     [("head", "GET", b"/", "1.1", b"/", b"", ((b"host", b"x"),), True, False, 0, False),
+      ("body", b""), ("end", ())]),
+    ("Content-Length with many leading zeros",
+     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"0" * 5000 + b"3\r\n\r\nabc",
+     [("head", "POST", b"/", "1.1", b"/", b"",
+       ((b"host", b"x"), (b"content-length", b"0" * 5000 + b"3")), True, False, 3, False),
+      ("body", b"abc"), ("end", ())]),
+    ("chunk size with leading zeros and an extension",
+     b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0000000000000000000000003;a=b\r\nabc\r\n0\r\n\r\n",
+     [("head", "POST", b"/", "1.1", b"/", b"",
+       ((b"host", b"x"), (b"transfer-encoding", b"chunked")), True, False, 0, True),
+      ("body", b"abc"), ("end", ())]),
     ("asterisk-form for OPTIONS",
      b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
      [("head", "OPTIONS", b"*", "1.1", b"*", b"", ((b"host", b"x"),), True, False, 0, False),
@@ -134,7 +158,34 @@ BAD = [
     ("two spaces in request line", b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("lower-case version", b"GET / http/1.1\r\nHost: x\r\n\r\n", 400),
     ("HTTP/2.0", b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
-    ("HTTP/1.2", b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", 505),
+    ("HTTP/2.1", b"GET / HTTP/2.1\r\nHost: x\r\n\r\n", 505),
+    ("HTTP/0.9", b"GET / HTTP/0.9\r\nHost: x\r\n\r\n", 505),
+    ("raw UTF-8 in the target (RFC 9112 §3.2)", b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("byte 0xFF in the target", b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("userinfo in an absolute-form target (RFC 9110 §4.2.4)",
+     b"GET http://user:pw@evil.example/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("empty host in an absolute-form target (RFC 9110 §4.2.1)",
+     b"GET http:///x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("absolute-form target still needs Host in 1.1",
+     b"GET http://a.example/x HTTP/1.1\r\n\r\n", 400),
+    ("bare LF after one CRLF before the request line",
+     b"\r\n\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("seventeen empty lines before the request line",
+     b"\r\n" * 17 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("TE with an empty first element", b"POST / HTTP/1.1\r\nHost: x\r\n"
+     b"Transfer-Encoding: ,chunked\r\n\r\n0\r\n\r\n", 400),
+    ("TE with an empty second field", b"POST / HTTP/1.1\r\nHost: x\r\n"
+     b"Transfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n0\r\n\r\n", 400),
+    ("Content-Length of 19 significant digits", b"POST / HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Length: 1000000000000000000\r\n\r\n", 413),
+    ("Content-Length of 5,000 digits", b"POST / HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", 413),
+    ("chunk size of 17 significant hex digits", b"POST / HTTP/1.1\r\nHost: x\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n10000000000000000\r\n", 413),
+    ("bare LF in trailers", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\nX-T: 1\n\r\n", 400),
+    ("control byte in a trailer", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\nX-T: a\x01\r\n\r\n", 400),
     ("method not a token", b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("control byte in target", b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("asterisk with GET", b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
@@ -248,3 +299,101 @@ def test_decode_path():
     assert pagi_ref.decode_path(b"/caf%C3%A9") == "/caf\u00e9"
     # Not UTF-8: the percent-decoded bytes, one character per byte.
     assert pagi_ref.decode_path(b"/%FF%FE") == "/\xff\xfe"
+
+
+# -- segmentation independence ---------------------------------------------------
+#
+# The answer to a byte stream never depends on how it was split into
+# packets: the same events, or the same error (status and message), whether
+# it arrives whole, one byte at a time, or in two pieces split at any offset.
+
+def outcome(pieces, **config):
+    """('ok', summary) or ('error', status, message) for bytes fed in pieces."""
+    parser = RequestParser(Config(**config))
+    events = []
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+            while True:
+                ev = parser.next_event()
+                if ev is None:
+                    break
+                events.append(ev)
+    except HTTPError as err:
+        assert err.__cause__ is None, "a bug in the parser: %r" % err.__cause__
+        return ("error", err.status, err.message)
+    return ("ok", summarize(events))
+
+
+def splits(data):
+    yield [data]
+    yield [data[i:i + 1] for i in range(len(data))]
+    for cut in range(1, len(data)):
+        yield [data[:cut], data[cut:]]
+
+
+SPLIT_CASES = ([(name, data) for name, data, _ in GOOD] + [(name, data) for name, data, _ in BAD]
+               + [("pipelined", GOOD[0][1] + GOOD[1][1] + b"\r\n" + GOOD[0][1])])
+
+
+@pytest.mark.parametrize("name,data", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_every_split_gives_the_same_outcome(name, data):
+    if len(data) > 600:
+        pytest.skip("long case: covered whole and bytewise above")
+    expected = outcome([data])
+    for pieces in splits(data):
+        assert outcome(pieces) == expected, [len(p) for p in pieces]
+
+
+@pytest.mark.parametrize("limit", [40, 41, 42, 43, 60])
+def test_limits_do_not_depend_on_splits(limit):
+    """At and around the size limits: the request line, the header block,
+    the trailers, and the line ends right at the limit."""
+    for data in (b"GET /" + b"a" * 30 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"b" * 20 + b"\r\n\r\n",
+                 b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"0\r\nX-T: " + b"t" * 25 + b"\r\nX-U: 1\r\n\r\n",
+                 b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+        expected = outcome([data], max_header_size=limit)
+        for pieces in splits(data):
+            assert outcome(pieces, max_header_size=limit) == expected, (data, [len(p) for p in pieces])
+
+
+def test_the_parser_is_dead_after_an_error():
+    parser = RequestParser(Config())
+    parser.feed(b"GET / HTTP/1.1\r\nHost : x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(HTTPError) as first:
+        parser.next_event()
+    parser.feed(b"GET /more HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(HTTPError) as again:
+        parser.next_event()
+    assert again.value is first.value
+    assert parser.buffered == 0
+
+
+def test_a_bug_in_the_parser_is_a_400_not_an_escape():
+    """Only HTTPError leaves the parser: any other exception becomes a 400
+    whose __cause__ is the bug, and the parser is dead after it."""
+    class Broken(RequestParser):
+        def _frame(self, request):
+            raise ValueError("a bug")
+    parser = Broken(Config())
+    parser.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.status == 400
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(HTTPError):
+        parser.next_event()
+
+
+def test_smuggling_through_a_long_content_length_is_a_body():
+    """The 4,300-digit Content-Length that used to escape int(): the bytes
+    it declares are the body, never a second request."""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"0" * 4300
+            + b"%d\r\n\r\n" % len(smuggled) + smuggled)
+    result = outcome([data])
+    assert result[0] == "ok"
+    assert [e[0] for e in result[1]] == ["head", "body", "end"]
+    assert result[1][1] == ("body", smuggled)

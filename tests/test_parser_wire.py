@@ -107,7 +107,7 @@ CASES = [
     ("te-unknown-chunked", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: x-foo, chunked\r\n\r\n", 501),
     # 505
     ("http-2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
-    ("http-1.2", b"GET / HTTP/1.2\r\n" + H + b"\r\n", 505),
+    ("http-2.1", b"GET / HTTP/2.1\r\n" + H + b"\r\n", 505),
     ("http-3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),
     ("http-0.9", b"GET / HTTP/0.9\r\n" + H + b"\r\n", 505),
     # 414

@@ -3614,6 +3614,7 @@ class WebSocketConnection(Connection):
         self.parser = FrameParser(self.config.ws_max_message_size)
         self.parser.feed(leftover)
         self.denial = None            # [status, headers, head_sent, chunked] of a denial
+        self.failure = None           # (code, message) of a bad frame, not yet acted on
         self.deflate = None           # the PerMessageDeflate agreed, if any
         self.last_compressed = None   # when the last compressed message went out
         # Keepalive: deadlines on the loop's clock, kept by the server's
@@ -3680,8 +3681,10 @@ class WebSocketConnection(Connection):
     # -- receive ----------------------------------------------------------------
 
     def receive(self):
+        if self.failure is not None and not self.queue and self.state == _OPEN:
+            self._fail(*self.failure)     # the messages before the bad frame are had
         if self.queue:
-            if not self.reading and self.state in (_OPEN, _CLOSING):
+            if not self.reading and self.state in (_OPEN, _CLOSING) and self.failure is None:
                 self._resume_reading()
                 self.loop.call_soon(self._advance)    # frames parked in the parser
             return _resolved(self.queue.popleft())
@@ -3913,7 +3916,7 @@ class WebSocketConnection(Connection):
             self.loop.remove_reader(self.fd)
 
     def _advance(self):
-        if self.state not in (_OPEN, _CLOSING) or self.closed:
+        if self.state not in (_OPEN, _CLOSING) or self.closed or self.failure is not None:
             return          # frames wait for the accept (none are expected)
         limit = self.config.max_receive_queue
         while self.state in (_OPEN, _CLOSING):
@@ -3930,7 +3933,7 @@ class WebSocketConnection(Connection):
             try:
                 event = self.parser.next_event()
             except FrameError as err:
-                self._fail(err.code, str(err))
+                self._protocol_error(err.code, str(err))
                 return
             if event is None:
                 return
@@ -3960,7 +3963,7 @@ class WebSocketConnection(Connection):
                 return
 
     def _drained(self, _future):
-        if self.state in (_OPEN, _CLOSING) and not self.closed:
+        if self.state in (_OPEN, _CLOSING) and not self.closed and self.failure is None:
             self._resume_reading()
             self._advance()
 
@@ -3968,6 +3971,20 @@ class WebSocketConnection(Connection):
         self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code, reason)))
         self.state = _CLOSING
         self.close_due = self.loop.now + _WS_CLOSE_TIMEOUT
+
+    def _protocol_error(self, code, message):
+        """A frame broke the protocol: nothing more is read, and the
+        connection fails (RFC 6455 §7.1.7) once the application has had
+        the messages that came before that frame -- at once if it is
+        waiting for one, else when it next asks for an event with none
+        left (or returns) -- so that its answers to them go out before the
+        close frame, not cut off by it (as Autobahn's cases 3.2, 4.1.3 and
+        5.15 expect: the echo, then the close)."""
+        if self.state != _OPEN or (self.waiter is not None and not self.queue):
+            self._fail(code, message)
+            return
+        self.failure = (code, message)
+        self._pause_reading()
 
     def _fail(self, code, message):
         """RFC 6455 §7.1.7: fail the connection with a close frame."""
@@ -4009,6 +4026,8 @@ class WebSocketConnection(Connection):
                 self.log.error("websocket application returned without accepting: %s (403 "
                                "sent)", self.head.target.decode("latin-1"))
                 self._refuse(403, "Forbidden")
+        elif self.state == _OPEN and self.failure is not None:
+            self._fail(*self.failure)
         elif self.state == _OPEN:
             # An application that ends its session closes it: 1000 normally,
             # 1011 (internal error) when it raised.
@@ -4026,7 +4045,9 @@ class WebSocketConnection(Connection):
 
     def shutdown(self):
         """Server shutdown: close the session with 1001 (going away)."""
-        if self.state == _OPEN:
+        if self.state == _OPEN and self.failure is not None:
+            self._fail(*self.failure)
+        elif self.state == _OPEN:
             self._start_close(1001, "server shutdown")
         elif self.state == _CONNECTING and self.denial is None:
             self._refuse(503, "Service Unavailable")
@@ -4038,7 +4059,7 @@ class WebSocketConnection(Connection):
             self.abort("write_timeout")
         elif self.close_due is not None and now >= self.close_due:
             self.abort("client_timeout")
-        elif self.state == _OPEN:      # pings begin once the session is accepted
+        elif self.state == _OPEN and self.failure is None:   # pings once accepted
             self._keep_alive(now)
             if self.last_compressed is not None and now - self.last_compressed > _DEFLATE_IDLE:
                 self.deflate.forget_compressor()      # an idle session's memory

@@ -1603,3 +1603,63 @@ def test_idle_session_drops_its_deflate_state_and_goes_on(monkeypatch):
             for text in ("after the pause", "and again"):
                 ws.send(TEXT, deflate.compress(text.encode()), rsv=4)
                 assert recv_compressed(ws, deflate)[:2] == ("text", text)
+
+
+# -- a bad frame after good ones: the answers to the good ones go out first -------------------
+
+def test_answers_to_messages_before_a_bad_frame_go_out_before_the_close():
+    """RFC 6455 §7.1.7 with Autobahn's strict reading (cases 3.2, 4.1.3,
+    5.15): a message, then a frame with RSV2, in one write.  The message
+    is the application's; its echo goes out, then the close frame 1002."""
+    gate = threading.Event()
+
+    def body(rec, receive, send):
+        while not gate.is_set():           # busy: three messages queue up meanwhile
+            yield pagi_ref.sleep(0.01)
+        yield from echo_body(rec, receive, send)
+
+    app, rec = ws_app(body=body)
+    with serve(app) as s:
+        with WS(s.port).open("/") as ws:
+            ws.send_raw(frame(TEXT, b"one") + frame(TEXT, b"two") + frame(BINARY, b"three")
+                        + frame(TEXT, b"bad", rsv=2) + frame(TEXT, b"never"))
+            conns = list(s.server.connections)
+            assert wait_until(lambda: conns and conns[0].failure is not None)
+            gate.set()
+            assert ws.recv_message() == ("text", "one")
+            assert ws.recv_message() == ("text", "two")
+            assert ws.recv_message() == ("bytes", b"three")
+            f = ws.recv_frame()
+            assert (f.opcode, f.close_code) == (CLOSE, 1002), f
+            ws.close(1002)
+            assert ws.eof()
+        ev = rec.disconnect()
+        assert (ev["code"], ev["reason"]) == (1002, "protocol_error")
+        texts = [e.get("text") or e.get("bytes") for e in rec.events
+                 if e["type"] == "websocket.receive"]
+        assert texts == ["one", "two", b"three"]
+
+
+def test_bad_frame_pending_and_the_application_returns_closes_with_its_code():
+    got = threading.Event()
+
+    def body(rec, receive, send):
+        ev = yield receive()
+        rec.events.append(ev)
+        got.set()
+        while not rec.flag.is_set():
+            yield pagi_ref.sleep(0.01)
+        # returns without asking for the next event
+
+    app, rec = ws_app(body=body)
+    with serve(app) as s:
+        with WS(s.port).open("/") as ws:
+            ws.send_raw(frame(TEXT, b"only") + frame(0x3, b"x"))
+            assert got.wait(WAIT)
+            conns = list(s.server.connections)
+            assert wait_until(lambda: conns and conns[0].failure is not None)
+            rec.flag.set()
+            f = ws.recv_frame()
+            assert (f.opcode, f.close_code) == (CLOSE, 1002), f
+            ws.close(1002)
+            assert ws.eof()

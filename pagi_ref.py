@@ -43,19 +43,43 @@ Principles:
      bounded number of steps, then goes back through the ready queue.
 """
 
+# Before anything else, refuse what cannot work, in words: this module
+# needs CPython 3.9+ (os.waitstatus_to_exitcode, the fork-safe standard
+# library it was tested with) and a POSIX system (fork, signals, the
+# resource module).  Kept to syntax that even Python 3.6 can parse, so that
+# an old interpreter reaches this message rather than a SyntaxError.
+import os as _os
+import sys as _sys
+
+_REFUSAL = None
+if _sys.version_info < (3, 9):
+    _REFUSAL = ("pagi_ref needs CPython 3.9 or newer; this is Python %s"
+                % ".".join(str(n) for n in tuple(_sys.version_info)[:3]))
+elif _os.name != "posix":
+    _REFUSAL = ("pagi_ref needs a POSIX system (Linux, macOS, a BSD): it uses fork, "
+                "POSIX signals and the resource module; this is os.name %r" % _os.name)
+if _REFUSAL is not None:
+    if __name__ == "__main__":
+        _sys.exit("pagi_ref: error: " + _REFUSAL)
+    raise ImportError(_REFUSAL)
+del _os, _sys, _REFUSAL
+
 import base64
 import binascii
 import codecs
 import collections
 import concurrent.futures
 import errno
+import faulthandler
 import hashlib
 import heapq
 import importlib
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import resource
 import select
@@ -83,7 +107,7 @@ __all__ = [
     "Transport", "ConnectionState", "Exchange", "HTTPConnection",
     "FrameParser", "FrameError", "PerMessageDeflate", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
-    "Server", "Supervisor", "run", "main",
+    "Server", "Listener", "ListenError", "open_listeners", "Supervisor", "run", "main",
     "TestClient", "TestClientError", "TestClientTimeout", "WebSocketDisconnect",
     "WebSocketRejected",
 ]
@@ -171,13 +195,37 @@ _CONFIG_FIELDS = [
      "waits for it, once body_grace is over (408, reason client_timeout; 0: no minimum)"),
     ("shutdown_timeout", 30.0, float,
      "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
-    ("access_log", None, str, "access log: '-' (stdout) or a file path; off when absent"),
-    ("access_log_format", "common", str,
-     "access log format: common, combined, or tokens such as '%h %r %s %b %D'"),
+    ("access_log", "-", str,
+     "access log: '-' (stdout) or a file path; --no-access-log (or None from Python): none"),
+    ("access_log_format", "pagi", str,
+     "access log format: pagi, common, combined, or tokens such as '%h %r %s %b %D'"),
     ("log_level", "info", str, "error log level: error, warning, info, debug"),
     ("lifespan", "auto", str,
      "lifespan scope: auto (run it; an application that declines is fine), "
      "on (a decline stops the server), off (never)"),
+    # Supervision (sections 2, 10, 11).
+    ("slow_callback", 0.5, float,
+     "seconds one callback may hold the event loop before a WARNING names it (0: never)"),
+    ("worker_timeout", 30.0, float,
+     "seconds a worker's loop may go without turning before the supervisor kills "
+     "and replaces it (0: never)"),
+    ("max_requests", 0, int,
+     "requests a worker serves before it is replaced gracefully (0: no limit)"),
+    ("max_requests_jitter", 0, int,
+     "up to this many more requests, drawn per worker, so workers do not all "
+     "restart at once"),
+    # Listeners, proxies in front, the server's own headers (issue 12).
+    ("bind", (), tuple,
+     "listeners, instead of host and port: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N "
+     "(repeatable; --uds PATH and --fd N are the same as unix:PATH and fd://N)"),
+    ("proxy_headers", False, bool,
+     "believe X-Forwarded-For/-Proto or Forwarded from a trusted peer for "
+     "scope client and scheme"),
+    ("forwarded_allow_ips", "127.0.0.1", str,
+     "peers trusted with proxy headers: addresses, networks (10.0.0.0/8), "
+     "names, or * for all; comma-separated"),
+    ("server_header", True, bool, "send 'server: pagi_ref' unless the application sent one"),
+    ("date_header", True, bool, "send 'date' unless the application sent one"),
 ]
 
 _CONFIG_FACTORIES = {"max_connections": _default_max_connections}
@@ -203,6 +251,8 @@ class Config:
                 value = _CONFIG_FACTORIES[name]()
             if value is not None and kind is float and isinstance(value, int):
                 value = float(value)
+            if kind is tuple and isinstance(value, (list, str)):
+                value = (value,) if isinstance(value, str) else tuple(value)
             if value is not None and not isinstance(value, kind):
                 raise ConfigError("%s must be %s, got %r" % (name, kind.__name__, value))
             setattr(self, name, value)
@@ -237,6 +287,9 @@ class Config:
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError("log_level must be one of %s, got %r"
                               % (", ".join(_LOG_LEVELS), self.log_level))
+        for text in self.bind:
+            parse_bind(text)
+        TrustedPeers(self.forwarded_allow_ips)
 
     def __repr__(self):
         return "Config(%s)" % ", ".join("%s=%r" % (n, getattr(self, n)) for n in self.__slots__)
@@ -244,6 +297,73 @@ class Config:
 
 _LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING,
                "info": logging.INFO, "debug": logging.DEBUG}
+
+
+def parse_bind(text):
+    """One --bind value, as gunicorn and hypercorn write them:
+    ``("tcp", host, port)`` for HOST:PORT or [IPv6]:PORT, ``("unix", path)``
+    for unix:PATH, ``("fd", n)`` for fd://N (a listening socket inherited
+    from whoever started the process).  ConfigError names what is wrong."""
+    if not isinstance(text, str):
+        raise ConfigError("bind entries must be str, got %r" % (text,))
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise ConfigError("bind %r: unix: needs a path" % text)
+        return ("unix", text[5:])
+    if text.startswith("fd://"):
+        digits = text[5:]
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 9):
+            raise ConfigError("bind %r: fd:// needs a descriptor number" % text)
+        return ("fd", int(digits))
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise ConfigError("bind %r: an IPv6 address goes in brackets, [::1]:8000" % text)
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) \
+            or int(port) > 65535:
+        raise ConfigError("bind %r: expected HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N"
+                          % text)
+    return ("tcp", host, int(port))
+
+
+class TrustedPeers:
+    """The parsed value of forwarded_allow_ips (uvicorn's option): which
+    peers may speak for their clients in proxy headers.  Items are IP
+    addresses, networks (``10.0.0.0/8``), other names compared as written
+    (an RFC 7239 obfuscated node such as ``_proxy1``), or ``*`` for every
+    peer.  Calling it with a host string says whether it is trusted."""
+
+    def __init__(self, text):
+        self.everyone = False
+        self.networks = []            # ipaddress networks (an address is a /32 or /128)
+        self.names = set()            # anything else, compared as written
+        for item in text.split(","):
+            item = item.strip()
+            if item == "*":
+                self.everyone = True
+            elif "/" in item:
+                try:
+                    self.networks.append(ipaddress.ip_network(item, strict=False))
+                except ValueError:
+                    raise ConfigError("forwarded_allow_ips: %r is not a network" % item)
+            elif item:
+                try:
+                    self.networks.append(ipaddress.ip_network(item))
+                except ValueError:
+                    self.names.add(item)
+
+    def __call__(self, host):
+        if self.everyone:
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return host in self.names
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped       # a dual-stack listener's view of an IPv4 peer
+        return any(ip in network for network in self.networks)
 
 
 # ============================================================================
@@ -290,17 +410,41 @@ class Timer:
         return (self.when, self.seq) < (other.when, other.seq)
 
 
+def _loop_context(callback, args=()):
+    """What a callback serves, in the application's words, for the slow
+    callback warning.  An object may define ``loop_context()`` (a Task, a
+    connection, an exchange: "http GET /report"); a bound method stands for
+    its object."""
+    for obj in (callback,) + tuple(args[:1]):
+        for _ in range(3):
+            describe = getattr(obj, "loop_context", None)
+            if describe is not None:
+                try:
+                    return describe()
+                except Exception:
+                    break
+            owner = getattr(obj, "__self__", None)
+            if owner is None:
+                break
+            obj = owner
+    return getattr(callback, "__qualname__", None) or repr(callback)
+
+
 class Loop:
     """The reactor: I/O readiness, timers and a ready queue, on one thread.
 
     Collaborators are parameters so tests can drive it: ``selector`` (any
     selectors.BaseSelector) and ``clock`` (a monotonic float function).
+    ``slow_callback``: seconds one callback may hold the loop before a
+    WARNING names it (0: never), as asyncio's debug mode does.
     """
 
-    def __init__(self, selector=None, clock=time.monotonic, logger=None):
+    def __init__(self, selector=None, clock=time.monotonic, logger=None, slow_callback=0.5):
         self._selector = selector or selectors.DefaultSelector()
         self._clock = clock                 # monotonic seconds
         self.log = logger or logging.getLogger("pagi_ref")
+        self.slow_callback = slow_callback  # seconds; 0: callbacks are not timed
+        self._signals = {}                  # signum -> callback(signum), run on the loop
         self._ready = collections.deque()   # (callback, args) to run this turn
         self._timers = []                   # heap of Timer
         self._timer_seq = 0                 # tie-breaker: equal times run in order
@@ -415,6 +559,31 @@ class Loop:
             except (KeyError, ValueError):
                 pass
 
+    # -- signals --------------------------------------------------------------
+    #
+    # Python runs a signal handler in the main thread between two bytecodes
+    # of whatever it was doing -- possibly in the middle of a write to
+    # stderr, where logging from the handler fails with "reentrant call".
+    # So the handler only queues the callback and writes to the self-pipe;
+    # the callback runs on the loop like any other, and may log.
+
+    def add_signal_handler(self, signum, callback):
+        """Run ``callback(signum)`` on this loop when ``signum`` arrives.
+        Main thread only (Python's rule for signal handlers)."""
+        self._signals[signum] = callback
+        signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        callback = self._signals.get(signum)
+        if callback is not None:
+            self.call_soon_threadsafe(callback, signum)
+
+    def remove_signal_handlers(self):
+        """Give back the signals this loop handles to their default action."""
+        for signum in self._signals:
+            signal.signal(signum, signal.SIG_DFL)
+        self._signals.clear()
+
     # -- running --------------------------------------------------------------
 
     def stop(self):
@@ -449,10 +618,17 @@ class Loop:
             timeout = None
         events = self._selector.select(timeout)
         self.now = now = self._clock()
+        # A callback that holds the loop longer than slow_callback is named
+        # in a WARNING: one clock read per callback, each measured from the
+        # end of the one before.
+        slow = self.slow_callback
+        clock = self._clock
+        mark = now
         # The I/O callbacks are called in place, not through _run_callback:
         # this is the hot path, one call less per readiness event.
         for key, mask in events:
             handler = key.data
+            callback = handler[0] or handler[1]   # for the warning: the call may clear them
             try:
                 if mask & _READ and handler[0] is not None:
                     handler[0]()
@@ -463,6 +639,11 @@ class Loop:
             except BaseException:
                 self.log.error("unexpected error in an I/O callback for %r\n%s",
                                key.fileobj, traceback.format_exc().rstrip())
+            if slow:
+                end = clock()
+                if end - mark > slow:
+                    self._report_slow(callback, (), end - mark)
+                mark = end
         # Phase 2: move due timers to the ready queue.
         # A timer due within the clock's resolution fires now: epoll rounds
         # its timeout up to whole milliseconds, and waiting again for the
@@ -474,9 +655,23 @@ class Loop:
                 ready.append((timer.callback, timer.args))
         # Phase 3: run what was ready at the start of this phase; what those
         # callbacks schedule waits for the next turn, after another poll.
+        if not slow:
+            for _ in range(len(ready)):
+                callback, args = ready.popleft()
+                self._run_callback(callback, args)
+            return
         for _ in range(len(ready)):
             callback, args = ready.popleft()
             self._run_callback(callback, args)
+            end = clock()
+            if end - mark > slow:
+                self._report_slow(callback, args, end - mark)
+            mark = end
+
+    def _report_slow(self, callback, args, seconds):
+        self.log.warning("the loop was blocked for %.3f s by %s: every connection of "
+                         "this process waited (slow_callback %.3f s)", seconds,
+                         _loop_context(callback, args), self.slow_callback)
 
     def _run_callback(self, callback, args):
         try:
@@ -486,6 +681,20 @@ class Loop:
         except BaseException:
             self.log.error("unexpected error in loop callback %r\n%s",
                            callback, traceback.format_exc().rstrip())
+
+    def abandon_after_fork(self):
+        """In a child just forked from the process running this loop: let go
+        of the loop without touching what the parent still uses.  (Closing
+        it would unregister its descriptors from an epoll instance that the
+        fork shared with the parent.)"""
+        _running.loop = None
+        self._selector.close()    # only this process's handle on it
+        self._wake_r.close()
+        self._wake_w.close()
+        self._handlers.clear()
+        self._signals.clear()
+        self._ready.clear()
+        self._timers = []
 
     def close(self):
         if self._executor is not None:
@@ -670,6 +879,15 @@ class Task(Future):
     def __repr__(self):
         return "<Task %s %s>" % (self.name or getattr(self._coro, "__qualname__", "?"),
                                  self._state)
+
+    def loop_context(self):
+        """What this task serves, for the slow-callback warning: its owner's
+        words (the exchange, the session) when it has one."""
+        owner = getattr(self.on_exit, "__self__", None)
+        describe = getattr(owner, "loop_context", None)
+        if describe is not None:
+            return describe()
+        return "task %s" % (self.name or getattr(self._coro, "__qualname__", "?"))
 
     def cancel(self):
         """Throw CancelledError into the coroutine at its current yield."""
@@ -913,6 +1131,8 @@ class HTTPError(Exception):
     reason reported on pagi.connection when a request was in progress.
     """
 
+    head = None     # the RequestHead, when the error came after its request line
+
     def __init__(self, status, message, reason="protocol_error"):
         Exception.__init__(self, message)
         self.status = status
@@ -990,6 +1210,10 @@ class RequestHead:
 
     def __repr__(self):
         return "<RequestHead %s %r HTTP/%s>" % (self.method, self.target, self.http_version)
+
+    def request_line(self):
+        """The request line as text, for logs (the target is ASCII)."""
+        return "%s %s HTTP/%s" % (self.method, self.target.decode("latin-1"), self.http_version)
 
 
 class EndOfMessage:
@@ -1083,6 +1307,8 @@ class RequestParser:
                 raise self._error
             return self._read_chunked()
         except HTTPError as err:
+            if err.head is None:
+                err.head = self._request      # a field line broke, after the request line
             self._fail(err)
             raise
         except Exception as exc:
@@ -1190,7 +1416,11 @@ class RequestParser:
         return self._head_done(request)
 
     def _head_done(self, request):
-        self._frame(request)
+        try:
+            self._frame(request)
+        except HTTPError as err:
+            err.head = request
+            raise
         self.messages += 1
         return request
 
@@ -1520,18 +1750,178 @@ def trailer_section(headers):
     return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
 
 
-def error_response(status, message, extra_headers=()):
+class ResponseStamp:
+    """The fields the server adds to every response head it writes itself or
+    frames for the application: ``server: pagi_ref`` and the Date (RFC 9110
+    §10.2.4, §6.6.1), each unless turned off (--no-server-header,
+    --no-date-header) or sent by the application.  One place, so the four
+    writers of a head (a response, a WebSocket denial, a generated error,
+    the 101) agree."""
+
+    __slots__ = ("server", "date")
+
+    def __init__(self, server=True, date=True):
+        self.server = server          # send the Server field
+        self.date = date              # send the Date field
+
+    def add_to(self, headers, has_server=False, has_date=False):
+        """Append the (name, value) pairs to a head's ``headers``."""
+        if self.date and not has_date:
+            headers.append((b"date", _date.get()))
+        if self.server and not has_server:
+            headers.append(_SERVER_FIELD)
+
+    def lines(self, headers=()):
+        """The same as header lines, minding what ``headers`` already has."""
+        has_server = has_date = False
+        for name, _value in headers:
+            name = name.lower()
+            if name == b"server":
+                has_server = True
+            elif name == b"date":
+                has_date = True
+        fields = []
+        self.add_to(fields, has_server, has_date)
+        return b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+
+
+SERVER_NAME = b"pagi_ref"     # the Server field's value
+_SERVER_FIELD = (b"server", SERVER_NAME)
+_STAMP = ResponseStamp()      # the defaults, for callers without a Config
+
+
+def error_response(status, message, extra_headers=(), stamp=_STAMP):
     """A server-generated response: short text/plain body, Connection: close."""
     body = message.encode("utf-8") + b"\n"
     head = [status_line(status),
             b"content-type: text/plain; charset=utf-8\r\n",
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n",
-            b"date: " + _date.get() + b"\r\n"]
+            stamp.lines()]
     for name, value in extra_headers:
         head.append(name + b": " + value + b"\r\n")
     head.append(b"\r\n")
     return b"".join(head) + body
+
+
+# -- what proxies in front say (RFC 7239 Forwarded; X-Forwarded-For/-Proto) ----
+#
+# Pure parsing: whether to believe a proxy is section 6's question, asked
+# only of a trusted peer.  Each proxy on the way appends the address it
+# received the request from, so a list reads client first, nearest proxy
+# last; anyone may have written the left part, so it is read from the
+# right, skipping proxies that are trusted, and the first hop that is not
+# trusted is the client (all trusted: the leftmost).  When a request has
+# both X-Forwarded-* and Forwarded, X-Forwarded-* is used and Forwarded
+# ignored: it is what nginx, HAProxy and cloud balancers set by default and
+# what uvicorn reads (docs/deployment.md says which header a proxy must
+# overwrite).
+
+# RFC 7239 §4: forwarded-pair = token "=" value; value = token / quoted-string.
+# Each part can match the bytes one way only: linear on any input.
+_FORWARDED_PAIR = re.compile(rb'[ \t]*([%s]+)=("(?:[^"\\]|\\.)*"|[%s]*)[ \t]*'
+                             % (_TCHAR, _TCHAR))
+_QUOTED_PAIR = re.compile(rb"\\(.)", re.S)
+_FORWARDED_SCHEMES = {"http": False, "https": True, "ws": False, "wss": True}
+
+
+def forwarded_elements(value):
+    """RFC 7239 §4: the elements of a Forwarded field value, each a dict of
+    lower-case parameter names to ``str`` values, quotes undone; None if the
+    value does not follow the grammar (or repeats a parameter in an element,
+    which §4 forbids): then none of it is believed."""
+    elements = []
+    element = {}
+    pos, end = 0, len(value)
+    while True:
+        m = _FORWARDED_PAIR.match(value, pos)
+        if m is None:
+            return None
+        name, text = m.group(1).lower().decode("ascii"), m.group(2)
+        if text[:1] == b'"':
+            text = _QUOTED_PAIR.sub(rb"\1", text[1:-1])
+        if name in element:
+            return None
+        element[name] = text.decode("latin-1")
+        pos = m.end()
+        if pos == end:
+            elements.append(element)
+            return elements
+        if value[pos:pos + 1] == b",":
+            elements.append(element)
+            element = {}
+        elif value[pos:pos + 1] != b";":
+            return None
+        pos += 1
+
+
+def forwarded_node(text):
+    """RFC 7239 §6: ``[host, port]`` of a node -- an IPv4 address, an IPv6
+    one (bracketed as §6 writes it, or bare as X-Forwarded-For often has
+    it), either with an optional ``:port`` (0 when absent or obfuscated);
+    None for ``unknown``, an obfuscated name, or anything else."""
+    port = ""
+    if text[:1] == "[":
+        host, _sep, port = text[1:].partition("]")
+        if port and port[:1] != ":":
+            return None
+        port = port[1:]
+    elif text.count(":") == 1:
+        host, _sep, port = text.partition(":")
+    else:
+        host = text
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    number = int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else 0
+    return [str(address), number if number <= 65535 else 0]
+
+
+def forwarded(headers, trusted):
+    """What the proxies in front say: ``(hop, secure)``.  ``hop`` is the
+    client's node text as the proxies wrote it (pass it to forwarded_node),
+    or None when they name no client; ``secure`` is True for https/wss,
+    False for http/ws, None when they say nothing valid.  ``trusted(text)``
+    says whether a hop is a trusted proxy (the rule: see above).  Repeated
+    fields are one list (RFC 9110 §5.3)."""
+    xff, xfp, fwd = [], [], []
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            xff.append(value)
+        elif name == b"x-forwarded-proto":
+            xfp.append(value)
+        elif name == b"forwarded":
+            fwd.append(value)
+    if xff or xfp:
+        hops = [h.strip().decode("latin-1") for h in b",".join(xff).split(b",")] if xff else []
+        protos = [p.strip().decode("latin-1") for p in b",".join(xfp).split(b",")] \
+            if xfp else []
+    elif fwd:
+        elements = forwarded_elements(b",".join(fwd))
+        if elements is None:
+            return None, None
+        hops = [e.get("for") for e in elements] \
+            if any("for" in e for e in elements) else []
+        protos = [e.get("proto") for e in elements]
+    else:
+        return None, None
+    hop = index = None
+    if hops:
+        index = 0                     # every hop trusted: the leftmost
+        for i in range(len(hops) - 1, -1, -1):
+            node = forwarded_node(hops[i]) if hops[i] is not None else None
+            if hops[i] is None or not trusted(node[0] if node else hops[i]):
+                index = i
+                break
+        hop = hops[index]
+    # The scheme comes from the same hop as the client when the lists line
+    # up (always, for Forwarded), else from the nearest proxy (the rightmost).
+    proto = None
+    if protos:
+        proto = protos[index] if index is not None and len(protos) == len(hops) \
+            else protos[-1]
+    return hop, _FORWARDED_SCHEMES.get((proto or "").lower())
 
 
 def decode_path(raw_path):
@@ -1623,6 +2013,8 @@ class Transport:
         self.closed = False               # nothing more will be written
         self.last_progress = loop.now     # when bytes last left the buffer
         self.high_water_events = 0        # times the high edge was crossed
+        self.bytes_queued = 0             # bytes ever given to write/write_file
+        self.bytes_written = 0            # bytes ever taken by the kernel
 
     def __repr__(self):
         return "<Transport fd=%d buffered=%d high-water-events=%d%s%s>" % (
@@ -1659,6 +2051,7 @@ class Transport:
         """Queue bytes for the socket, writing at once what the kernel takes."""
         if self.closed or not data:
             return
+        self.bytes_queued += len(data)
         if self._above and self._limit and self._buffered > self._limit:
             # A writer that does not wait for the drain (a send() not
             # awaited): the watermarks cannot hold it, so the connection
@@ -1676,6 +2069,7 @@ class Transport:
                 return
             if sent:
                 self.last_progress = self._loop.now
+                self.bytes_written += sent
                 if sent == len(data):
                     return
             data = memoryview(data)[sent:]
@@ -1690,6 +2084,7 @@ class Transport:
         if self.closed or length == 0:
             item.finish()
             return item.future
+        self.bytes_queued += length
         was_empty = not self._queue
         self._queue.append(item)
         self._grew(length)
@@ -1766,6 +2161,7 @@ class Transport:
                     sent = sock.send(item)
                 if sent:
                     self.last_progress = self._loop.now
+                    self.bytes_written += sent
                     self._consume(sent)
                 if sent < offered:
                     break   # the kernel took less than offered: it is full
@@ -1823,6 +2219,7 @@ class Transport:
                 return False
             # Bytes the kernel did not take are read again next time.
         self.last_progress = self._loop.now
+        self.bytes_written += sent
         item.offset += sent
         item.remaining -= sent
         self._shrank(sent)
@@ -2197,6 +2594,7 @@ class Exchange:
     headers = None                # the headers to send: the application's, then ours
     app_close = False             # the application sent Connection: close
     has_date = False              # the application sent a Date
+    has_server = False            # the application sent a Server
     length = None                 # declared Content-Length, if any
     sent = 0                      # body bytes accepted
     head_pending = False          # start accepted, head not yet written
@@ -2212,6 +2610,9 @@ class Exchange:
     logged = False                # the access-log line was written
     received = 0.0                # time.time() at arrival (access log %t)
     t0 = 0.0                      # time.monotonic() at arrival (%D, %T)
+    wire_start = 0                # transport.bytes_queued at arrival (%O)
+    in_start = 0                  # conn.bytes_in when the head began (%I)
+    proxied_client = False        # --proxy-headers: the scope's client, for %h
 
     def __init__(self, conn, head):
         self.conn = conn
@@ -2222,15 +2623,24 @@ class Exchange:
         if conn.server.access_log is not None:
             self.received = time.time()
             self.t0 = time.monotonic()
+            self.wire_start = conn.transport.bytes_queued   # this response's first byte
+            self.in_start = conn.head_base                  # this request's first byte
 
     def __repr__(self):
         return "<Exchange %s %r status=%d done=%s>" % (
             self.head.method, self.head.target, self.status, self.response_done)
 
+    scope_type = "http"
+
+    def loop_context(self):
+        # ascii(): a client's path cannot forge log lines.
+        return "%s %s %s" % (self.scope_type, self.head.method,
+                             ascii(decode_path(self.head.path))[1:-1])
+
     def scope(self):
         conn = self.conn
         head = self.head
-        return {
+        scope = {
             "type": "http",
             "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
             "http_version": head.http_version,
@@ -2248,6 +2658,10 @@ class Exchange:
             "pagi.connection": self.state,
             "pagi.transport": conn.transport,
         }
+        if conn.server.trusted_peers is not None:
+            apply_proxy_headers(scope, conn.client, conn.server.trusted_peers)
+            self.proxied_client = scope["client"]
+        return scope
 
     # -- receive ------------------------------------------------------------------
 
@@ -2316,6 +2730,8 @@ class Exchange:
         """The abnormal end: pagi.connection in the spec's order, then
         http.disconnect for a receive() in progress (step 5)."""
         if self.state._disconnected(reason):
+            self.conn.log.debug("%s: %s ended early: %s", self.conn.client,
+                                self.head.request_line(), reason)
             self.log_access()
             if self.waiter is not None:
                 self._deliver(self.disconnect_event())
@@ -2359,6 +2775,8 @@ class Exchange:
                 continue    # the server manages Connection (PAGI HTTP)
             elif name == b"date":
                 self.has_date = True
+            elif name == b"server":
+                self.has_server = True
             headers.append((name, value))
         status = event["status"]
         self.status = status
@@ -2385,8 +2803,7 @@ class Exchange:
         if head.expect_continue and not self.continue_sent and not self.body_complete:
             keep_alive = False
         headers = self.headers       # the application's, then the server's own
-        if not self.has_date:
-            headers.append((b"date", _date.get()))
+        conn.server.stamp.add_to(headers, self.has_server, self.has_date)
         if self.length is not None:
             pass                     # the application's Content-Length frames it
         elif self.no_body:
@@ -2574,10 +2991,25 @@ class Exchange:
             return
         self.logged = True
         head = self.head
-        access_log.record(self.conn.client, self.received, time.monotonic() - self.t0,
-                          "%s %s HTTP/%s" % (head.method, head.target.decode("latin-1"),
-                                             head.http_version),
-                          self.status, self.bytes_out, head.headers, self.headers)
+        conn = self.conn
+        transport = conn.transport
+        # What reached the client: what was queued for this response, less
+        # what is still unwritten (or was, when the connection went).  The
+        # body count of a response cut short is the application's bytes less
+        # those -- chunk framing of the lost part aside, what the client got.
+        unwritten = transport.bytes_queued - transport.bytes_written
+        client = conn.client if self.proxied_client is False else self.proxied_client
+        access_log.record(client, self.received, time.monotonic() - self.t0,
+                          head.request_line(), self.status,
+                          max(0, self.bytes_out - unwritten), head.headers, self.headers,
+                          bytes_in=conn.bytes_in - self.in_start,
+                          bytes_out=max(0, transport.bytes_queued - self.wire_start - unwritten),
+                          end=self.access_end())
+
+    def access_end(self):
+        """How the exchange ended, for the access log's %{end}x."""
+        reason = self.state._reason
+        return "done" if reason is None else "cut:" + reason
 
     # -- the application's end ----------------------------------------------------
 
@@ -2618,6 +3050,7 @@ class Exchange:
 
 _LINGER_SECONDS = 2.0    # how long a closing socket keeps draining input
 _PIPELINE_BUFFER = 65536  # bytes of pipelined requests read ahead of the current one
+_FIRST_REQUEST_GRACE = 1.0  # seconds a request on its way at shutdown gets to arrive
 
 
 def _below_min_rate(waited, received, grace, min_rate):
@@ -2732,6 +3165,40 @@ def _write_failure_reason(exc, peer_eof):
     return "client_closed" if peer_eof else "write_error"
 
 
+def socket_addresses(sock, peer):
+    """(client, server) of an accepted socket as a scope gives them: (host,
+    port) pairs over TCP; over a Unix socket no client (None: the peer has
+    no address, as uvicorn says; PAGI::Server leaves the key out) and the
+    socket's path with no port (PAGI www: "[path, undef] for Unix
+    sockets").  ``peer`` is what accept() returned.  (The byte-stream
+    seam's peer and local addresses, until it has them.)"""
+    local = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(local, bytes):      # Linux's abstract namespace: "\0name"
+            local = local.decode("utf-8", "surrogateescape")
+        return None, (local, None)
+    return (peer[:2] if isinstance(peer, tuple) else None), local[:2]
+
+
+def apply_proxy_headers(scope, peer, trusted):
+    """--proxy-headers: a trusted peer's word on the client and the scheme
+    (section 4, forwarded()), written into ``scope``.  A peer over a Unix
+    socket (``peer`` None) is trusted: only who may open the socket file
+    can connect (gunicorn decides the same).  The client's port is 0 when
+    the proxy does not say it; ``client`` is None for a client the proxy
+    calls ``unknown`` or by an obfuscated name (RFC 7239 §6)."""
+    if peer is not None and not trusted(peer[0]):
+        return
+    hop, secure = forwarded(scope["headers"], trusted)
+    if hop is not None:
+        scope["client"] = forwarded_node(hop)
+    if secure is not None:
+        if scope["type"] == "websocket":
+            scope["scheme"] = "wss" if secure else "ws"
+        else:
+            scope["scheme"] = "https" if secure else "http"
+
+
 class HTTPConnection(Connection):
     """One client socket: parser in, transport out, one exchange at a time."""
 
@@ -2743,8 +3210,7 @@ class HTTPConnection(Connection):
         self.app = server.app
         self.sock = sock
         self.fd = sock.fileno()
-        self.client = client[:2] if isinstance(client, tuple) else None
-        self.server_address = sock.getsockname()[:2]
+        self.client, self.server_address = socket_addresses(sock, client)
         self.parser = RequestParser(config)
         self.transport = Transport(sock, self.loop, config.write_high_watermark,
                                    config.write_low_watermark, self._write_failed,
@@ -2766,6 +3232,11 @@ class HTTPConnection(Connection):
         self.body_base = 0            # bytes_in then
         self.paused_at = None         # when reading last paused (None: reading)
         self.paused_for = 0.0         # seconds of this body's wait spent paused
+
+    def loop_context(self):
+        if self.exchange is not None:
+            return self.exchange.loop_context()
+        return "http connection from %s" % (self.client[0] if self.client else "?")
 
     def __repr__(self):
         return "<HTTPConnection fd=%d client=%r requests=%d %s>" % (
@@ -2872,7 +3343,7 @@ class HTTPConnection(Connection):
                     event = parser.next_event()
                 except HTTPError as err:
                     self._parser_failed(err)
-                    self.respond_error(err.status, err.message, None)
+                    self.respond_error(err.status, err.message, None, err.head)
                     return
                 if event is None:
                     return
@@ -2910,6 +3381,10 @@ class HTTPConnection(Connection):
                 exchange.end_body()
 
     def _begin(self, head):
+        server = self.server
+        server.requests += 1              # counted against max_requests (section 10)
+        if server.requests == server.max_requests:
+            server.max_requests_reached()
         if head.upgrade is not None:
             upgrade = self.server.upgrades.get(head.upgrade)
             if upgrade is not None:
@@ -2928,8 +3403,8 @@ class HTTPConnection(Connection):
         try:
             coro = self.app(exchange.scope(), exchange.receive, exchange.send)
         except Exception as exc:
-            self.log.error("application raised when called: %s\n%s", head.method,
-                           traceback.format_exc().rstrip())
+            self.log.error("application raised when called: %s %s\n%s", head.method,
+                           head.target.decode("latin-1"), traceback.format_exc().rstrip())
             coro = exc
         if not (hasattr(coro, "send") and hasattr(coro, "throw")):
             if not isinstance(coro, Exception):
@@ -3008,12 +3483,23 @@ class HTTPConnection(Connection):
         return True
 
     def shutdown(self):
-        """Server shutdown: an idle connection closes now; a busy one after
-        its response (Connection: close)."""
-        if self.exchange is None:
-            self.close()
-        else:
+        """Server shutdown: an idle keep-alive connection closes now; a busy
+        one after its response (Connection: close).  A request on its way (a
+        new connection that has not sent its head yet, or part of a head)
+        gets a moment to arrive and is then served, with Connection: close:
+        the connection was accepted before the listener closed, and closing
+        it would fail a request no client could have known to retry (a
+        reload must not lose one)."""
+        if self.exchange is not None:
             self.exchange.shutdown()
+        elif self.requests == 0 or self.parser.buffered:
+            self.loop.call_later(_FIRST_REQUEST_GRACE, self._close_if_idle)
+        else:
+            self.close()
+
+    def _close_if_idle(self):
+        if self.exchange is None and not self.closed:
+            self.close()
 
     def _parser_failed(self, err):
         """A parser error caused by a bug in the parser, not by the client,
@@ -3067,19 +3553,26 @@ class HTTPConnection(Connection):
             if not self.advancing:
                 self._advance()
 
-    def respond_error(self, status, message, reason):
+    def respond_error(self, status, message, reason, head=None):
         """A server-generated response, then close.  ``reason`` is reported on
-        pagi.connection when a request was in progress."""
+        pagi.connection when a request was in progress; ``head``, a request
+        refused before it began (a 413 for its Content-Length), is logged
+        with its request line."""
         if self.closed:
             return
-        self.transport.write(error_response(status, message))
+        response = error_response(status, message, stamp=self.server.stamp)
+        self.transport.write(response)
         exchange = self.exchange
         if exchange is not None and reason is not None:
             exchange.status = status
             exchange.headers = None
             exchange.disconnected(reason)
         elif self.server.access_log is not None:
-            self.server.access_log.record(self.client, time.time(), 0.0, "-", status, 0, (), ())
+            self.server.access_log.record(
+                self.client, time.time(), 0.0, head.request_line() if head is not None else "-",
+                status, len(response) - response.index(b"\r\n\r\n") - 4,
+                head.headers if head is not None else (), (),
+                bytes_in=self.bytes_in - self.head_base, bytes_out=len(response))
         self.log.debug("%s: answered %d %s", self.client, status, message)
         self.close_after_flush()
 
@@ -3603,6 +4096,7 @@ class WebSocketConnection(Connection):
         self.sock = sock
         self.fd = sock.fileno()
         self.client = client
+        self.access_client = client   # %h: the scope's client (--proxy-headers)
         self.head = head
         self.transport = transport
         transport.on_error = self._write_failed
@@ -3624,10 +4118,17 @@ class WebSocketConnection(Connection):
         self.pong_due = None          # when the pong to the last ping is late
         self.close_due = None         # when the client's close frame is late
         self.last_activity = loop.now
+        # For the access log's one line per session, written when it ends.
+        self.status = None            # 101, or the status of the refusal or denial
+        self.bytes_in = len(leftover)  # bytes received after the handshake's head
+        self.wire_start = transport.bytes_queued
+        self.received = time.time()
+        self.t0 = time.monotonic()
         error = _websocket_handshake_error(head)
         if error is not None:
             status, message, headers = error
-            transport.write(error_response(status, message, headers))
+            self.status = status
+            transport.write(error_response(status, message, headers, server.stamp))
             self.state = _CLOSED
             self.close_after_flush()
             return
@@ -3662,6 +4163,9 @@ class WebSocketConnection(Connection):
             "extensions": extensions,
             "pagi.transport": transport,
         }
+        if server.trusted_peers is not None:
+            apply_proxy_headers(scope, client, server.trusted_peers)
+            self.access_client = scope["client"]
         try:
             coro = server.app(scope, self.receive, self.send)
             if not (hasattr(coro, "send") and hasattr(coro, "throw")):
@@ -3677,6 +4181,23 @@ class WebSocketConnection(Connection):
 
     def __repr__(self):
         return "<WebSocketConnection fd=%d %s>" % (self.fd, self.state)
+
+    def _release(self):
+        """The session is over: its one access-log line, then the socket."""
+        access_log = self.server.access_log
+        if access_log is not None:
+            transport = self.transport
+            unwritten = transport.bytes_queued - transport.bytes_written
+            code = self.disconnect["code"] if self.disconnect is not None else None
+            access_log.record(self.access_client, self.received, time.monotonic() - self.t0,
+                              self.head.request_line(), self.status, 0, self.head.headers, (),
+                              bytes_in=self.bytes_in,
+                              bytes_out=max(0, transport.bytes_queued - self.wire_start - unwritten),
+                              end="close:%d" % code if code is not None else "done")
+        Connection._release(self)
+
+    def loop_context(self):
+        return "websocket %s" % ascii(decode_path(self.head.path))[1:-1]
 
     # -- receive ----------------------------------------------------------------
 
@@ -3732,6 +4253,7 @@ class WebSocketConnection(Connection):
             if name == b"sec-websocket-key":
                 key = value.strip()
         accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+        self.status = 101
         lines = [b"HTTP/1.1 101 Switching Protocols\r\n", b"upgrade: websocket\r\n",
                  b"connection: Upgrade\r\n", b"sec-websocket-accept: " + accept + b"\r\n"]
         subprotocol = event.get("subprotocol")
@@ -3742,12 +4264,14 @@ class WebSocketConnection(Connection):
             lines.append(b"sec-websocket-protocol: " + subprotocol.encode("latin-1") + b"\r\n")
         if self.deflate is not None:
             lines.append(b"sec-websocket-extensions: " + self.deflate.response + b"\r\n")
-        for name, value in event.get("headers") or ():
-            if bytes(name).lower() == b"sec-websocket-extensions":
+        headers = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()]
+        for name, _value in headers:
+            if name.lower() == b"sec-websocket-extensions":
                 # Only the server can speak an extension's framing.
                 raise EventError("websocket.accept: 'headers' may not set "
                                  "sec-websocket-extensions: the server negotiates extensions")
-            lines.append(bytes(name) + b": " + bytes(value) + b"\r\n")
+        lines += [name + b": " + value + b"\r\n" for name, value in headers]
+        lines.append(self.server.stamp.lines(headers))
         self.transport.write(b"".join(lines) + b"\r\n")
         self.state = _OPEN
         self._resume_reading()
@@ -3839,6 +4363,7 @@ class WebSocketConnection(Connection):
             return _NO_WAIT      # PAGI: denial events after accept are ignored
         if self.denial is not None:
             raise EventError("websocket.http.response.start: already sent")
+        self.status = event["status"]
         self.denial = [event["status"], [(bytes(n), bytes(v)) for n, v in
                                          event.get("headers") or ()], False, False]
         return _NO_WAIT
@@ -3862,7 +4387,7 @@ class WebSocketConnection(Connection):
                 chunked = True
             else:
                 lines.append(b"content-length: %d\r\n" % len(body))
-            lines.append(b"connection: close\r\ndate: " + _date.get() + b"\r\n\r\n")
+            lines.append(b"connection: close\r\n" + self.server.stamp.lines(headers) + b"\r\n")
             out.append(b"".join(lines))
             self.denial[2:] = [True, chunked]
         if chunked:
@@ -3904,6 +4429,7 @@ class WebSocketConnection(Connection):
             else:
                 self.abort("client_closed")
             return
+        self.bytes_in += len(data)
         self.parser.feed(data)
         if self.state == _CONNECTING and len(self.parser._buf) > _PIPELINE_BUFFER:
             self._pause_reading()     # a client talking before the 101: wait
@@ -3997,7 +4523,8 @@ class WebSocketConnection(Connection):
     # -- the end --------------------------------------------------------------------
 
     def _refuse(self, status, message):
-        self.transport.write(error_response(status, message))
+        self.status = status
+        self.transport.write(error_response(status, message, stamp=self.server.stamp))
         self.state = _CLOSED
         self.close_after_flush()
 
@@ -4110,6 +4637,7 @@ class SSEExchange(Exchange):
     """One event-stream request: an Exchange whose events are sse.*."""
 
     REQUEST = "sse.request"
+    scope_type = "sse"
     # An event-stream client that sends FIN has gone: it has nothing more
     # to send and would only ever read (unlike an HTTP half-close).
     FIN_ENDS_RESPONSE = True
@@ -4123,6 +4651,11 @@ class SSEExchange(Exchange):
         del scope["pagi.connection"]     # PAGI: not applicable to sse
         scope["extensions"] = {}
         return scope
+
+    def access_end(self):
+        # An event stream ends somehow: "done" when the application ended it.
+        reason = self.state._reason
+        return "done" if not reason else "ended:" + reason
 
     def disconnect_event(self):
         # A stream the application ended itself has no abnormal reason.
@@ -4298,6 +4831,9 @@ class Lifespan:
         self.app = app
         self.task = None
 
+    def loop_context(self):
+        return "lifespan"
+
     def start(self):
         """Call the application; run this on the running loop (its first
         step may use sleep, to_thread...)."""
@@ -4398,11 +4934,18 @@ class Lifespan:
 # dropped, counted, and reported in the error log -- never silently lost.
 
 ACCESS_LOG_FORMATS = {
+    # Apache's two, byte for byte, for the tools that parse them.
     "common": '%h %l %u %t "%r" %s %b',
     "combined": '%h %l %u %t "%r" %s %b "%{Referer}i" "%{User-Agent}i"',
+    # The default: "common", then how long it took, the bytes that crossed
+    # the wire each way, and how it ended (done; cut:REASON for a response
+    # the client did not get whole; close:CODE for a WebSocket session;
+    # ended:REASON for an event stream the application did not end).
+    "pagi": '%h %l %u %t "%r" %s %b %Dus in=%I out=%O %{end}x',
 }
 _ACCESS_LOG_QUEUE = 10000       # lines waiting for the sink before drops begin
-_ACCESS_LOG_TOKEN = re.compile(r"%(?:\{([^}]*)\}([io])|([hlutrsbDT%]))")
+_ACCESS_LOG_DRAIN = 1.0        # seconds the sink gets at shutdown to take the rest
+_ACCESS_LOG_TOKEN = re.compile(r"%(?:\{([^}]*)\}([iox])|([hlutrsbDTIO%]))")
 
 
 _LOG_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]')
@@ -4423,26 +4966,36 @@ def _clf_time(now):
 
 
 class AccessLog:
-    """One line per request, in a format of Apache's tokens:
+    """One line per request, WebSocket session or event stream, in a format
+    of Apache's tokens (mod_log_config, mod_logio):
 
     %h client address   %l "-"   %u "-"   %t time received   %r request line
-    %s status   %b body bytes ("-" for none)   %D microseconds   %T seconds
+    %s status   %b body bytes that reached the socket ("-" for none)
+    %D microseconds   %T seconds   %I bytes received   %O bytes sent
     %{Name}i a request header   %{Name}o a response header   %% a percent sign
+    and one of pagi_ref's own: %{end}x, how it ended (ACCESS_LOG_FORMATS).
     """
 
     def __init__(self, sink, fmt, error_log):
         self.error_log = error_log
         self.format = ACCESS_LOG_FORMATS.get(fmt, fmt)
         self._render = self._compile(self.format)
+        # The writer thread writes to a descriptor of its own with os.write:
+        # never through sys.stdout's buffer, whose lock the interpreter takes
+        # at exit to flush it -- a thread stuck writing into a full pipe
+        # held that lock and the process never exited.
         if sink == "-":
-            self._file = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
-            self._owned = False
+            try:
+                stdout = sys.stdout.fileno()
+            except (AttributeError, ValueError, OSError):
+                stdout = 1        # sys.stdout replaced by something without a file
+            self._fd = os.dup(stdout)
         else:
-            self._file = open(sink, "ab")
-            self._owned = True
+            self._fd = os.open(sink, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self._queue = collections.deque()   # lines for the writer thread
         self._wake = threading.Event()
         self._closing = False
+        self._writing = 0                   # lines in the write() under way
         self.dropped = 0                    # lines dropped since the last report
         self.dropped_total = 0
         self._thread = threading.Thread(target=self._write_lines, name="pagi_ref.access_log",
@@ -4469,7 +5022,7 @@ class AccessLog:
         return parts
 
     def record(self, client, received, duration, request_line, status, size,
-               request_headers, response_headers):
+               request_headers=(), response_headers=(), bytes_in=0, bytes_out=0, end="done"):
         """Format and queue one line; never blocks."""
         if len(self._queue) >= _ACCESS_LOG_QUEUE:
             self.dropped += 1
@@ -4479,6 +5032,9 @@ class AccessLog:
         for part in self._render:
             if part.__class__ is tuple:
                 where, name = part
+                if where == "x":
+                    out.append(_log_escape(end) if name == b"end" else "-")
+                    continue
                 headers = request_headers if where == "i" else response_headers
                 value = "-"
                 for k, v in headers or ():
@@ -4486,7 +5042,7 @@ class AccessLog:
                         value = _log_escape(v.decode("latin-1"))
                         break
                 out.append(value)
-            elif len(part) == 1 and part in "hlutrsbDT":
+            elif len(part) == 1 and part in "hlutrsbDTIO":
                 if part == "h":
                     out.append(client[0] if client else "-")
                 elif part in "lu":
@@ -4501,6 +5057,10 @@ class AccessLog:
                     out.append(str(size) if size else "-")
                 elif part == "D":
                     out.append(str(int(duration * 1e6)))
+                elif part == "I":
+                    out.append(str(bytes_in))
+                elif part == "O":
+                    out.append(str(bytes_out))
                 else:
                     out.append(str(int(duration)))
             else:
@@ -4516,6 +5076,7 @@ class AccessLog:
 
     def _write_lines(self):
         queue = self._queue
+        fd = self._fd
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -4523,22 +5084,35 @@ class AccessLog:
                 lines = []
                 while queue and len(lines) < 1000:
                     lines.append(queue.popleft())
+                self._writing = len(lines)
+                data = memoryview(b"".join(lines))
                 try:
-                    self._file.write(b"".join(lines))
-                    self._file.flush()
-                except (OSError, ValueError) as exc:
+                    while data:
+                        data = data[os.write(fd, data):]
+                except OSError as exc:
                     self.error_log.error("access log: cannot write: %s", exc)
                     return
+                self._writing = 0
             if self._closing:
                 return
 
-    def close(self, timeout=1.0):
+    def close(self, drain=_ACCESS_LOG_DRAIN):
+        """At shutdown: the sink gets ``drain`` seconds to take the queued
+        lines; what it has not taken by then is dropped and counted, so that
+        a sink nobody reads never holds the exit."""
         self._closing = True
         self._wake.set()
-        self._thread.join(timeout)
+        self._thread.join(drain)
+        if self._thread.is_alive():
+            left = len(self._queue) + self._writing
+            self._queue.clear()
+            self.dropped += left
+            self.dropped_total += left
+            self.error_log.warning("access log: the sink did not take the last %d lines "
+                                   "within %.1f s of the shutdown; dropped", left, drain)
+        else:
+            os.close(self._fd)
         self.report_drops()
-        if self._owned and not self._thread.is_alive():
-            self._file.close()
 
 
 _ACCEPT_BATCH = 64          # connections accepted per readiness event
@@ -4548,21 +5122,214 @@ _SHUTDOWN_GRACE = 0.1       # seconds aborted applications get to clean up
 _REFUSAL_RESERVE = 16       # refused (503) sockets lingering at once, beyond max_connections
 
 
-def listening_socket(config):
-    """A bound, listening, non-blocking socket for config.host:config.port."""
-    infos = socket.getaddrinfo(config.host, config.port, socket.AF_UNSPEC,
-                               socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+_SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGTTIN, signal.SIGTTOU)
+
+
+def _exit_at_once(signum, frame):
+    """SIGQUIT, and the second SIGTERM/SIGINT: no flush, no cleanup."""
+    os._exit(1)
+
+
+# -- listeners ------------------------------------------------------------------
+#
+# A server listens on one socket or several: TCP (IPv4, IPv6), Unix, or
+# descriptors it inherits -- fd://N from whoever started it, or systemd's
+# socket activation (sd_listen_fds(3): LISTEN_PID is this process,
+# LISTEN_FDS descriptors from 3 on), picked up without options.  Workers
+# inherit every listener through the fork and accept on all of them.  A
+# Unix socket file is made by one process, and only that process removes it
+# at shutdown -- and only if it is still the file it made.
+
+_SD_LISTEN_FDS_START = 3    # sd_listen_fds(3): the first inherited descriptor
+
+
+class ListenError(OSError):
+    """A listener that cannot be opened; str() names it and says why."""
+
+
+class Listener:
+    """One listening, non-blocking socket, and the Unix socket file this
+    process made for it (removed by close())."""
+
+    __slots__ = ("sock", "path", "made")
+
+    def __init__(self, sock, path=None, made=None):
+        self.sock = sock
+        self.path = path              # a Unix socket's path, else None
+        self.made = made              # (pid, st_dev, st_ino) of the file this process bound
+
+    @property
+    def address(self):
+        """(host, port) of a TCP listener, the path of a Unix one."""
+        if self.sock.family == socket.AF_UNIX:
+            return self.path if self.path is not None else self.sock.getsockname()
+        return self.sock.getsockname()[:2]
+
+    def url(self):
+        """How the listening line names it: http://HOST:PORT, unix:PATH."""
+        address = self.address
+        if self.sock.family == socket.AF_UNIX:
+            return "unix:%s" % (address,)
+        if self.sock.family == socket.AF_INET6:
+            return "http://[%s]:%d" % address
+        return "http://%s:%d" % address
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+        made, self.made = self.made, None
+        if made is not None and made[0] == os.getpid():
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == made[1:]:
+                    os.unlink(self.path)      # ours still: not a successor's
+            except OSError:
+                pass
+
+
+def _tcp_listener(host, port, backlog):
+    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)
     family, kind, proto, _name, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::] is IPv6 only, as asyncio (so uvicorn) makes it: IPv4
+            # clients come through a 0.0.0.0 listener beside it, with their
+            # own addresses, not as ::ffff:a.b.c.d -- the same on every system.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(config.backlog)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
-    return sock
+    return Listener(sock)
+
+
+def _unix_listener(path, backlog):
+    """A stale socket file (left by a server that was killed) is replaced,
+    as gunicorn, uvicorn and PAGI::Server do; but not a file that is not a
+    socket, nor a socket some server still accepts on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise ListenError("the file exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)                   # nobody listens: stale
+        except OSError:
+            pass                              # bind() says what is wrong
+        else:
+            raise ListenError("a server is already listening on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        st = os.stat(path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return Listener(sock, path, (os.getpid(), st.st_dev, st.st_ino))
+
+
+def inherited_listener(fd):
+    """A listening socket this process was started with (fd://N, systemd)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.type != socket.SOCK_STREAM or \
+                not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenError("not a listening stream socket")
+        sock.setblocking(False)
+        os.set_inheritable(fd, False)         # the application's subprocesses do not get it
+    except OSError:
+        sock.detach()                         # not ours to close
+        raise
+    path = None
+    if sock.family == socket.AF_UNIX:
+        path = sock.getsockname()
+        if isinstance(path, bytes):
+            path = path.decode("utf-8", "surrogateescape")
+    return Listener(sock, path)
+
+
+def activation_listeners(environ):
+    """systemd socket activation: the descriptors systemd passed, when
+    LISTEN_PID names this process; the variables are then removed, as
+    sd_listen_fds(3) does, so that children do not take them for theirs."""
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if not (count.isascii() and count.isdigit()):
+        raise ListenError("socket activation: LISTEN_FDS is not a number: %r" % count)
+    listeners = []
+    for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + int(count)):
+        try:
+            listeners.append(inherited_listener(fd))
+        except OSError as exc:
+            for listener in listeners:
+                listener.close()
+            raise ListenError("socket activation: descriptor %d: %s"
+                              % (fd, exc.strerror or exc))
+    return listeners
+
+
+def open_listeners(config, environ=None):
+    """Every listener the configuration asks for: systemd's (when
+    ``environ`` is given and activates this process), then each --bind in
+    order; config.host:config.port when there is neither."""
+    listeners = activation_listeners(environ) if environ is not None else []
+    specs = [parse_bind(text) for text in config.bind]
+    if not specs and not listeners:
+        specs = [("tcp", config.host, config.port)]
+    try:
+        for spec in specs:
+            kind = spec[0]
+            try:
+                if kind == "tcp":
+                    listeners.append(_tcp_listener(spec[1], spec[2], config.backlog))
+                elif kind == "unix":
+                    listeners.append(_unix_listener(spec[1], config.backlog))
+                else:
+                    listeners.append(inherited_listener(spec[1]))
+            except (OSError, UnicodeError) as exc:
+                where = ("%s:%d" % spec[1:] if kind == "tcp" else
+                         "unix:%s" % spec[1] if kind == "unix" else "fd://%d" % spec[1])
+                raise ListenError("cannot listen on %s: %s"
+                                  % (where, getattr(exc, "strerror", None) or exc))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def announce_listeners(log, listeners):
+    """The listening lines, one per listener, in the error log's format."""
+    for listener in listeners:
+        _announce(log, "pagi_ref: listening on " + listener.url())
+
+
+def _announce(log, message):
+    """A line that operators and supervisors wait for ("listening on"): in
+    the error log's format, with its timestamp, whatever --log-level
+    filters out -- Logger.handle skips the logger's level, not its
+    handlers'."""
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None))
 
 
 class Server:
@@ -4573,13 +5340,20 @@ class Server:
     call.  Two servers in one process share nothing.
     """
 
-    def __init__(self, app, config=None, logger=None, worker_num=None):
+    def __init__(self, app, config=None, logger=None, worker_num=None, loop=None,
+                 clock=time.monotonic):
         self.app = app
         self.worker_num = worker_num  # 1..N under a Supervisor, else None
         self.supervisor_pid = None    # a worker's parent: if it dies, shut down
         self.config = config or Config()
         self.log = logger or logging.getLogger("pagi_ref")
-        self.loop = Loop(logger=self.log)
+        # The loop (or the clock of the one made here) can be injected, so
+        # tests drive time instead of waiting for it.
+        self.loop = loop or Loop(clock=clock, logger=self.log,
+                                 slow_callback=self.config.slow_callback)
+        self.requests = 0             # requests begun (max_requests counts them)
+        self.max_requests = 0         # this process's limit, drawn in serve(); 0: none
+        self.on_retire = None         # called once when max_requests is reached
         self.state = {}               # the lifespan "state" namespace
         self.connections = set()      # open connections: HTTP, WebSocket
         # Admission (see the banner).  Ordered dicts used as ordered sets,
@@ -4587,8 +5361,13 @@ class Server:
         self.idle = collections.OrderedDict()       # HTTP connections between requests
         self.lingering = collections.OrderedDict()  # closed connections' _Lingers: slots
         self.refusing = collections.OrderedDict()   # refused sockets' _Lingers: the reserve
-        self.listeners = []           # listening sockets
-        self.address = None           # (host, port) actually bound
+        self.listeners = []           # Listeners (listening sockets)
+        self.address = None           # the first listener's (host, port), or its path
+        # Proxy headers are read only from these peers (None: not at all).
+        self.trusted_peers = (TrustedPeers(self.config.forwarded_allow_ips)
+                              if self.config.proxy_headers else None)
+        # The Server and Date fields of every response head (section 4).
+        self.stamp = ResponseStamp(self.config.server_header, self.config.date_header)
         self.shutting_down = False
         self._accepting = False       # listeners are watched
         self._backoff_timer = None    # the listener rests after EMFILE/ENFILE
@@ -4597,6 +5376,7 @@ class Server:
         self._evicted = 0             # idle connections closed to admit new ones
         self._signals = 0             # shutdown signals received
         self._escalate = True         # a second signal exits at once
+        self._previous_handlers = {}  # signum -> handler before install_signal_handlers
         self._shutdown_timer = None
         self.access_log = None        # AccessLog while serving, if configured
         self.lifespan = None          # the Lifespan scope, once started
@@ -4614,13 +5394,22 @@ class Server:
     # -- listening ------------------------------------------------------------------
 
     def bind(self):
-        return self.use_listener(listening_socket(self.config))
+        """Open the configured listeners (host and port, or every --bind);
+        returns the first one's address.  (Socket activation is for the
+        command line and run(): open_listeners(config, os.environ).)"""
+        for listener in open_listeners(self.config):
+            self.use_listener(listener)
+        return self.address
 
-    def use_listener(self, sock):
+    def use_listener(self, listener):
         """Serve on an already bound, listening, non-blocking socket (a
-        worker's, inherited from the supervisor)."""
-        self.listeners.append(sock)
-        self.address = sock.getsockname()[:2]
+        worker's, inherited from the supervisor): a Listener, or a plain
+        socket."""
+        if not isinstance(listener, Listener):
+            listener = Listener(listener)
+        self.listeners.append(listener)
+        if self.address is None:
+            self.address = listener.address
         return self.address
 
     def startup(self):
@@ -4660,6 +5449,11 @@ class Server:
         if self.config.access_log:
             self.access_log = AccessLog(self.config.access_log, self.config.access_log_format,
                                         self.log)
+        if self.config.max_requests:
+            # gunicorn's jitter: workers started together do not all retire
+            # in the same second.
+            self.max_requests = self.config.max_requests + random.randint(
+                0, self.config.max_requests_jitter)
         try:
             if not self.startup():
                 return False
@@ -4681,12 +5475,16 @@ class Server:
             self.close()
 
     def close(self):
-        """Release everything: connections, listeners, the loop, the logs."""
+        """Release everything: connections, listeners, the loop, the logs,
+        and the signal handlers installed (the previous ones come back)."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
         for conn in list(self.connections):
             conn.abort("server_shutdown")
-        for sock in self.listeners:
-            self.loop.forget(sock.fileno())
-            sock.close()
+        for listener in self.listeners:
+            self.loop.forget(listener.fileno())
+            listener.close()
         self.listeners = []
         for linger in list(self.lingering) + list(self.refusing):
             linger.close()
@@ -4702,31 +5500,64 @@ class Server:
         self.loop.call_soon_threadsafe(self._shutdown, timeout)
 
     def install_signal_handlers(self, escalate=True):
-        """SIGTERM and SIGINT shut down gracefully (main thread only); with
+        """The signals of one process (main thread only; docs/server.md has
+        the table).  SIGTERM and SIGINT shut down gracefully; with
         ``escalate`` a second one exits at once.  A worker does not escalate:
         it may get a signal both from its supervisor and from whoever
-        signalled the process group, and the supervisor escalates for it."""
+        signalled the process group, and the supervisor escalates for it.
+        SIGQUIT exits at once.  SIGHUP, SIGTTIN and SIGTTOU need a
+        supervisor: one process logs them and goes on (their default
+        actions would end or freeze it)."""
         self._escalate = escalate
+        for signum in _SERVER_SIGNALS:
+            self._previous_handlers.setdefault(signum, signal.getsignal(signum))
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+            signal.signal(signum, self._on_stop_signal)
+        signal.signal(signal.SIGQUIT, _exit_at_once)
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            self.loop.add_signal_handler(signum, self._unsupervised_signal)
 
-    def _on_signal(self, signum, frame):
+    def _on_stop_signal(self, signum, frame):
+        # A signal handler: count, and leave the rest to the loop.
         self._signals += 1
         if self._signals > 1:
             if self._escalate:
                 os._exit(1)    # the second signal: exit at once
             return
-        self.log.info("pagi_ref: %s received, shutting down",
+        self.loop.call_soon_threadsafe(self._signalled_shutdown, signum)
+
+    def _signalled_shutdown(self, signum):
+        self.log.info("pagi_ref: %s received, shutting down", signal.Signals(signum).name)
+        self._shutdown(None)
+        busy = len(self.connections)
+        if busy:
+            self.log.info("pagi_ref: waiting for %d connection%s to finish (up to %g s)%s",
+                          busy, "" if busy == 1 else "s", self.config.shutdown_timeout,
+                          "; press Ctrl-C again to stop now" if self._escalate else "")
+
+    def _unsupervised_signal(self, signum):
+        self.log.info("pagi_ref: %s ignored: reloading and changing the number of "
+                      "workers need a supervisor (--workers 2 or more)",
                       signal.Signals(signum).name)
-        self.loop.call_soon_threadsafe(self._shutdown, None)
+
+    def max_requests_reached(self):
+        """Section 6 counts the requests begun in ``requests`` (an attribute,
+        not a call: the common path) and calls this when they reach
+        ``max_requests``: retire gracefully."""
+        if not self.shutting_down:
+            self.log.info("pagi_ref: %d requests served (max_requests); shutting down "
+                          "to be replaced", self.requests)
+            if self.on_retire is not None:
+                self.on_retire()
+            self._shutdown(None)
 
     def _shutdown(self, timeout):
         if self.shutting_down:
             return
         self.shutting_down = True
         self._unwatch_listeners()
-        for sock in self.listeners:
-            sock.close()
+        for listener in self.listeners:
+            listener.close()
         self.listeners = []
         for conn in list(self.connections):
             conn.shutdown()
@@ -4779,14 +5610,15 @@ class Server:
         if (not self._accepting and not self.shutting_down
                 and len(self.refusing) < _REFUSAL_RESERVE):
             self._accepting = True
-            for sock in self.listeners:
-                self.loop.add_reader(sock.fileno(), lambda s=sock: self._accept(s))
+            for listener in self.listeners:
+                self.loop.add_reader(listener.fileno(),
+                                     lambda s=listener.sock: self._accept(s))
 
     def _unwatch_listeners(self):
         if self._accepting:
             self._accepting = False
-            for sock in self.listeners:
-                self.loop.remove_reader(sock.fileno())
+            for listener in self.listeners:
+                self.loop.remove_reader(listener.fileno())
 
     def _accept(self, listener):
         config = self.config
@@ -4843,7 +5675,7 @@ class Server:
         self._refused += 1
         try:
             sock.send(error_response(503, "Service Unavailable: too many connections",
-                                     [(b"retry-after", b"5")]))
+                                     [(b"retry-after", b"5")], self.stamp))
         except OSError:
             sock.close()
             return
@@ -4894,147 +5726,529 @@ class Server:
 # ============================================================================
 # 11. Workers (pre-fork; PAGI Lifespan "Execution Model")
 #
-# With --workers N the process binds the listener once, then forks N
-# children; each builds its own Server (its own loop -- nothing of the
-# parent's loop may cross a fork) around the inherited listener, runs its
-# own lifespan (pagi.is_worker 1, pagi.worker_num 1..N) and serves.  The
-# kernel hands each new connection to one of the children that are
-# waiting in accept.  The supervisor only watches: it prints the listening
-# line once every worker has started, replaces a worker that dies, and on
-# SIGTERM or SIGINT tells every worker to shut down gracefully (SIGTERM),
-# then exits once they have; a second signal kills them at once.
+# With --workers N the process opens its listeners once and becomes a
+# supervisor: it forks N workers, each of which builds its own Server (its
+# own loop -- nothing of the supervisor's loop may cross a fork) around
+# every inherited listener, runs its own lifespan (pagi.is_worker 1,
+# pagi.worker_num 1..N) and serves.  The kernel hands each new connection
+# to one of the workers waiting in accept.
+#
+# The supervisor serves nothing.  It runs a Loop of its own whose callbacks
+# are its signals (gunicorn's meanings, docs/server.md has the table), the
+# deaths of its children (SIGCHLD) and one pipe per worker, on which the
+# worker says it has started ("R"), that its loop still turns ("." every
+# second: the watchdog), that it has served max_requests ("M"), or why its
+# application could not be loaded ("E" and a line).  It holds a desired
+# state -- N workers of the current generation -- and every event ends by
+# comparing what runs with it (_fill).  A worker that dies unexpectedly is
+# replaced after a back-off that doubles while deaths come quickly; the
+# supervisor never gives up while it is not told to stop.  Only the first
+# generation failing to start ends it (exit status 2 or 3), since then
+# nothing has ever served.
+#
+# What must not go in here: anything about connections or HTTP.  A worker
+# is a Server, configured and signalled; the supervisor never looks inside.
 # ============================================================================
 
-_WORKER_REFUSED = 3          # a worker's exit status when its app refused to start
-_RESPAWN_LIMIT = 5           # deaths within _RESPAWN_WINDOW that stop the supervisor
-_RESPAWN_WINDOW = 10.0       # seconds
+_WORKER_CANNOT_LOAD = 2      # a worker's exit status: the application does not import
+_WORKER_REFUSED = 3          # a worker's exit status: its application refused to start
+_RESPAWN_FIRST = 0.1         # seconds: the back-off after a quick death, then doubling
+_RESPAWN_CAP = 30.0          # seconds: the longest back-off
+_HEALTHY_RUN = 10.0          # seconds a worker must live for its slot's back-off to reset
+_STACK_GRACE = 1.0           # seconds a stuck worker gets to write its stack before SIGKILL
+_STACK_LIMIT = 65536         # bytes of a stuck worker's stack kept for the log
+_SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                       signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+
+def _watch_interval(config):
+    """Seconds between a worker's heartbeats, and between the supervisor's
+    checks of them."""
+    return min(1.0, config.worker_timeout / 4) if config.worker_timeout else 1.0
+
+
+def _describe_exit(code):
+    if code < 0:
+        try:
+            return "was killed by signal %s" % signal.Signals(-code).name
+        except ValueError:
+            return "was killed by signal %d" % -code
+    return "exited with status %d" % code
+
+
+class _Worker:
+    """The supervisor's record of one child."""
+
+    __slots__ = ("pid", "slot", "generation", "pipe", "buf", "started", "ready",
+                 "last_beat", "retiring", "stack", "stuck", "error")
+
+    def __init__(self, pid, slot, generation, pipe, now):
+        self.pid = pid
+        self.slot = slot              # 1..N: its pagi.worker_num
+        self.generation = generation  # which reload started it
+        self.pipe = pipe              # read end of the worker's pipe
+        self.buf = b""                # an "E" line not yet complete
+        self.started = now            # when it was forked
+        self.ready = False            # it sent "R": lifespan started, serving
+        self.last_beat = now          # when its loop last said it turns
+        self.retiring = False         # asked to stop (or stopping itself): not counted
+        self.stack = None             # bytearray: the stack it wrote when stuck
+        self.stuck = False            # the watchdog asked for its stack
+        self.error = None             # why its application could not be loaded
+
+    def __repr__(self):
+        return "<worker %d pid %d gen %d%s%s>" % (
+            self.slot, self.pid, self.generation, " ready" if self.ready else "",
+            " retiring" if self.retiring else "")
 
 
 class Supervisor:
-    """Forks ``config.workers`` servers on one listener and keeps them alive."""
+    """Forks ``config.workers`` servers on one listener and keeps them alive.
 
-    def __init__(self, app, config, log):
+    ``app`` is the application, or None with ``load``: a function that
+    imports it, called in every new worker, so that a reload (SIGHUP) runs
+    the code as it is on disk now.
+    """
+
+    def __init__(self, app, config, log, load=None, clock=time.monotonic):
         self.app = app
+        self.load = load
         self.config = config
         self.log = log
-        self.children = {}        # pid -> worker number
-        self.stopping = False     # a shutdown signal arrived
-        self.signals = 0
-        self.deaths = []          # times of unexpected worker exits
+        self.loop = Loop(clock=clock, logger=log, slow_callback=config.slow_callback)
+        self.listeners = []           # every Listener, until the stop begins
+        self.workers = {}             # pid -> _Worker
+        self.size = config.workers    # the desired number of workers (TTIN/TTOU)
+        self.generation = 1           # the generation that serves
+        self.next_generation = None   # the generation a reload is starting
+        self.generations = 1          # generations started so far
+        self.reload_again = False     # a SIGHUP came during a reload
+        self.first_ready = False      # the first generation has started
+        self.backoff = {}             # slot -> seconds of its last back-off
+        self.respawns = {}            # slot -> Timer of a respawn after a back-off
+        self.stopping = False         # a stop signal arrived (or the start failed)
+        self.signals = 0              # stop signals received
         self.exit_status = 0
+        self.finished = Future(self.loop)   # resolved when the last worker is gone
 
-    def run(self, sock):
-        """Serve with workers on the bound ``sock``; returns the exit status."""
-        ready_r, ready_w = os.pipe()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
-        for number in range(1, self.config.workers + 1):
-            self._spawn(number, sock, ready_r, ready_w)
-        os.close(ready_w)
-        if self._wait_ready(ready_r, sock):
-            self.log.info("pagi_ref: %d workers started", self.config.workers)
-            sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % sock.getsockname()[:2])
-            sys.stderr.flush()
-        os.close(ready_r)
-        self._watch(sock)
-        sock.close()
+    def __repr__(self):
+        return "<Supervisor size=%d generation=%d workers=%r%s>" % (
+            self.size, self.generation, sorted(self.workers.values(), key=lambda w: w.slot),
+            " stopping" if self.stopping else "")
+
+    # -- running ----------------------------------------------------------------
+
+    def run(self, listeners):
+        """Serve with workers on the open ``listeners`` (Listener objects, or
+        one socket); returns the exit status."""
+        if not isinstance(listeners, (list, tuple)):
+            listeners = [listeners]
+        self.listeners = [l if isinstance(l, Listener) else Listener(l) for l in listeners]
+        loop = self.loop
+        handlers = {signal.SIGTERM: self._on_stop_signal, signal.SIGINT: self._on_stop_signal,
+                    signal.SIGQUIT: self._on_quit, signal.SIGHUP: self._on_hup,
+                    signal.SIGTTIN: self._on_ttin, signal.SIGTTOU: self._on_ttou,
+                    signal.SIGCHLD: self._on_sigchld}
+        for signum in _SUPERVISED_SIGNALS:
+            loop.add_signal_handler(signum, handlers[signum])
+        try:
+            self._fill()
+            loop.call_later(_watch_interval(self.config), self._tick)
+            loop.run_until(self.finished)
+        finally:
+            loop.remove_signal_handlers()
+            for worker in list(self.workers.values()):
+                _kill(worker.pid, signal.SIGKILL)    # only if run() itself failed
+            self._close_listener()
+            loop.close()
         return self.exit_status
 
-    def _spawn(self, number, sock, ready_r=None, ready_w=None):
-        pid = os.fork()
-        if pid:
-            self.children[pid] = number
-            return
-        # The child: never returns into the supervisor's code.
-        status = 1
-        try:
-            if ready_r is not None:
-                os.close(ready_r)
-            status = self._serve_child(number, sock, ready_w)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(status)
+    def _close_listener(self):
+        """Every listener, and the Unix socket files the supervisor made."""
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
 
-    def _serve_child(self, number, sock, ready_w):
-        server = Server(self.app, self.config, logger=self.log, worker_num=number)
+    def _live(self, generation):
+        return [w for w in self.workers.values()
+                if w.generation == generation and not w.retiring]
+
+    def _fill(self):
+        """Start what the desired state lacks: one worker per slot of the
+        serving generation, except slots waiting out a back-off."""
+        if self.stopping or self.next_generation is not None:
+            return
+        taken = {w.slot for w in self._live(self.generation)}
+        for slot in range(1, self.size + 1):
+            if slot not in taken and slot not in self.respawns:
+                self._spawn(slot, self.generation)
+
+    def _spawn(self, slot, generation):
+        read_end, write_end = os.pipe()
+        # Signals stay blocked across the fork, so that none reaches the
+        # child before it has replaced the supervisor's handlers.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            os.close(read_end)
+            os.close(write_end)
+            self.log.error("cannot fork worker %d: %s; trying again in %.1f s",
+                           slot, exc, _RESPAWN_CAP)
+            self._respawn_later(slot, _RESPAWN_CAP)
+            return
+        if pid == 0:
+            # The child: never returns into the supervisor's code.
+            status = 1
+            try:
+                os.close(read_end)
+                status = self._serve_child(slot, write_end, blocked)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        worker = _Worker(pid, slot, generation, read_end, self.loop.time())
+        self.workers[pid] = worker
+        self.loop.add_reader(read_end, lambda: self._on_pipe(worker))
+
+    # -- the worker's side of the fork -------------------------------------------
+
+    def _serve_child(self, slot, pipe, blocked):
+        """In the new child: give back the supervisor's loop and signals,
+        load the application, serve; returns the exit status."""
+        self.loop.remove_signal_handlers()
+        for worker in self.workers.values():
+            os.close(worker.pipe)
+        self.loop.abandon_after_fork()
+        app = self.app
+        if self.load is not None:
+            try:
+                app = self.load()
+            except Exception as exc:
+                message = str(exc) or type(exc).__name__
+                os.write(pipe, b"E" + message.replace("\n", " ").encode("utf-8", "replace")
+                         + b"\n")
+                return _WORKER_CANNOT_LOAD
+        server = Server(app, self.config, logger=self.log, worker_num=slot)
         server.supervisor_pid = os.getppid()
-        server.use_listener(sock)
+        for listener in self.listeners:
+            server.use_listener(listener)     # a fork's copy: the file stays the supervisor's
+        # Ctrl-C reaches the whole process group, and a terminal hang-up
+        # sends SIGHUP to it: the supervisor acts on those for the workers.
+        # (Ignored before and after the server's own handlers, so that they
+        # stay ignored when the server gives its handlers back.)
+        supervised = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+        for signum in supervised:
+            signal.signal(signum, signal.SIG_IGN)
         server.install_signal_handlers(escalate=False)
-        # Ctrl-C reaches the whole process group; the supervisor turns it
-        # into one SIGTERM per worker, so a worker ignores SIGINT itself.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in supervised:
+            signal.signal(signum, signal.SIG_IGN)
+        # The watchdog's question "where are you stuck?" (SIGUSR2) is answered
+        # by faulthandler from C, even while Python code holds the loop.
+        os.set_blocking(pipe, False)
+        faulthandler.register(signal.SIGUSR2, file=pipe, all_threads=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        server.on_retire = lambda: _tell(pipe, b"M")
+        interval = _watch_interval(self.config)
+
+        def heartbeat():
+            _tell(pipe, b".")
+            server.loop.call_later(interval, heartbeat)
+        server.loop.call_soon(heartbeat)
         if not server.startup():
             server.close()
             return _WORKER_REFUSED
-        if ready_w is not None:
-            os.write(ready_w, b"r")
-            os.close(ready_w)
+        _tell(pipe, b"R")
         server.serve()
         return 0
 
-    def _wait_ready(self, ready_r, sock):
-        """Until every worker has started: True, or False if one refused."""
-        started = 0
-        while started < self.config.workers and not self.stopping:
-            readable, _, _ = select.select([ready_r], [], [], 0.1)
-            if readable:
-                data = os.read(ready_r, 64)
-                started += len(data)
-                if not data:
-                    break
-            self._reap(sock, block=False)
-            if self.exit_status == _WORKER_REFUSED:
-                return False
-        return started >= self.config.workers
+    # -- what the workers say ------------------------------------------------------
 
-    def _watch(self, sock):
-        while self.children:
-            self._reap(sock, block=True)
-
-    def _reap(self, sock, block):
+    def _on_pipe(self, worker):
         try:
-            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            self.children.clear()
+            data = os.read(worker.pipe, 4096)
+        except (BlockingIOError, InterruptedError):
             return
-        if pid == 0:
+        except OSError:
+            data = b""
+        if not data:              # the worker has gone; SIGCHLD tells how
+            self.loop.forget(worker.pipe)
             return
-        number = self.children.pop(pid, None)
-        code = os.waitstatus_to_exitcode(status)
-        if number is None or self.stopping:
+        if worker.stuck:          # what follows the watchdog's SIGUSR2 is the stack
+            if len(worker.stack) < _STACK_LIMIT:
+                worker.stack += data
             return
-        if code == _WORKER_REFUSED:
-            self.log.error("worker %d refused to start; stopping", number)
-            self.exit_status = _WORKER_REFUSED
-            self._stop()
-            return
-        now = time.monotonic()
-        self.deaths = [t for t in self.deaths if now - t < _RESPAWN_WINDOW] + [now]
-        if len(self.deaths) > _RESPAWN_LIMIT:
-            self.log.error("workers keep dying (%d in %.0f s); stopping",
-                           len(self.deaths), _RESPAWN_WINDOW)
-            self.exit_status = 1
-            self._stop()
-            return
-        self.log.warning("worker %d (pid %d) exited with status %d; starting another",
-                         number, pid, code)
-        self._spawn(number, sock)
+        data = worker.buf + data
+        worker.buf = b""
+        now = self.loop.time()
+        while data:
+            if data[:1] == b"E":
+                line, newline, rest = data[1:].partition(b"\n")
+                if not newline:
+                    worker.buf = data
+                    return
+                worker.error = line.decode("utf-8", "replace")
+                data = rest
+                continue
+            kind, data = data[:1], data[1:]
+            worker.last_beat = now
+            if kind == b"R":
+                self._started(worker)
+            elif kind == b"M":
+                self.log.info("pagi_ref: worker %d (pid %d) reached max_requests; "
+                              "starting its replacement", worker.slot, worker.pid)
+                worker.retiring = True
+                self._fill()
 
-    def _on_signal(self, signum, frame):
+    def _started(self, worker):
+        worker.ready = True
+        if self.stopping:
+            return
+        if not self.first_ready:
+            ready = [w for w in self._live(self.generation) if w.ready]
+            if len(ready) >= self.size:
+                self.first_ready = True
+                self.log.info("pagi_ref: %d workers started", self.size)
+                announce_listeners(self.log, self.listeners)
+                if self.reload_again:       # a SIGHUP came during the start
+                    self.reload_again = False
+                    self._on_hup(signal.SIGHUP)
+        elif worker.generation == self.next_generation:
+            ready = [w for w in self._live(worker.generation) if w.ready]
+            if len(ready) >= self.size:
+                self._switch_generation()
+
+    # -- deaths -------------------------------------------------------------------
+
+    def _on_sigchld(self, signum):
+        self._reap()
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._died(worker, os.waitstatus_to_exitcode(status))
+        if self.stopping and not self.workers:
+            _resolve_if_pending(self.finished, None)
+
+    def _died(self, worker, code):
+        self.loop.forget(worker.pipe)
+        os.close(worker.pipe)
+        how = _describe_exit(code)
+        if self.stopping:
+            self.log.debug("worker %d (pid %d) %s", worker.slot, worker.pid, how)
+            return
+        if worker.retiring and not worker.stuck:
+            self.log.info("pagi_ref: worker %d (pid %d) of generation %d %s",
+                          worker.slot, worker.pid, worker.generation, how)
+            self._fill()
+            return
+        why = how
+        if code == _WORKER_CANNOT_LOAD and worker.error:
+            why = "could not load the application: %s" % worker.error
+        elif code == _WORKER_REFUSED:
+            why = "refused to start (its lifespan startup failed)"
+        if not self.first_ready and worker.generation == 1:
+            self.log.error("worker %d (pid %d) %s; stopping", worker.slot, worker.pid, why)
+            if code == _WORKER_CANNOT_LOAD and worker.error:
+                sys.stderr.write("pagi_ref: error: %s\n" % worker.error)
+                sys.stderr.flush()
+            self.exit_status = code if code in (_WORKER_CANNOT_LOAD, _WORKER_REFUSED) else 1
+            self._begin_stop()
+            return
+        if worker.generation == self.next_generation:
+            self._abort_reload(worker, why)
+            return
+        if worker.retiring:      # stuck, killed by the watchdog, already replaced
+            self.log.error("worker %d (pid %d) %s", worker.slot, worker.pid, why)
+            return
+        lived = self.loop.time() - worker.started
+        if lived >= _HEALTHY_RUN:
+            delay = 0.0
+        else:
+            delay = min(_RESPAWN_CAP, max(_RESPAWN_FIRST, 2 * self.backoff.get(worker.slot, 0)))
+        self.backoff[worker.slot] = delay
+        if worker.generation != self.generation:
+            self.log.error("worker %d (pid %d) of generation %d %s", worker.slot,
+                           worker.pid, worker.generation, why)
+            return
+        if delay:
+            self.log.error("worker %d (pid %d) %s after %.1f s; starting another in %.1f s",
+                           worker.slot, worker.pid, why, lived, delay)
+            self._respawn_later(worker.slot, delay)
+        else:
+            self.log.error("worker %d (pid %d) %s; starting another",
+                           worker.slot, worker.pid, why)
+            self._fill()
+
+    def _respawn_later(self, slot, delay):
+        def due():
+            self.respawns.pop(slot, None)
+            self._fill()
+        self.respawns[slot] = self.loop.call_later(delay, due)
+
+    # -- the watchdog ---------------------------------------------------------------
+
+    def _tick(self):
+        self._reap()
+        timeout = self.config.worker_timeout
+        now = self.loop.time()
+        for worker in list(self.workers.values()):
+            if timeout and worker.ready and not worker.stuck \
+                    and now - worker.last_beat > timeout:
+                worker.stuck = True
+                worker.stack = bytearray()
+                _kill(worker.pid, signal.SIGUSR2)
+                self.loop.call_later(_STACK_GRACE, self._kill_stuck, worker, now - worker.last_beat)
+        self.loop.call_later(_watch_interval(self.config), self._tick)
+
+    def _kill_stuck(self, worker, silent):
+        if self.workers.get(worker.pid) is not worker:
+            return
+        stack = bytes(worker.stack).decode("utf-8", "replace").rstrip()
+        self.log.error("worker %d (pid %d): its loop has not turned for %.1f s "
+                       "(worker_timeout %.1f s); killing it.  Where it was stuck:\n%s",
+                       worker.slot, worker.pid, silent, self.config.worker_timeout,
+                       stack or "(no stack received)")
+        _kill(worker.pid, signal.SIGKILL)
+        was_retiring, worker.retiring = worker.retiring, True
+        if not was_retiring and not self.stopping:
+            self._fill()       # its replacement starts now, back-off or not
+
+    # -- reloading and resizing ------------------------------------------------------
+
+    def _on_hup(self, signum):
+        if self.stopping:
+            return
+        if self.next_generation is not None or not self.first_ready:
+            self.log.info("pagi_ref: SIGHUP received while workers are starting; "
+                          "reloading once they have")
+            self.reload_again = True
+            return
+        self.generations += 1
+        self.next_generation = self.generations
+        self.log.info("pagi_ref: SIGHUP received: starting generation %d (%d workers); "
+                      "generation %d serves until it has started", self.next_generation,
+                      self.size, self.generation)
+        for slot in range(1, self.size + 1):
+            self._spawn(slot, self.next_generation)
+
+    def _switch_generation(self):
+        old, self.generation = self.generation, self.next_generation
+        self.next_generation = None
+        for timer in self.respawns.values():
+            timer.cancel()
+        self.respawns.clear()
+        self.backoff.clear()
+        stopping = [w for w in self.workers.values() if w.generation < self.generation]
+        for worker in stopping:
+            worker.retiring = True
+            _kill(worker.pid, signal.SIGTERM)
+        self.log.info("pagi_ref: generation %d serves; stopping generation %d "
+                      "gracefully (%d workers)", self.generation, old, len(stopping))
+        self._after_reload()
+
+    def _abort_reload(self, worker, why):
+        failed, self.next_generation = self.next_generation, None
+        for other in self._live(failed):
+            other.retiring = True
+            _kill(other.pid, signal.SIGTERM)
+        self.log.error("pagi_ref: reload failed: worker %d (pid %d) of generation %d %s; "
+                       "generation %d goes on serving", worker.slot, worker.pid, failed,
+                       why, self.generation)
+        self._after_reload()
+
+    def _after_reload(self):
+        self._fill()
+        if self.reload_again:
+            self.reload_again = False
+            self._on_hup(signal.SIGHUP)
+
+    def _on_ttin(self, signum):
+        if self.stopping:
+            return
+        self.size += 1
+        self.log.info("pagi_ref: SIGTTIN received: %d workers", self.size)
+        if self.next_generation is not None:    # the reload's generation grows too
+            self._spawn(self.size, self.next_generation)
+        self._fill()
+
+    def _on_ttou(self, signum):
+        if self.stopping:
+            return
+        if self.size == 1:
+            self.log.info("pagi_ref: SIGTTOU received: staying at 1 worker")
+            return
+        self.size -= 1
+        self.log.info("pagi_ref: SIGTTOU received: %d workers", self.size)
+        timer = self.respawns.pop(self.size + 1, None)
+        if timer is not None:
+            timer.cancel()
+        for worker in self.workers.values():
+            if worker.slot > self.size and not worker.retiring and \
+                    worker.generation in (self.generation, self.next_generation):
+                worker.retiring = True
+                _kill(worker.pid, signal.SIGTERM)
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def _on_stop_signal(self, signum):
         self.signals += 1
         if self.signals > 1:
-            for pid in list(self.children):
-                _kill(pid, signal.SIGKILL)
-            os._exit(1)
-        self.log.info("pagi_ref: %s received, stopping %d workers",
-                      signal.Signals(signum).name, len(self.children))
-        self._stop()
+            self.log.info("pagi_ref: second %s received: stopping at once",
+                          signal.Signals(signum).name)
+            self._stop_now()
+            return
+        self.log.info("pagi_ref: %s received, stopping %d workers (each gets up to %g s to "
+                      "finish its requests); press Ctrl-C again to stop now",
+                      signal.Signals(signum).name, len(self.workers),
+                      self.config.shutdown_timeout)
+        self._begin_stop()
 
-    def _stop(self):
+    def _on_quit(self, signum):
+        self.log.info("pagi_ref: SIGQUIT received: stopping at once")
+        self._stop_now()
+
+    def _begin_stop(self):
+        """Graceful: the listener closes first (new connections are refused
+        at once), then every worker is told to finish what it is serving."""
         self.stopping = True
-        for pid in list(self.children):
-            _kill(pid, signal.SIGTERM)
+        self._close_listener()
+        for timer in self.respawns.values():
+            timer.cancel()
+        self.respawns.clear()
+        for worker in self.workers.values():
+            _kill(worker.pid, signal.SIGTERM)
+        self._reap()
+
+    def _stop_now(self):
+        self.stopping = True
+        self.exit_status = 1
+        self._close_listener()
+        for worker in self.workers.values():
+            _kill(worker.pid, signal.SIGKILL)
+        self._reap()
+
+
+def _tell(fd, message):
+    """A worker's one-byte message to its supervisor; never blocks (a full
+    pipe means the supervisor has plenty to read already)."""
+    try:
+        os.write(fd, message)
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:
+        pass    # the supervisor is gone: the sweep notices
 
 
 def _kill(pid, signum):
@@ -5073,13 +6287,15 @@ def run(app, host="127.0.0.1", port=8000, **config):
     """Serve ``app`` until SIGTERM/SIGINT: for people who vendor this file.
     Prints the listening line (with the real port) as the command line does."""
     config = Config(host=host, port=port, **config)
+    listeners = open_listeners(config, os.environ)
     if config.workers > 1:
-        status = Supervisor(app, config, _error_log(config)).run(listening_socket(config))
+        status = Supervisor(app, config, _error_log(config)).run(listeners)
         if status:
             raise RuntimeError("pagi_ref: the workers stopped with status %d" % status)
         return
     server = Server(app, config, logger=_error_log(config))
-    server.bind()
+    for listener in listeners:
+        server.use_listener(listener)
     if not _start_and_serve(server):
         raise RuntimeError("pagi_ref: the application refused to start (lifespan)")
 
@@ -5094,8 +6310,7 @@ def _start_and_serve(server):
         server.close()
         return False
     if not server.shutting_down:        # a signal may have come during startup
-        sys.stderr.write("pagi_ref: listening on http://%s:%d\n" % server.address)
-        sys.stderr.flush()
+        announce_listeners(server.log, server.listeners)
     server.serve()
     return True
 
@@ -5104,11 +6319,22 @@ class _UsageError(Exception):
     pass
 
 
-def load_app(spec):
-    """Import ``MODULE:ATTR`` and return the attribute."""
+def _split_app_spec(spec):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise _UsageError("application must be given as MODULE:ATTR, got %r" % spec)
+    return module_name, attr
+
+
+def _import_machinery(filename):
+    """A frame of pagi_ref's own loading or of importlib, not the application's."""
+    return (filename == __file__ or filename.startswith("<frozen")
+            or os.sep + "importlib" + os.sep in filename)
+
+
+def load_app(spec):
+    """Import ``MODULE:ATTR`` and return the attribute."""
+    module_name, attr = _split_app_spec(spec)
     try:
         if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
             path = os.path.abspath(module_name)
@@ -5129,7 +6355,16 @@ def load_app(spec):
     except _UsageError:
         raise
     except Exception as exc:
-        raise _UsageError("cannot import %s: %s: %s" % (module_name, type(exc).__name__, exc))
+        # The first line says what failed; the traceback below it, from the
+        # application's own frames on (as uvicorn shows it), says where.
+        # A module that is simply not there gets the one line.
+        tb = exc.__traceback__
+        while tb is not None and _import_machinery(tb.tb_frame.f_code.co_filename):
+            tb = tb.tb_next
+        where = "" if tb is None and not isinstance(exc, SyntaxError) else "\n" + "".join(
+            traceback.format_exception(type(exc), exc, tb)).rstrip()
+        raise _UsageError("cannot import %s: %s: %s%s" % (module_name, type(exc).__name__,
+                                                           exc, where))
     try:
         obj = module
         for part in attr.split("."):
@@ -5139,6 +6374,14 @@ def load_app(spec):
     if not callable(obj):
         raise _UsageError("%s is not callable" % spec)
     return obj
+
+
+def _uds_option(path):
+    return "unix:" + path
+
+
+def _fd_option(number):
+    return "fd://%d" % int(number)
 
 
 def _argument_parser():
@@ -5158,16 +6401,23 @@ def _argument_parser():
         else:
             shown = "off"
         help_text = ("%s (default: %s)" % (help_text, shown)).replace("%", "%%")
-        if kind is bool:       # a switch: --name turns it on, --no-name off
-            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                                action="store_const", const=True, help=help_text)
-            parser.add_argument("--no-" + name.replace("_", "-"), dest=name,
-                                action="store_const", const=False, help=argparse.SUPPRESS)
-            continue
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
-                            default=None, metavar=kind.__name__.upper(), help=help_text)
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:      # --server-header / --no-server-header
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif kind is tuple:   # repeatable
+            parser.add_argument(flag, dest=name, action="append", metavar="ADDRESS",
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None,
+                                metavar=kind.__name__.upper(), help=help_text)
+    # uvicorn's spellings of two kinds of --bind.
+    parser.add_argument("--uds", dest="bind", action="append", metavar="PATH",
+                        type=_uds_option, help="the same as --bind unix:PATH")
+    parser.add_argument("--fd", dest="bind", action="append", metavar="N",
+                        type=_fd_option, help="the same as --bind fd://N")
     parser.add_argument("--no-access-log", action="store_true",
-                        help="no access log (the default)")
+                        help="no access log (the default is one line per request to stdout)")
     return parser
 
 
@@ -5177,10 +6427,15 @@ def main(argv=None):
     fields = {name: getattr(args, name) for name, _d, _k, _h in _CONFIG_FIELDS
               if getattr(args, name) is not None}
     if args.no_access_log:
-        fields.pop("access_log", None)
+        fields["access_log"] = None
     try:
+        if "bind" in fields and ("host" in fields or "port" in fields):
+            raise _UsageError("--bind, --uds and --fd replace --host and --port: "
+                              "give one or the other")
         config = Config(**fields)
-        app = load_app(args.app)
+        # With workers, each worker imports the application after the fork
+        # (so that a reload imports it afresh); the supervisor never does.
+        app = load_app(args.app) if config.workers == 1 else _split_app_spec(args.app)
     except (ConfigError, _UsageError) as exc:
         sys.stderr.write("pagi_ref: error: %s\n" % exc)
         return 2
@@ -5192,15 +6447,16 @@ def main(argv=None):
                              % (config.access_log, exc.strerror or exc))
             return 2
     try:
-        sock = listening_socket(config)
+        listeners = open_listeners(config, os.environ)
     except OSError as exc:
-        sys.stderr.write("pagi_ref: error: cannot listen on %s:%d: %s\n"
-                         % (config.host, config.port, exc.strerror or exc))
+        sys.stderr.write("pagi_ref: error: %s\n" % exc)
         return 1
     if config.workers > 1:
-        return Supervisor(app, config, _error_log(config)).run(sock)
+        return Supervisor(None, config, _error_log(config),
+                          load=lambda: load_app(args.app)).run(listeners)
     server = Server(app, config, logger=_error_log(config))
-    server.use_listener(sock)
+    for listener in listeners:
+        server.use_listener(listener)
     return 0 if _start_and_serve(server) else 3
 
 
@@ -5709,7 +6965,21 @@ class _Conversation:
             raise error
 
 
-class StreamingResponse(Response):
+class _OneConversation:
+    """What holds one _Conversation open: a context manager that ends it
+    (quietly when the with block raised), and close()."""
+
+    def close(self):
+        self._conversation.end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._conversation.end(quiet=exc_type is not None)
+
+
+class StreamingResponse(_OneConversation, Response):
     """A response whose body is read as it arrives: ``iter_bytes()``,
     ``iter_text()``, ``iter_lines()`` or ``read()``, inside ``with
     client.stream(...) as response:``; leaving the block closes the
@@ -5770,14 +7040,6 @@ class StreamingResponse(Response):
             pass
         return self.content
 
-    def close(self):
-        self._conversation.end()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self._conversation.end(quiet=exc_type is not None)
 
 
 class ServerSentEvent:
@@ -5877,7 +7139,7 @@ class _EventStreamParser:
         return ServerSentEvent("\n".join(data), event or "message", self.last_event_id, retry)
 
 
-class EventStream:
+class EventStream(_OneConversation):
     """``with client.sse(path) as events:`` -- iterate for ServerSentEvent
     objects until the server ends the stream; leaving the block closes the
     connection (the application gets sse.disconnect).  ``response`` is the
@@ -5922,14 +7184,6 @@ class EventStream:
             conversation.end(exc)
         conversation.end()
 
-    def close(self):
-        self._conversation.end()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self._conversation.end(quiet=exc_type is not None)
 
 
 class WebSocketSession:

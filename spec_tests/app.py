@@ -63,8 +63,25 @@ def jsonable(value):
     return repr(value)
 
 
-def type_name(value):
-    return type(value).__name__
+def kind(value):
+    """APP.md's language-neutral name for the kind of a value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "map"
+    return "object"
 
 
 def read_body(receive):
@@ -92,13 +109,21 @@ def respond_json(send, obj, status=200, headers=()):
     yield from respond(send, status, body, b"application/json", headers)
 
 
+def category(exc):
+    """APP.md's error category of an exception a send raised."""
+    if isinstance(exc, FileNotFoundError):
+        return "not-found"
+    if isinstance(exc, PermissionError):
+        return "permission-denied"
+    if isinstance(exc, (ValueError, TypeError)):   # pagi_ref.EventError is a ValueError
+        return "invalid-event"
+    return "other"
+
+
 def error_report(exc):
     if exc is None:
         return {"raised": False}
-    return {"raised": True, "error_type": type(exc).__name__,
-            "is_value_error": isinstance(exc, ValueError),
-            "is_type_error": isinstance(exc, TypeError),
-            "message": str(exc)}
+    return {"raised": True, "category": category(exc), "message": str(exc)}
 
 
 def try_send(send, event):
@@ -117,7 +142,7 @@ TRANSPORT_METHODS = ("buffered_amount", "high_water_mark", "low_water_mark",
 
 
 def describe(scope):
-    """The scope as JSON: bytes as latin-1 strings, plus the Python types."""
+    """The scope as JSON: bytes as latin-1 strings, plus APP.md's kinds."""
     out = {}
     for key in ("type", "pagi", "http_version", "method", "scheme", "path", "raw_path",
                 "query_string", "root_path", "headers", "client", "server",
@@ -125,19 +150,19 @@ def describe(scope):
         if key in scope:
             out[key] = jsonable(scope[key])
     out["keys"] = sorted(scope)
-    out["types"] = {k: type_name(v) for k, v in scope.items()}
-    out["pagi_types"] = {k: type_name(v) for k, v in scope.get("pagi", {}).items()} \
+    out["kinds"] = {k: kind(v) for k, v in scope.items()}
+    out["pagi_kinds"] = {k: kind(v) for k, v in scope.get("pagi", {}).items()} \
         if isinstance(scope.get("pagi"), dict) else None
     headers = scope.get("headers")
     out["headers_ok"] = isinstance(headers, list) and all(
         len(pair) == 2 and isinstance(pair[0], bytes) and isinstance(pair[1], bytes)
         for pair in headers)
-    out["client_types"] = [type_name(v) for v in scope["client"]] \
+    out["client_kinds"] = [kind(v) for v in scope["client"]] \
         if scope.get("client") else None
-    out["server_types"] = [type_name(v) for v in scope["server"]] \
+    out["server_kinds"] = [kind(v) for v in scope["server"]] \
         if scope.get("server") else None
     ext = scope.get("extensions")
-    out["extensions"] = {k: type_name(v) for k, v in ext.items()} \
+    out["extensions"] = {k: kind(v) for k, v in ext.items()} \
         if isinstance(ext, dict) else None
     state = scope.get("state")
     out["state"] = sorted(state) if isinstance(state, dict) else None
@@ -151,7 +176,7 @@ def describe(scope):
             if m in t["methods"]:
                 v = getattr(transport, m)()
                 t[m] = v
-                t[m + "_type"] = type_name(v)
+                t[m + "_kind"] = kind(v)
         out["transport"] = t
     else:
         out["transport"] = None
@@ -176,10 +201,10 @@ def r_events(scope, receive, send):
     out = []
     while True:
         event = yield receive()
-        out.append({"type": event.get("type"), "type_type": type_name(event.get("type")),
+        out.append({"type": event.get("type"), "type_kind": kind(event.get("type")),
                     "body_len": len(event.get("body", b"")),
-                    "body_type": type_name(event.get("body")),
-                    "more": event.get("more"), "more_type": type_name(event.get("more")),
+                    "body_kind": kind(event.get("body")),
+                    "more": event.get("more"), "more_kind": kind(event.get("more")),
                     "keys": sorted(event)})
         if event["type"] != "http.request" or not event.get("more", 0):
             break
@@ -302,7 +327,7 @@ START_OK = {"type": "http.response.start", "status": 200,
 # cases after a valid start (the report then travels in the body).
 BAD_EVENTS = {
     "missing-status": ("pre", {"type": "http.response.start", "headers": []}),
-    "status-str": ("pre", {"type": "http.response.start", "status": "200", "headers": []}),
+    "status-text": ("pre", {"type": "http.response.start", "status": "200", "headers": []}),
     "status-range": ("pre", {"type": "http.response.start", "status": 1000, "headers": []}),
     "status-100": ("pre", {"type": "http.response.start", "status": 100, "headers": []}),
     "status-101": ("pre", {"type": "http.response.start", "status": 101, "headers": []}),
@@ -311,21 +336,22 @@ BAD_EVENTS = {
                                        "headers": [(b"content-length", b"abc")]}),
     "headers-not-list": ("pre", {"type": "http.response.start", "status": 200,
                                  "headers": "x-a: b"}),
-    "header-str-value": ("pre", {"type": "http.response.start", "status": 200,
-                                 "headers": [(b"x-a", "text")]}),
+    "header-text-value": ("pre", {"type": "http.response.start", "status": 200,
+                                 "headers": [(b"x-a", "\u263a")]}),
     "header-triple": ("pre", {"type": "http.response.start", "status": 200,
                               "headers": [(b"x-a", b"b", b"c")]}),
     "unknown-type": ("pre", {"type": "http.response.bogus", "status": 200}),
     "no-type": ("pre", {"status": 200, "headers": []}),
-    "not-a-dict": ("pre", [("type", "http.response.start")]),
+    "not-a-map": ("pre", [("type", "http.response.start")]),
     "unadvertised-extension": ("pre", {"type": "ext.spec.unknown"}),
     "body-before-start": ("pre", {"type": "http.response.body", "body": b"x", "more": 0}),
     "extra-field-start": ("pre", {"type": "http.response.start", "status": 200,
                                   "headers": [(b"content-type", b"application/json")],
                                   "x_spec_extra": {"any": "thing"}}),
-    "body-str": ("body", {"type": "http.response.body", "body": "text", "more": 1}),
-    "body-int": ("body", {"type": "http.response.body", "body": 5, "more": 1}),
-    "more-str": ("body", {"type": "http.response.body", "body": b"", "more": "yes"}),
+    "body-text": ("body", {"type": "http.response.body", "body": "caf\u00e9 \u263a",
+                          "more": 1}),
+    "body-integer": ("body", {"type": "http.response.body", "body": 5, "more": 1}),
+    "more-text": ("body", {"type": "http.response.body", "body": b"", "more": "yes"}),
     "double-start": ("body", dict(START_OK)),
     "trailers-unannounced": ("body", {"type": "http.response.trailers",
                                       "headers": [(b"x-t", b"1")]}),
@@ -474,13 +500,23 @@ def r_app_close(scope, receive, send):
     yield from respond(send, 200, b"bye", headers=[(b"connection", b"close")])
 
 
-def r_types(scope, receive, send):
-    yield send({"type": "http.response.start", "status": 200,
-                "headers": ((b"content-type", b"text/plain"), (b"x-tuple", b"yes")),
-                "trailers": False})
-    yield send({"type": "http.response.body", "body": bytearray(b"ab"), "more": True})
-    yield send({"type": "http.response.body", "body": memoryview(b"cd"), "more": 1})
-    yield send({"type": "http.response.body", "body": b"ef", "more": False})
+def r_limits(scope, receive, send):
+    """The limits pagi_ref runs with: the body and WebSocket limits from the
+    environment the suite (or whoever started the server) sets, else
+    pagi_ref's defaults; the watermarks from this request's pagi.transport."""
+    yield from read_body(receive)
+    defaults = pagi_ref.Config()
+    report = {}
+    for key, env, default in (("max_body_size", "PAGI_SPEC_MAX_BODY_SIZE",
+                               defaults.max_body_size),
+                              ("ws_max_size", "PAGI_SPEC_WS_MAX_SIZE",
+                               defaults.ws_max_message_size)):
+        value = os.environ.get(env)
+        report[key] = int(value) if value else default
+    transport = scope.get("pagi.transport")
+    report["write_high_watermark"] = transport.high_water_mark() if transport else None
+    report["write_low_watermark"] = transport.low_water_mark() if transport else None
+    yield from respond_json(send, report)
 
 
 def r_fullflush(scope, receive, send):
@@ -534,11 +570,8 @@ def r_file(scope, receive, send):
         if fh is not None:
             fh.close()
     if exc is not None:
-        kinds = [k.__name__ for k in (FileNotFoundError, PermissionError, ValueError,
-                                      TypeError, OSError) if isinstance(exc, k)]
         yield send({"type": "http.response.body",
-                    "body": ("!error:%s:%s" % (type(exc).__name__, ",".join(kinds))).encode(),
-                    "more": 0})
+                    "body": ("!error:%s" % category(exc)).encode(), "more": 0})
 
 
 def r_slow(scope, receive, send):
@@ -602,11 +635,10 @@ def r_conn(scope, receive, send):
         s = {"at": label, "is_connected": conn.is_connected(),
              "disconnect_reason": conn.disconnect_reason(),
              "response_started": conn.response_started()}
-        if hasattr(conn, "response_complete"):
-            s["response_complete"] = conn.response_complete()
-        if hasattr(conn, "disconnect_future"):
-            f = conn.disconnect_future()
-            s["disconnect_future_done"] = None if f is None else f.done()
+        s["response_complete"] = conn.response_complete() \
+            if hasattr(conn, "response_complete") else None
+        f = conn.disconnect_future() if hasattr(conn, "disconnect_future") else None
+        s["disconnect_future_done"] = None if f is None else f.done()
         return s
 
     def on_disconnect(n):
@@ -637,7 +669,7 @@ def r_conn(scope, receive, send):
     if hasattr(conn, "on_complete"):
         conn.on_complete(on_complete(1))
         conn.on_complete(on_complete(2))
-    record(token, state("begin"))
+    record(token, dict(state("begin"), has_on_complete=hasattr(conn, "on_complete")))
 
     if mode == "complete":
         body, _events, gone = yield from read_body(receive)
@@ -757,7 +789,7 @@ HTTP_ROUTES = {
     "/app-te": r_app_te,
     "/date": r_date,
     "/app-close": r_app_close,
-    "/types": r_types,
+    "/limits": r_limits,
     "/fullflush": r_fullflush,
     "/file": r_file,
     "/slow": r_slow,
@@ -941,6 +973,8 @@ def sse_start_then_decline(scope, receive, send):
     yield from sse_read(receive)
     exc = yield from try_send(send, {"type": "sse.send", "data": "too early"})
     record(token, dict(error_report(exc), case="send-before-start"))
+    exc = yield from try_send(send, {"type": "sse.comment", "comment": "too early"})
+    record(token, dict(error_report(exc), case="comment-before-start"))
     yield send({"type": "sse.start", "status": 200})
     exc = yield from try_send(send, {"type": "sse.http.response.start", "status": 401,
                                      "headers": []})
@@ -994,7 +1028,7 @@ SSE_ROUTES = {"/sse/events": sse_events, "/sse/post": sse_post, "/sse/scope": ss
 
 def lifespan(scope, receive, send):
     record("lifespan", {"scope": {"type": scope.get("type"), "pagi": jsonable(scope.get("pagi")),
-                                  "state": type_name(scope.get("state"))}})
+                                  "state": kind(scope.get("state"))}})
     while True:
         event = yield receive()
         record("lifespan", {"event": event.get("type")})

@@ -1,4 +1,4 @@
-"""The PAGI conformance suite: the server under test, clause bookkeeping.
+"""The PAGI conformance suite: the server under test, profiles, clause bookkeeping.
 
 Where the server is:
   --server HOST:PORT   or   PAGI_SPEC_SERVER=HOST:PORT
@@ -10,20 +10,29 @@ Where the server is:
     "pagi_ref: listening on http://HOST:PORT".  Tests that need the server's
     error log or a second server with special options run only then.
 
-  --max-body-size N   or   PAGI_SPEC_MAX_BODY_SIZE=N
-    the server's request-body limit (default 10485760, pagi_ref's default).
+The server's limits (request body size, WebSocket message size) are what the
+application reports on GET /limits (APP.md); tests that depend on a limit
+derive their sizes from that report.
+
+Which clauses: --profile portable runs only the tests of clauses whose source
+is the upstream PAGI text or an RFC; --profile all adds pagi_ref's own (REF)
+clauses.  The default is all when the suite starts pagi_ref itself, portable
+with --server.
 
 Every test carries @pytest.mark.clause("ID", ...) with the clause ids of
-docs/spec.md it checks.  After the run a table lists every clause as
-passed / FAILED / pending / n/o (not observable on the wire) / untested,
-followed by a summary line; pytest's own closing line stays the last one.
---clause-table=all|problems|none chooses how much of the table to print.
+docs/spec.md it checks.  After the run a table lists every clause of the
+profile with its level and source, as passed / FAILED / pending / n/o (not
+observable on the wire) / untested, followed by a summary line; pytest's own
+closing line stays the last one.  The whole table is printed with --clauses
+or -v; otherwise only its problem rows (failed, untested, skipped) and the
+summary line.
 """
 import collections
 import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,7 +48,7 @@ if HERE not in sys.path:
 LISTENING = re.compile(r"pagi_ref: listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
 CLAUSE_LINE = re.compile(
     r"^- \*\*([A-Z]+(?:-[A-Z]+)*-\d+)\*\* · (MUST NOT|MUST|SHOULD NOT|SHOULD|MAY) · "
-    r"(wire|log|process|app)(?: \(([^)]*)\))?")
+    r"(wire|log|process|app)(?: \(([^)]*)\))?(?: · (PAGI|RFC|REF)((?: [^—]*?)?))? —")
 SPEC_PATH = os.path.join(ROOT, "docs", "spec.md")
 
 
@@ -50,16 +59,49 @@ def pytest_addoption(parser):
     group.addoption("--server", default=None,
                     help="HOST:PORT of a server running the conformance app "
                          "(default: $PAGI_SPEC_SERVER, else start pagi_ref)")
-    group.addoption("--max-body-size", type=int, default=None,
-                    help="the server's max_body_size (default: $PAGI_SPEC_MAX_BODY_SIZE "
-                         "or 10485760)")
-    group.addoption("--clause-table", default="all", choices=("all", "problems", "none"),
-                    help="per-clause table at the end: all rows, only failed/untested, none")
+    group.addoption("--profile", default=None, choices=PROFILES,
+                    help="portable: only clauses from the PAGI text or an RFC; all: also "
+                         "pagi_ref's own (REF) clauses (default: all when the suite starts "
+                         "pagi_ref, portable with --server)")
+    group.addoption("--clauses", action="store_true",
+                    help="print the whole per-clause table (also with -v)")
+    group.addoption("--clause-table", default=None, choices=("all", "problems", "none"),
+                    help="per-clause table at the end: all rows, only failed/untested, none "
+                         "(default: all with --clauses or -v, else problems)")
+
+
+PROFILES = ("portable", "all")
+PORTABLE_SOURCES = ("PAGI", "RFC")
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "clause(*ids): the docs/spec.md clause ids a test checks")
+
+
+def profile_of(config):
+    chosen = config.getoption("--profile")
+    if chosen:
+        return chosen
+    return "portable" if _external_addr(config) else "all"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """--profile portable: deselect every test that names a REF clause (or a
+    clause docs/spec.md does not know)."""
+    if profile_of(config) != "portable":
+        return
+    sources = {c.id: c.source for c in load_clauses()}
+    keep, drop = [], []
+    for item in items:
+        ids = [c for m in item.iter_markers("clause") for c in m.args]
+        if ids and all(sources.get(c) in PORTABLE_SOURCES for c in ids):
+            keep.append(item)
+        else:
+            drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 # -- the server under test ----------------------------------------------------------
@@ -191,12 +233,45 @@ def addr(server):
     return server.addr
 
 
+@pytest.fixture(autouse=True)
+def _server_listening(request):
+    """An external server that went down under a previous test and was
+    restarted by its runner (spec_tests/peers/run-perl.sh) is waited for
+    here, so the failure stays with the test that caused it."""
+    addr = _external_addr(request.config)
+    if not addr:
+        return
+    end = time.monotonic() + 10.0
+    while True:
+        try:
+            socket.create_connection(addr, timeout=2.0).close()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
-def max_body_size(request):
-    value = request.config.getoption("--max-body-size")
-    if value is None:
-        value = int(os.environ.get("PAGI_SPEC_MAX_BODY_SIZE", 10 * 1024 * 1024))
+def limits(addr):
+    """The server's limits as the application reports them (GET /limits)."""
+    from spec_wire import json_body, request
+    resp = request(addr, "GET", "/limits")
+    assert resp.status == 200, "GET /limits (APP.md) answered %r" % resp
+    return json_body(resp)
+
+
+@pytest.fixture(scope="session")
+def max_body_size(limits):
+    value = limits.get("max_body_size")
+    if not value:
+        pytest.skip("not observable: the server reports no request-body limit on /limits")
     return value
+
+
+@pytest.fixture(scope="session")
+def ws_max_message_size(limits):
+    return limits.get("ws_max_size")
 
 
 # -- per-clause bookkeeping ------------------------------------------------------------
@@ -221,8 +296,12 @@ def pytest_runtest_makereport(item, call):
         _RESULTS.append((item.nodeid, clauses, rep.outcome, reason))
 
 
+Clause = collections.namedtuple("Clause", "id level obs note source where")
+
+
 def load_clauses(path=SPEC_PATH):
-    """[(id, level, observability, note)] in document order."""
+    """[Clause(id, level, observability, note, source, where)] in document
+    order; source is PAGI, RFC or REF (None when the line names none)."""
     out = []
     if not os.path.exists(path):
         return out
@@ -234,7 +313,8 @@ def load_clauses(path=SPEC_PATH):
                 continue
             m = None if fenced else CLAUSE_LINE.match(line)
             if m:
-                out.append((m.group(1), m.group(2), m.group(3), m.group(4) or ""))
+                out.append(Clause(m.group(1), m.group(2), m.group(3), m.group(4) or "",
+                                  m.group(5), (m.group(6) or "").strip()))
     return out
 
 
@@ -255,40 +335,57 @@ def classify(clause_obs, results):
     return "skipped"
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
+def _table_mode(config):
     mode = config.getoption("--clause-table")
+    if mode:
+        return mode
+    if config.getoption("--clauses") or config.getoption("verbose") > 0:
+        return "all"
+    return "problems"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    mode = _table_mode(config)
     if mode == "none" or not _RESULTS:
         return
+    profile = profile_of(config)
     catalogue = load_clauses()
-    known = {c[0] for c in catalogue}
+    known = {c.id for c in catalogue}
+    in_profile = [c for c in catalogue
+                  if profile == "all" or c.source in PORTABLE_SOURCES]
     by_clause = collections.defaultdict(list)
     for _nodeid, clauses, outcome, reason in _RESULTS:
         for c in clauses:
             by_clause[c].append((outcome, reason))
-    rows = [(cid, level, obs, classify(obs, by_clause.get(cid, [])),
-             len(by_clause.get(cid, [])), note) for cid, level, obs, note in catalogue]
+    rows = [(c.id, c.level, c.source or "?", c.obs, classify(c.obs, by_clause.get(c.id, [])),
+             len(by_clause.get(c.id, [])), c.where) for c in in_profile]
     unknown = sorted(set(by_clause) - known)
     for cid in unknown:
-        rows.append((cid, "?", "?", classify("wire", by_clause[cid]), len(by_clause[cid]),
+        rows.append((cid, "?", "?", "?", classify("wire", by_clause[cid]), len(by_clause[cid]),
                      "not in docs/spec.md"))
     tw = terminalreporter
-    tw.section("PAGI clauses (docs/spec.md)", sep="=")
+    tw.section("PAGI clauses (docs/spec.md), profile %s" % profile, sep="=")
     if not catalogue:
         tw.line("docs/spec.md not found: listing only the clauses the tests name")
-    tw.line("%-18s %-9s %-8s %-9s %5s  %s" % ("clause", "level", "checked", "result", "tests",
-                                            "note"))
-    for cid, level, obs, verdict, n, note in rows:
-        if mode == "problems" and verdict not in ("FAILED", "untested", "skipped"):
-            continue
-        tw.line("%-18s %-9s %-8s %-9s %5s  %s" % (cid, level, obs, verdict, n or "", note),
+    fmt = "%-20s %-9s %-5s %-8s %-9s %5s  %s"
+    shown = [r for r in rows
+             if mode == "all" or r[4] in ("FAILED", "skipped")]
+    if shown:
+        tw.line(fmt % ("clause", "level", "src", "checked", "result", "tests", "where"))
+    for cid, level, source, obs, verdict, n, where in shown:
+        tw.line(fmt % (cid, level, source, obs, verdict, n or "", where),
                 red=verdict == "FAILED", yellow=verdict in ("untested", "pending"))
-    counts = collections.Counter(r[3] for r in rows)
+    if mode != "all":
+        tw.line("(%d rows; --clauses or -v prints them all)" % len(rows))
+    counts = collections.Counter(r[4] for r in rows)
+    left_out = len(catalogue) - len(in_profile)
     tw.line("")
-    tw.line("PAGI spec: %d clauses: %d passed, %d failed, %d pending, %d not observable "
-            "on the wire, %d untested%s" % (
-                len(rows), counts["passed"], counts["FAILED"], counts["pending"],
+    tw.line("PAGI spec, profile %s: %d clauses: %d passed, %d failed, %d pending, "
+            "%d not observable on the wire, %d untested%s%s" % (
+                profile, len(rows), counts["passed"], counts["FAILED"], counts["pending"],
                 counts["n/o"], counts["untested"],
-                ", %d skipped" % counts["skipped"] if counts["skipped"] else ""),
+                ", %d skipped" % counts["skipped"] if counts["skipped"] else "",
+                "; %d REF clauses not in this profile" % left_out if left_out else ""),
             bold=True, red=bool(counts["FAILED"]))
     if unknown:
         tw.line("clause ids used by tests but not in docs/spec.md: " + ", ".join(unknown),

@@ -1,4 +1,4 @@
-"""A tiny HTTP/1.1 client for the spec suite: raw sockets, nothing hidden.
+"""A tiny HTTP/1.1 client for the spec suite (and tests/): raw sockets, nothing hidden.
 
 Every test asserts what a client sees on the wire, so the client here does
 no more than read bytes and split them into status line, headers and body,
@@ -159,7 +159,7 @@ def raw_exchange(port, raw, timeout=10.0):
         return Reader(sock).read_all()
 
 
-# -- additions for spec_tests/ (the lines above are tests/wire.py) -------------
+# -- the conformance suite's helpers (tests/ uses the lines above too) ---------
 
 import base64
 import hashlib
@@ -477,3 +477,9 @@ def wait_journal(addr, token, predicate, timeout=5.0):
         if predicate(entries) or time.monotonic() > end:
             return entries
         time.sleep(0.05)
+
+
+# APP.md kinds of values.  A language with one string type for text and bytes
+# (Perl) reports "string" for both, so a test accepts it for either.
+TEXT = ("text", "string")
+BYTES = ("bytes", "string")

@@ -43,12 +43,18 @@ def disconnected_mid_body(addr):
     return wait_journal(addr, token, lambda es: True)
 
 
-@clause("CONN-1", "CONN-2")
-def test_methods_present(addr):
+@clause("CONN-1")
+def test_required_methods_present(addr):
     s = json_body(request(addr, "GET", "/scope"))
     methods = set(s["connection_methods"])
     assert {"is_connected", "disconnect_reason", "on_disconnect", "response_started"} <= methods
-    assert {"on_complete", "response_complete", "disconnect_future"} <= methods
+
+
+@clause("CONN-2")
+def test_recommended_methods_present(addr):
+    s = json_body(request(addr, "GET", "/scope"))
+    assert {"on_complete", "response_complete", "disconnect_future"} <= set(
+        s["connection_methods"])
 
 
 @clause("CONN-3", "CONN-4")
@@ -65,6 +71,8 @@ def test_state_before_and_after_start(addr):
 @clause("CONN-5")
 def test_response_complete_progress(addr):
     entries = completed(addr)
+    if at(entries, "begin")[0]["response_complete"] is None:
+        pytest.skip("not observable: the server has no response_complete (CONN-2)")
     assert at(entries, "begin")[0]["response_complete"] is False
     assert at(entries, "after_start")[0]["response_complete"] is False
     assert at(entries, "streaming")[0]["response_complete"] is False
@@ -75,13 +83,21 @@ def test_response_complete_progress(addr):
 def test_normal_end_fires_on_complete_only(addr):
     entries = completed(addr)
     names = labels(entries)
+    assert not [n for n in names if n.startswith("on_disconnect")], names
+    if not at(entries, "begin")[0].get("has_on_complete"):
+        return   # on_complete is a SHOULD (CONN-2): nothing more to see
     assert names.count("on_complete:1") == 1 and names.count("on_complete:2") == 1, names
     assert names.index("on_complete:1") < names.index("on_complete:2")
-    assert not [n for n in names if n.startswith("on_disconnect")], names
     for e in at(entries, "on_complete:1") + at(entries, "on_complete:2"):
-        assert e["args"] == []
         assert e["disconnect_reason"] is None
-        assert e["disconnect_future_done"] is False
+        assert e.get("disconnect_future_done") in (False, None)
+
+
+@clause("REF-CONN-9")
+def test_on_complete_callbacks_get_no_argument(addr):
+    entries = completed(addr)
+    calls = at(entries, "on_complete:1") + at(entries, "on_complete:2")
+    assert calls and all(e["args"] == [] for e in calls), entries
 
 
 @clause("CONN-6", "CONN-8", "CONN-9", "HTTP-DISC-1")
@@ -94,7 +110,7 @@ def test_abnormal_end_order_of_state_changes(addr):
     # inside the first callback, steps 1-3 already happened
     assert first["is_connected"] is False
     assert first["disconnect_reason"] == "client_closed"
-    assert first["disconnect_future_done"] is True
+    assert first.get("disconnect_future_done") in (True, None)   # None: not provided
     # callbacks in order, before http.disconnect reached the application
     assert names.index("on_disconnect:1") < names.index("on_disconnect:2") \
         < names.index("event:http.disconnect"), names
@@ -153,7 +169,7 @@ def test_body_too_large_reason(addr, max_body_size):
             c.send(b"%x\r\n%s\r\n" % (len(piece), piece))
         if rest:
             c.send(b"%x\r\n%s\r\n" % (rest, b"y" * rest))
-        c.send(b"1\r\n")
+        c.send(b"1\r\nz\r\n")     # one byte past the limit
         resp = c.read()
     assert resp.status == 413
     entries = wait_journal(addr, token, lambda es: len(at(es, "on_disconnect:1")) > 0)

@@ -55,19 +55,28 @@ def test_zero_content_length_gives_one_empty_event(addr):
     assert len(events) == 1 and events[0]["body_len"] == 0 and not events[0]["more"]
 
 
-@clause("HTTP-REQ-1", "HTTP-REQ-3", "HTTP-REQ-5")
-def test_body_pieces_and_exactly_one_last_event(addr):
+def body_in_pieces(addr):
     with Client(addr) as c:
         c.send(chunked_head("/events") + b"3\r\nabc\r\n")
         time.sleep(0.15)
         c.send(b"3\r\ndef\r\n")
         time.sleep(0.15)
         c.send(b"3\r\nghi\r\n0\r\n\r\n")
-        events = json_body(c.read())
+        return json_body(c.read())
+
+
+@clause("HTTP-REQ-1", "HTTP-REQ-3")
+def test_body_pieces_and_exactly_one_last_event(addr):
+    events = body_in_pieces(addr)
     assert sum(e["body_len"] for e in events) == 9
     assert all(e["type"] == "http.request" for e in events)
     mores = [bool(e["more"]) for e in events]
     assert mores[-1] is False and all(mores[:-1]), events
+
+
+@clause("HTTP-REQ-5")
+def test_body_delivered_piece_by_piece(addr):
+    events = body_in_pieces(addr)
     assert len(events) >= 2, "the body was gathered whole before delivery: %r" % events
 
 
@@ -82,7 +91,7 @@ def test_first_piece_delivered_before_the_rest_is_sent(addr):
     assert e["type"] == "http.request" and e["body"] == "hello" and e["more"]
 
 
-@clause("HTTP-REQ-6", "HTTP-REQ-2")
+@clause("HTTP-REQ-6")
 def test_request_trailers_are_consumed(addr):
     with Client(addr) as c:
         c.send(chunked_head("/echo").replace(b"Connection: close\r\n", b"")
@@ -104,21 +113,31 @@ def test_receive_after_response_gives_disconnect(addr):
     assert got and got[0]["type"] == "http.disconnect", entries
 
 
-@clause("HTTP-REQ-9", "HTTP-DISC-1", "CORE-DISC-1")
-def test_queued_body_then_disconnect(addr):
+def body_then_gone(addr):
     token = new_token()
     c = Client(addr)
     c.send(b"POST /conn?mode=body&token=%s HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
            % token.encode() + b"0123456789")
     c.close()
     entries = wait_journal(addr, token, lambda es: any(e.get("at") == "end" for e in es))
-    events = [(e["type"], e["body_len"]) for e in entries if e.get("at") == "event"]
+    return entries, [(e["type"], e["body_len"]) for e in entries if e.get("at") == "event"]
+
+
+@clause("HTTP-DISC-1", "CORE-DISC-1")
+def test_disconnect_event_when_the_client_leaves(addr):
+    entries, events = body_then_gone(addr)
+    assert events[-1] == ("http.disconnect", 0), entries
+
+
+@clause("HTTP-REQ-9")
+def test_queued_body_then_disconnect(addr):
+    entries, events = body_then_gone(addr)
     assert events[-1] == ("http.disconnect", 0), entries
     body = sum(n for t, n in events if t == "http.request")
     assert body == 10, entries
 
 
-@clause("HTTP-REQ-8", "HTTP-DISC-2")
+@clause("REF-HTTP-REQ-8")
 def test_receive_pending_across_the_response_gets_disconnect(addr):
     token = new_token()
     with Client(addr) as c:

@@ -1,9 +1,11 @@
 """HTTP: the response events (docs/spec.md section 2.3)."""
 import json
+import re
 
 import pytest
 
-from spec_wire import Client, json_body, new_token, request, wait_journal
+from spec_wire import (Client, build_request, json_body, new_token, raw_exchange, request,
+                       wait_journal)
 
 clause = pytest.mark.clause
 
@@ -31,9 +33,14 @@ def test_status_written(addr, code):
     assert resp.body == b"x"
 
 
-@clause("HTTP-RESP-2", "CORE-ERR-2")
-@pytest.mark.parametrize("case", ["status-str", "status-range", "status-100", "status-101",
-                                  "status-103"])
+@clause("CORE-ERR-2")
+def test_status_of_the_wrong_type_fails(addr):
+    report = json_body(request(addr, "GET", "/bad-event?case=status-text"))
+    assert report["raised"] is True, report
+
+
+@clause("HTTP-RESP-2")
+@pytest.mark.parametrize("case", ["status-range", "status-100", "status-101", "status-103"])
 def test_bad_status_fails(addr, case):
     report = json_body(request(addr, "GET", "/bad-event?case=" + case))
     assert report["raised"] is True, report
@@ -48,7 +55,7 @@ def test_body_events_in_order(addr):
     assert resp.complete
 
 
-@clause("HTTP-RESP-4", "CORE-ERR-5")
+@clause("HTTP-RESP-4")
 def test_body_before_start_fails(addr):
     resp = request(addr, "GET", "/bad-event?case=body-before-start")
     assert resp.status == 200
@@ -56,7 +63,7 @@ def test_body_before_start_fails(addr):
     assert report["raised"] is True, report
 
 
-@clause("HTTP-RESP-4", "CORE-ERR-5")
+@clause("HTTP-RESP-4")
 def test_second_start_fails(addr):
     resp = request(addr, "GET", "/bad-event?case=double-start")
     assert resp.status == 200
@@ -94,18 +101,18 @@ SPLITTING = ["cr-value", "lf-value", "crlf-value", "nul-value", "cr-name", "lf-n
              "nul-name", "ctl-name", "del-name"]
 
 
-@clause("HTTP-RESP-7", "CORE-ERR-5")
+@clause("HTTP-RESP-7")
 @pytest.mark.parametrize("case", SPLITTING)
 def test_header_bytes_that_could_split_are_rejected(addr, case):
-    with Client(addr) as c:
-        resp = c.request("GET", "/bad-header?case=" + case, close=True)
-        rest = c.reader.read_all()
-    assert resp.status == 200
-    assert b"x-injected" not in resp.raw_head.lower()
-    assert not [n for n, _v in resp.headers if n.startswith(b"x-b")], resp.headers
-    report = json.loads(resp.body)
-    assert report["raised"] is True, report
-    assert rest == b""
+    # Read the raw bytes: the bad header must not be on the wire at all, and
+    # the send must have raised (the report is somewhere in what came back;
+    # that the rest is a well-formed response is CORE-ERR-5's business).
+    raw = raw_exchange(addr[1], build_request("GET", "/bad-header?case=" + case, close=True))
+    assert b"x-injected" not in raw.lower(), raw[:300]
+    assert not re.search(rb"(^|\n)x-b[^\r\n]*:", raw.lower()), raw[:300]
+    m = re.search(rb'\{"case".*?\}', raw)
+    assert m, raw[:300]
+    assert json.loads(m.group(0))["raised"] is True, m.group(0)
 
 
 @clause("HTTP-RESP-8")
@@ -145,13 +152,13 @@ def test_content_length_honoured(addr):
     assert resp.body == b"aaaabbbbcccc"
 
 
-@clause("HTTP-RESP-12")
+@clause("REF-HTTP-RESP-12")
 def test_invalid_application_content_length_fails(addr):
     report = json_body(request(addr, "GET", "/bad-event?case=content-length-invalid"))
     assert report["raised"] is True, report
 
 
-@clause("HTTP-RESP-10")
+@clause("REF-HTTP-RESP-10")
 def test_trailers_dropped_for_http10(addr):
     token = new_token()
     with Client(addr) as c:
@@ -163,7 +170,7 @@ def test_trailers_dropped_for_http10(addr):
     assert entries and entries[0]["raised"] is False, entries
 
 
-@clause("HTTP-RESP-10", "HTTP-RESP-12")
+@clause("REF-HTTP-RESP-10")
 def test_trailers_dropped_with_content_length(addr):
     token = new_token()
     with Client(addr) as c:
@@ -175,7 +182,7 @@ def test_trailers_dropped_with_content_length(addr):
     assert entries and entries[0]["raised"] is False, entries
 
 
-@clause("HTTP-RESP-13", "CORE-ERR-5")
+@clause("HTTP-RESP-13")
 def test_body_past_content_length_fails_and_writes_nothing(addr):
     token = new_token()
     with Client(addr) as c:
@@ -217,7 +224,9 @@ def test_no_body_statuses(addr, code):
     with Client(addr) as c:
         resp = c.request("GET", "/status?code=%d&body=xyz" % code)
         assert resp.status == code
-        assert resp.header("transfer-encoding") is None
+        if code == 204:   # RFC 9112 §6.1: never Transfer-Encoding on a 204
+            assert resp.header("transfer-encoding") is None
+        # no body bytes: the next response starts right after the head
         resp = c.request("GET", "/hello")
         assert resp.status == 200 and resp.body == b"hello"
 
@@ -243,18 +252,23 @@ def test_file_bodies(addr, query, expected):
     assert resp.complete
 
 
+FILE_ERRORS = [("mode=missing", b"not-found"), ("mode=both", b"invalid-event"),
+               ("mode=file&offset=-1", b"invalid-event"),
+               ("mode=file&length=-5", b"invalid-event")]
+
+
 @clause("HTTP-RESP-17")
-@pytest.mark.parametrize("query,error", [
-    ("mode=missing", b"FileNotFoundError"),
-    ("mode=both", b"ValueError"),
-    ("mode=file&offset=-1", b"ValueError"),
-    ("mode=file&length=-5", b"ValueError"),
-])
-def test_file_body_errors_fail_the_send(addr, query, error):
+@pytest.mark.parametrize("query,category", FILE_ERRORS)
+def test_file_body_errors_fail_the_send(addr, query, category):
     resp = file_response(addr, query)
     assert resp.body.startswith(b"!error:"), resp.body[:80]
-    kinds = resp.body.split(b":")[2].split(b",")
-    assert error in kinds, resp.body
+
+
+@clause("REF-HTTP-RESP-17")
+@pytest.mark.parametrize("query,category", FILE_ERRORS)
+def test_file_body_error_categories(addr, query, category):
+    resp = file_response(addr, query)
+    assert resp.body == b"!error:" + category, resp.body[:80]
 
 
 @clause("HTTP-RESP-18")

@@ -31,6 +31,8 @@ def slow_run(addr):
                b"\r\n\r\n" % (token.encode(), CHUNKS, CHUNK))
         time.sleep(1.0)   # let the server's buffer fill up
         head = c.reader.read_until(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 501"):
+            pytest.skip("not observable: the server provides no pagi.transport (TRANSPORT-1)")
         assert head.startswith(b"HTTP/1.1 200"), head
         h = hashlib.sha256()
         total = len(c.reader.buf)
@@ -53,19 +55,34 @@ def slow_run(addr):
     return entries[0], h.hexdigest(), total
 
 
-@clause("TRANSPORT-1", "TRANSPORT-2", "TRANSPORT-3")
-def test_transport_methods_and_values(addr):
+def transport_of(addr):
     t = json_body(request(addr, "GET", "/scope"))["transport"]
-    assert t is not None
+    if t is None:
+        pytest.skip("not observable: the server provides no pagi.transport (TRANSPORT-1)")
+    return t
+
+
+@clause("TRANSPORT-1")
+def test_transport_present(addr):
+    assert json_body(request(addr, "GET", "/scope"))["transport"] is not None
+
+
+@clause("TRANSPORT-2")
+def test_buffered_amount_is_zero_before_sending(addr):
+    t = transport_of(addr)
     assert "buffered_amount" in t["methods"]
-    assert t["buffered_amount"] == 0 and t["buffered_amount_type"] == "int"
-    assert {"high_water_mark", "low_water_mark", "on_high_water", "on_drain"} <= set(t["methods"])
-    high, low = t["high_water_mark"], t["low_water_mark"]
-    assert isinstance(high, int) and isinstance(low, int)
-    assert high >= low >= 0
+    assert t["buffered_amount"] == 0 and t["buffered_amount_kind"] == "integer"
 
 
 @clause("TRANSPORT-3")
+def test_watermark_methods(addr):
+    t = transport_of(addr)
+    assert {"high_water_mark", "low_water_mark", "on_high_water", "on_drain"} <= set(t["methods"])
+    assert t["high_water_mark_kind"] == "integer" and t["low_water_mark_kind"] == "integer"
+    assert t["high_water_mark"] >= t["low_water_mark"] >= 0
+
+
+@clause("REF-TRANSPORT-3")
 def test_pagi_ref_default_watermarks(addr, server):
     if not server.owned:
         pytest.skip("not observable: an external server's configured watermarks are unknown")
@@ -87,6 +104,8 @@ def test_send_suspends_at_the_high_watermark(slow_run):
     assert summary["types_ok"] is True
     assert summary["sent"] == CHUNKS, summary
     assert summary["suspended"] >= 1, summary
+    if summary["high"] is None:
+        return   # no high-water mark (TRANSPORT-3 is a SHOULD): no bound to check
     assert summary["max_buffered"] <= summary["high"] + CHUNK, summary
 
 
@@ -99,20 +118,31 @@ def test_on_high_water_at_once_when_already_high(slow_run):
     assert summary["immediate_high"] is True, summary
 
 
-@clause("TRANSPORT-5", "TRANSPORT-6", "TRANSPORT-7", "TRANSPORT-8")
-def test_high_and_drain_alternate_in_registration_order(slow_run):
+@clause("TRANSPORT-5", "TRANSPORT-6", "TRANSPORT-7")
+def test_high_and_drain_alternate(slow_run):
     summary, _d, _t = slow_run
     assert summary["initial_callbacks"] == [], "on_drain fired at registration"
     calls = summary["callbacks"]
     assert calls, summary
     assert calls[0].startswith("high:"), calls
-    # in pairs: A then B, no arguments; kinds alternate high, drain, high...
-    assert len(calls) % 2 == 0 or calls[-1].startswith("high:B"), calls
+    kinds = [c.split(":")[0] for c in calls]
+    crossings = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]
+    assert crossings == ["high", "drain"] * (len(crossings) // 2) + ["high"] * (
+        len(crossings) % 2), calls
+    assert "drain" in kinds, calls
+
+
+@clause("TRANSPORT-8")
+def test_callbacks_in_registration_order_without_arguments(slow_run):
+    summary, _d, _t = slow_run
+    calls = summary["callbacks"]
+    if not calls:
+        pytest.skip("not observable: no backpressure callback ran")
+    # each crossing runs A then B (the last pair may be cut short), no arguments
     pairs = [calls[i:i + 2] for i in range(0, len(calls), 2)]
-    for k, pair in enumerate(pairs):
-        kind = "high" if k % 2 == 0 else "drain"
+    for pair in pairs:
+        kind = pair[0].split(":")[0]
         assert pair == ["%s:A:0" % kind, "%s:B:0" % kind][:len(pair)], calls
-    assert any(c.startswith("drain:") for c in calls), calls
 
 
 @clause("TRANSPORT-11", "HTTP-DISC-3")

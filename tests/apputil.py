@@ -81,7 +81,7 @@ import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pagi_ref.py")
-LISTENING = re.compile(r"^pagi_ref: listening on http://([0-9.]+):(\d+)$")
+LISTENING = re.compile(r" INFO pagi_ref: listening on http://([0-9.]+):(\d+)$")
 
 
 class ServerProcess:
@@ -92,13 +92,14 @@ class ServerProcess:
     the test's own threads would measure the test harness, not the server.
     """
 
-    def __init__(self, args, cwd=ROOT, env=None, new_session=False, preexec_fn=None):
+    def __init__(self, args, cwd=ROOT, env=None, new_session=False, preexec_fn=None,
+                 stdout=subprocess.DEVNULL, pass_fds=()):
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.p = subprocess.Popen([sys.executable] + list(args), cwd=cwd, env=full_env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, stdout=stdout,
                                   stderr=subprocess.PIPE, start_new_session=new_session,
-                                  preexec_fn=preexec_fn)
+                                  preexec_fn=preexec_fn, pass_fds=pass_fds)
         self.lines = queue.Queue()
         self.stderr = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -121,7 +122,7 @@ class ServerProcess:
             if line is None:
                 raise AssertionError("process ended before listening (rc=%r): %r"
                                      % (self.p.wait(5), self.stderr))
-            m = LISTENING.match(line)
+            m = LISTENING.search(line)
             if m:
                 return m.group(1), int(m.group(2))
 
@@ -141,7 +142,8 @@ class ServerProcess:
         if self.p.poll() is None:
             self.p.kill()
             self.p.wait(5)
-        self.p.stdout.close()
+        if self.p.stdout is not None:
+            self.p.stdout.close()
         self.p.stderr.close()
 
     def __enter__(self):

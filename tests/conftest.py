@@ -17,6 +17,11 @@ if ROOT not in sys.path:
 TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
+# The wire helpers (a raw-socket HTTP/1.1 client) are the conformance suite's:
+# one copy, spec_tests/spec_wire.py.
+SPEC_TESTS = os.path.join(ROOT, "spec_tests")
+if SPEC_TESTS not in sys.path:
+    sys.path.insert(0, SPEC_TESTS)
 
 import pagi_ref  # noqa: E402
 
@@ -62,6 +67,8 @@ def serve(app, **config):
     config.setdefault("port", 0)
     # Most tests are about http; those about lifespan ask for it.
     config.setdefault("lifespan", "off")
+    # The access log (on by default, to stdout) only where a test asks for it.
+    config.setdefault("access_log", None)
     server = pagi_ref.Server(app, pagi_ref.Config(**config), logger=logger)
     server.bind()
     thread = threading.Thread(target=server.serve, name="pagi_ref-test-server", daemon=True)

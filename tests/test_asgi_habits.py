@@ -11,7 +11,7 @@ import pytest
 
 import pagi_ref
 from conftest import serve
-from wire import exchange
+from spec_wire import exchange
 from apputil import body, req, respond, start
 
 BODY = "http.response.body"

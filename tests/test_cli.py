@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from wire import exchange
+from spec_wire import exchange
 from apputil import ROOT, SCRIPT, ServerProcess as Proc, req
 
 
@@ -78,7 +78,7 @@ def test_script_form_with_example_hello():
     resp, rc, stderr = serve_and_get([SCRIPT, "examples/hello.py:app", "--port", "0"])
     assert resp.status == 200 and resp.body
     assert rc == 0
-    assert sum(1 for l in stderr if l.startswith("pagi_ref: listening on http://")) == 1
+    assert sum(1 for l in stderr if " INFO pagi_ref: listening on http://" in l) == 1
 
 
 def test_module_form_with_example_hello():
@@ -137,7 +137,7 @@ def test_signals_stop_cleanly_with_status_0(sig):
 
 
 def test_signal_stops_an_idle_server_with_an_open_connection():
-    from wire import connect
+    from spec_wire import connect
     proc = Proc([SCRIPT, "examples/hello.py:app", "--port", "0", "--shutdown-timeout", "2"])
     try:
         _, port = proc.wait_listening()
@@ -161,12 +161,25 @@ def one_line_error(rc, out, err):
     "no_such_module_for_pagi_ref_tests:app",
     "no_such_package_xyz.sub:app",
     "{dir}/does_not_exist.py:app",
-    "{dir}/broken_import.py:app",
-    "{dir}/syntax_error.py:app",
 ])
-def test_module_that_does_not_import_exits_2_with_one_line(appdir, target):
+def test_module_that_is_not_there_exits_2_with_one_line(appdir, target):
     line = one_line_error(*run_to_end([SCRIPT, target.format(dir=appdir), "--port", "0"]))
     assert line
+
+
+@pytest.mark.parametrize("target,where", [
+    ("{dir}/broken_import.py:app", "broken_import.py\", line 1, in <module>"),
+    ("{dir}/syntax_error.py:app", "syntax_error.py\", line"),
+])
+def test_module_that_fails_to_import_shows_where(appdir, target, where):
+    """As uvicorn: the error line, then the traceback from the application's
+    own frames on -- none of pagi_ref's or importlib's."""
+    rc, out, err = run_to_end([SCRIPT, target.format(dir=appdir), "--port", "0"])
+    assert rc == 2, (rc, err)
+    first = err.strip().splitlines()[0]
+    assert first.startswith("pagi_ref: error: cannot import "), err
+    assert where in err, err
+    assert "pagi_ref.py" not in err.replace(SCRIPT, "") and "importlib" not in err, err
 
 
 @pytest.mark.parametrize("target", ["{dir}/myapp.py:missing_attribute", "mypkg.web:nope"])
@@ -197,7 +210,8 @@ def test_help_lists_the_options():
     rc, out, err = run_to_end([SCRIPT, "--help"])
     assert rc == 0
     text = out + err
-    for option in ("--host", "--port", "--version", "--help"):
+    for option in ("--host", "--port", "--version", "--help", "--workers", "--worker-timeout",
+                   "--max-requests", "--max-requests-jitter", "--slow-callback"):
         assert option in text, option
     assert "MODULE" in text.upper()
 

@@ -15,7 +15,7 @@ import threading
 
 import pagi_ref
 from conftest import serve
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 from apputil import body, nodelay, req, respond, start, wait_until
 
 STANDARD_REASONS = {

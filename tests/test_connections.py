@@ -13,7 +13,7 @@ import pytest
 
 import pagi_ref
 from conftest import serve
-from wire import Reader, connect
+from spec_wire import Reader, connect
 from apputil import SCRIPT, ServerProcess, body, read_body, req, respond, start
 
 

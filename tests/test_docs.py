@@ -62,18 +62,22 @@ def test_server_md_documents_every_config_field_with_its_default(field):
     elif isinstance(default, str):
         assert shown == '`"%s"`' % default, (flag, shown, default)
     else:
-        assert shown == "`%r`" % default, (flag, shown, default)
+        assert shown == "`%r`" % (default,), (flag, shown, default)
 
 
 def test_server_md_documents_the_other_options():
     text = read(DOCS, "server.md")
-    for flag in ("--no-access-log", "--version", "--help"):
+    for flag in ("--no-access-log", "--version", "--help", "--uds", "--fd",
+                 "--no-proxy-headers", "--no-server-header", "--no-date-header"):
         assert "`%s`" % flag in text, flag
 
 
 def test_server_md_has_no_option_the_code_lacks():
     fields = {"--" + f[0].replace("_", "-") for f in pagi_ref._CONFIG_FIELDS}
-    extra = set(option_rows()) - fields - {"--no-access-log", "--version"}
+    negatives = {"--no-" + f[0].replace("_", "-") for f in pagi_ref._CONFIG_FIELDS
+                 if f[2] is bool}
+    extra = (set(option_rows()) - fields - negatives
+             - {"--no-access-log", "--version", "--uds", "--fd"})
     assert not extra, "docs/server.md documents options pagi_ref.py does not have: %s" % extra
 
 
@@ -165,7 +169,7 @@ def test_architecture_md_names_exist_in_pagi_ref():
     missing = []
     # The section map: every backticked name in the "names" column.
     for line in text.splitlines():
-        if not re.match(r"\| (?:[1-9]|1[0-2]) \|", line):
+        if not re.match(r"\| (?:[1-9]|1[0-3]) \|", line):
             continue
         names_cell = line.split("|")[4]
         names = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", names_cell)
@@ -188,3 +192,60 @@ def test_architecture_md_names_exist_in_pagi_ref():
                   or re.search(r"self\.%s = " % attr, source)):
             missing.append("%s.%s" % (cls, attr))
     assert not missing, "docs/architecture.md names what pagi_ref.py lacks: %s" % missing
+
+
+# -- README.md's first run -------------------------------------------------------------
+
+def test_readme_sample_output_is_what_a_first_run_prints():
+    """The lines the README shows under its first command are the lines the
+    server writes, timestamps and port aside."""
+    from apputil import ServerProcess
+    readme = read(ROOT, "README.md")
+    block = readme[readme.index("    python3 pagi_ref.py examples/hello.py:app\n"):]
+    shown = []
+    for line in block.splitlines()[1:]:
+        if not line.startswith("    # "):
+            break
+        shown.append(line[len("    # "):])
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+    expected = [stamp.sub("", l).replace(":8000", ":PORT") for l in shown if stamp.match(l)]
+    with ServerProcess([os.path.join(ROOT, "pagi_ref.py"), "examples/hello.py:app",
+                        "--port", "0"]) as proc:
+        _, port = proc.wait_listening()
+        printed = [stamp.sub("", l).replace(":%d" % port, ":PORT") for l in proc.stderr]
+        assert proc.stop() == 0
+    assert printed[:len(expected)] == expected, (printed, expected)
+    assert all(stamp.match(l) for l in shown[:len(expected)])
+
+
+# -- architecture.md's reading path --------------------------------------------------------
+
+def section_ranges():
+    """{number: (first line, last line)}: each section from the "# =====" line
+    above its banner to the line before the next section's."""
+    lines = read(ROOT, "pagi_ref.py").splitlines()
+    starts = []
+    for i, line in enumerate(lines):
+        m = re.match(r"# (\d+)\. ", line)
+        if m and i > 0 and lines[i - 1].startswith("# ====="):
+            starts.append((int(m.group(1)), i))      # i: the "=====" line, 1-based
+    ranges = {}
+    for k, (number, start) in enumerate(starts):
+        end = starts[k + 1][1] - 1 if k + 1 < len(starts) else None
+        ranges[number] = (start, end)
+    return ranges
+
+
+def test_architecture_reading_path_line_ranges_match_the_banners():
+    text = read(DOCS, "architecture.md")
+    rows = re.findall(r"^\| (\d+)\. \| (\d+) [^|]+\| (\d+)-(\d+|end) \|", text, re.M)
+    assert len(rows) >= 13, rows
+    ranges = section_ranges()
+    wrong = []
+    for _step, number, first, last in rows:
+        want = ranges[int(number)]
+        have = (int(first), None if last == "end" else int(last))
+        if have != want:
+            wrong.append("section %s: the page says %s-%s, the module %s-%s"
+                         % (number, first, last, want[0], want[1] or "end"))
+    assert not wrong, "docs/architecture.md's reading path is stale:\n" + "\n".join(wrong)

@@ -12,7 +12,7 @@ import pytest
 
 import pagi_ref
 from conftest import serve
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 from apputil import body, read_body, req, respond, start, wait_until
 
 finished = {}

@@ -13,12 +13,11 @@ import os
 import re
 import socket
 import threading
-import time
 
 import pytest
 
 from conftest import ROOT, serve
-from wire import Reader, connect, exchange, get
+from spec_wire import Reader, connect, exchange, get
 from apputil import req, wait_until
 
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -140,6 +139,8 @@ def recording(app, seen):
             future = send(event)
             seen["bytes"] += len(event.get("body", b""))
             seen["max_buffered"] = max(seen["max_buffered"], transport.buffered_amount())
+            if not future.done():
+                seen["bytes_when_suspended"] = seen["bytes"]   # waits for the drain now
             return future
         return app(scope, receive, recorded_send)
     return wrapped
@@ -155,7 +156,7 @@ def test_producer_sends_every_row():
 
 
 def test_producer_builds_no_more_than_fits_and_waits_for_a_slow_client():
-    seen = {"bytes": 0, "max_buffered": 0}
+    seen = {"bytes": 0, "max_buffered": 0, "bytes_when_suspended": None}
     rows = 1000000
     total = sum(len(b"%d,%d\n" % (n, n * n)) for n in range(rows)) + len(b"n,square\n")
     with serve(recording(load("producer").app, seen),
@@ -167,9 +168,10 @@ def test_producer_builds_no_more_than_fits_and_waits_for_a_slow_client():
             s.sendall(req("/?rows=%d" % rows, headers=[("Connection", "close")]))
             # Not reading: the producer fills the kernel's socket buffers and
             # the 16 KiB above them, then its send() stays pending.
-            assert wait_until(lambda: seen["bytes"] > 0)
-            time.sleep(0.3)
-            produced_while_stalled = seen["bytes"]
+            # The producer's send is suspended: it can build nothing more
+            # until this client reads.
+            assert wait_until(lambda: seen["bytes_when_suspended"] is not None, 10)
+            produced_while_stalled = seen["bytes_when_suspended"]
             resp = Reader(s).read_response()
     assert produced_while_stalled < total // 2, (produced_while_stalled, total)
     # Each event was sized to the room under the mark: the buffer never held
@@ -236,7 +238,10 @@ def test_longpoll_does_not_learn_that_a_complete_get_was_abandoned():
         with connect(srv.port) as s:
             s.sendall(req("/wait?timeout=30"))
             assert wait_until(lambda: stats(srv.port)["waiting"] == 1)
-        time.sleep(0.2)
+        # A barrier, not a pause: this request is sent after the close, so
+        # once its answer is back the server has had a whole turn with the
+        # close in hand (the FIN came before it on the loopback).
+        stats(srv.port)
         after = stats(srv.port)
         srv.server.stop(timeout=0.05)
     assert after["waiting"] == 1 and after["left"] == 0

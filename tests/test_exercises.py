@@ -9,7 +9,7 @@ import socket
 
 import pagi_ref
 from conftest import serve
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 from apputil import nodelay, req
 
 

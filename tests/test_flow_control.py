@@ -26,7 +26,7 @@ import pytest
 
 import pagi_ref
 from conftest import ROOT, serve
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 from apputil import body, req, respond, start, wait_until
 
 
@@ -931,20 +931,45 @@ def test_ticker_example_streams_a_counter():
     assert not suspended
 
 
+class TransportSpy:
+    """pagi.transport, recording what buffered_amount() told the application."""
+
+    def __init__(self, transport, answers):
+        self._transport = transport
+        self._answers = answers
+
+    def buffered_amount(self):
+        value = self._transport.buffered_amount()
+        self._answers.append(value)
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+def spy_transport(app, answers):
+    def wrapped(scope, receive, send):
+        scope["pagi.transport"] = TransportSpy(scope["pagi.transport"], answers)
+        return app(scope, receive, send)
+    return wrapped
+
+
 def test_ticker_example_skips_ticks_for_a_client_that_does_not_read():
     high = 65536
-    samples, suspended = [], []
+    samples, suspended, answers = [], [], []
     ticks = 2000
-    # 8 KB a millisecond: the kernel's socket buffers (a few MiB on
-    # loopback) fill in well under a second.
+    # 8 KB a tick: 16 MB in all, more than the kernel's socket buffers
+    # (a few MiB on loopback) hold for a client that does not read.
     app = ticker.make_app(interval=0.001, ticks=ticks, payload=8000)
-    with serve(spy(app, samples, suspended)) as srv:
+    with serve(spy(spy_transport(app, answers), samples, suspended)) as srv:
         s = small_rcvbuf_connect(srv.port, rcvbuf=8192)
         try:
             s.sendall(req("/", headers=[("Connection", "close")]))
-            # Not reading: wait (bounded) for the kernel buffers to fill and the
-            # server's own buffer to pass half the mark.
-            wait_until(lambda: any(x > high // 2 for x in samples[-50:]), 10)
+            # Not reading until the application has been told, at least
+            # once, that the buffer is above half the mark: that tick is
+            # skipped, whatever the machine's speed.  Then read it all.
+            assert wait_until(lambda: any(x > high // 2 for x in answers[-50:]), 60), \
+                "the buffer never passed half the mark: %r" % answers[-5:]
             lagging = max(samples) if samples else 0
             resp = Reader(s).read_response()
         finally:

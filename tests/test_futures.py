@@ -7,7 +7,7 @@ import time
 
 import pagi_ref
 from conftest import serve
-from wire import exchange
+from spec_wire import exchange
 from apputil import read_body, req, respond
 
 

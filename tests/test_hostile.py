@@ -20,7 +20,7 @@ import pytest
 
 import pagi_ref
 from conftest import serve
-from wire import Reader, connect
+from spec_wire import Reader, connect
 from apputil import read_body, req, respond
 
 H = b"Host: test\r\n"

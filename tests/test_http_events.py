@@ -12,7 +12,7 @@ import pytest
 
 import pagi_ref
 from conftest import serve
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 from apputil import body, nodelay, read_body, req, respond, start, wait_until
 
 
@@ -206,6 +206,8 @@ def test_pipelined_request_not_blocked_by_receive_pending_across_the_response():
 
 
 def test_event_extras_and_accepted_types():
+    # docs/spec.md CORE-TYPE-4, REF-CORE-TYPE-1, REF-CORE-TYPE-3: the Python-only
+    # types pagi_ref accepts on send (tuples, bytearray, memoryview, bools).
     def app(scope, receive, send):
         yield send({"type": "http.response.start", "status": 200,
                     "headers": ((b"content-type", b"text/plain"), [b"x-list", b"1"]),

@@ -8,7 +8,7 @@ Normalization"; RFC 9112 §3.2 (origin, absolute and asterisk forms).
 import pytest
 
 from conftest import serve
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 from apputil import req, respond
 
 

@@ -12,7 +12,7 @@ import pytest
 import pagi_ref
 from apputil import ServerProcess, respond, req
 from conftest import serve
-from wire import Reader, connect, exchange
+from spec_wire import Reader, connect, exchange
 
 
 def lifespan_app(trace, on_startup=None, on_shutdown=None, http=None):

@@ -16,7 +16,7 @@ import socket
 import pytest
 
 from conftest import serve
-from wire import Reader, connect
+from spec_wire import Reader, connect
 from apputil import nodelay, read_body, req, respond
 
 

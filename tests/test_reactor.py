@@ -331,3 +331,78 @@ def test_cancelled_timers_do_not_pile_up():
     assert len(loop._timers) <= 2 * pagi_ref._TIMER_SWEEP
     assert live in loop._timers
     loop.close()
+
+
+# -- signals and the slow-callback warning (section 2) -----------------------------
+
+def test_a_signal_handler_only_queues_its_callback_for_the_loop():
+    import os
+    import signal
+    loop = Loop()
+    trace = []
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, lambda signum: trace.append(("cb", signum)))
+        os.kill(os.getpid(), signal.SIGUSR1)     # the handler runs at once, in this thread
+        trace.append("after kill")
+        # The callback waits for the loop: it runs in the next turn, not
+        # in the middle of whatever the main thread was doing.
+        assert trace == ["after kill"]
+        run_until(loop, lambda: len(trace) == 2)
+        assert trace == ["after kill", ("cb", signal.SIGUSR1)]
+    finally:
+        loop.remove_signal_handlers()
+        loop.close()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+class _Blamed:
+    def __init__(self, clock, name):
+        self.clock = clock
+        self.name = name
+
+    def loop_context(self):
+        return self.name
+
+    def work(self, seconds):
+        self.clock.now += seconds
+
+
+def test_a_callback_over_slow_callback_is_named_in_a_warning():
+    import logging
+    clock = FakeClock()
+    records = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            records.append((record.levelname, record.getMessage()))
+
+    log = logging.getLogger("pagi_ref.test.reactor.slow")
+    log.propagate = False
+    handler = Handler()
+    log.addHandler(handler)
+    loop = Loop(clock=clock, logger=log, slow_callback=0.5)
+    try:
+        loop.call_soon(_Blamed(clock, "http GET /fast").work, 0.5)   # at the threshold: fine
+        loop.call_soon(_Blamed(clock, "http GET /slow").work, 0.75)
+        loop.call_soon(_Blamed(clock, "task spawned").work, 0.0)
+        loop._run_once()
+    finally:
+        log.removeHandler(handler)
+        loop.close()
+    assert records == [("WARNING", "the loop was blocked for 0.750 s by http GET /slow: every "
+                        "connection of this process waited (slow_callback 0.500 s)")]
+
+
+def test_slow_callback_0_times_nothing():
+    clock = FakeClock()
+    loop = Loop(clock=clock, slow_callback=0)
+    reads = []
+    real = loop._clock
+    loop._clock = lambda: reads.append(1) or real()
+    try:
+        for _ in range(10):
+            loop.call_soon(lambda: None)
+        loop._run_once()
+    finally:
+        loop.close()
+    assert len(reads) == 1      # once per turn, none per callback

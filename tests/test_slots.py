@@ -28,7 +28,7 @@ import pytest
 import pagi_ref
 from apputil import ServerProcess, req, respond, wait_until
 from conftest import serve
-from wire import Reader, connect
+from spec_wire import Reader, connect
 
 
 class Recorder:
@@ -373,7 +373,7 @@ def test_eviction_leaves_a_connection_whose_request_waits_unread_in_the_kernel()
     server = pagi_ref.Server(make_app(Recorder()),
                              pagi_ref.Config(port=0, max_connections=2, lifespan="off"))
     server.bind()
-    listener = server.listeners[0]
+    listener = server.listeners[0].sock
     listener.setblocking(True)
     pairs = []
     try:

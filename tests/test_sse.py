@@ -7,7 +7,7 @@ import threading
 import pagi_ref
 from apputil import req, wait_until
 from conftest import serve
-from wire import Reader, connect
+from spec_wire import Reader, connect
 
 
 def sse_req(path="/", method="GET", body=b"", extra=()):

@@ -21,7 +21,7 @@ import pagi_ref
 from pagi_ref import (LifespanFailed, TestClient, TestClientError, TestClientTimeout,
                       WebSocketDisconnect, WebSocketRejected)
 from conftest import ROOT, serve
-from wire import exchange, get as raw_get
+from spec_wire import exchange, get as raw_get
 from apputil import read_body, respond
 
 
@@ -843,17 +843,6 @@ def test_testclient_and_a_raw_socket_see_the_same_response():
 
 
 # -- the docs ------------------------------------------------------------------------------------
-
-def test_architecture_md_names_section_13_and_its_names_exist():
-    with open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8") as f:
-        rows = [line for line in f.read().splitlines() if line.startswith("| 13 |")]
-    assert len(rows) == 1, "docs/architecture.md has no row for section 13"
-    names = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", rows[0].split("|")[4])
-    classes = [getattr(pagi_ref, n) for n in names if isinstance(getattr(pagi_ref, n, None), type)]
-    missing = [n for n in names
-               if not (hasattr(pagi_ref, n) or any(hasattr(c, n) for c in classes))]
-    assert names and not missing, missing
-
 
 def test_the_module_docstring_and_all_name_section_13():
     assert "13. Test client" in pagi_ref.__doc__

@@ -25,7 +25,7 @@ import pytest
 
 import pagi_ref
 from conftest import serve
-from wire import Reader, get
+from spec_wire import Reader, get
 from apputil import nodelay, wait_until
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

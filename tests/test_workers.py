@@ -12,7 +12,7 @@ import time
 import pytest
 
 from apputil import ServerProcess, req
-from wire import exchange
+from spec_wire import exchange
 
 APP = textwrap.dedent('''
     import os

@@ -397,19 +397,30 @@ def recv_message_frames(ws):
             return frames
 
 
-@clause("WS-DEFLATE-1", "WS-DEFLATE-5")
-def test_deflate_agreed_and_messages_compressed(addr, ws_supported):
-    c, ws, params = deflate_or_skip(addr, "/ws/scope")
+@clause("WS-DEFLATE-1")
+def test_deflate_agreed_with_one_answer(addr, ws_supported):
+    c, ws, params = deflate_or_skip(addr, "/ws/echo")
     with c:
-        frames = recv_message_frames(ws)
-        fin, rsv, op, data = frames[-1]
-        assert op == 0x1 and fin
+        ws.text("after the agreement")
+        fin, rsv, op, data = recv_message_frames(ws)[-1]
         if rsv & 4:
             data = zlib.decompressobj(-15).decompress(data + TAIL)
-        else:
-            assert rsv == 0
-        s = json.loads(data.decode("utf-8"))
-        assert s["extensions"].get("websocket.permessage-deflate") in (None, "map")
+        assert (op, data) == (0x1, b"after the agreement")
+
+
+@clause("REF-WS-DEFLATE-1")
+def test_deflate_agreement_in_the_scope(addr, ws_supported):
+    c, ws, params = deflate_or_skip(addr, "/ws/scope")
+    with c:
+        fin, rsv, op, data = recv_message_frames(ws)[-1]
+        assert op == 0x1 and fin and rsv == 4
+        s = json.loads(zlib.decompressobj(-15).decompress(data + TAIL).decode("utf-8"))
+        assert s["extensions"].get("websocket.permessage-deflate") == "map", s["extensions"]
+    c, resp = ws_handshake(addr, "/ws/scope")
+    with c:
+        assert resp.status == 101 and resp.header("sec-websocket-extensions") is None
+        kind, text = WebSocket(c).recv()
+        assert "websocket.permessage-deflate" not in json.loads(text)["extensions"]
 
 
 @clause("WS-DEFLATE-4", "WS-DEFLATE-5")

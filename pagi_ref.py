@@ -17,7 +17,8 @@ Contents (each section uses only the sections above it):
      4. HTTP/1.1 wire format   -- sans-I/O request parser, response serializer
      5. Outgoing buffer        -- counted bytes, watermarks, pagi.transport
      6. Connections            -- the http scope, receive/send, pagi.connection
-     7. WebSocket              -- RFC 6455: handshake, frame codec, the session
+     7. WebSocket              -- RFC 6455: handshake, frame codec, the session;
+                                  RFC 7692: permessage-deflate
      8. Server-Sent Events     -- the sse scope: event streams over HTTP
      9. Lifespan               -- startup and shutdown, the state namespace
     10. Server                 -- listeners, accept, admission, sweep, shutdown
@@ -92,6 +93,7 @@ import threading
 import time
 import traceback
 import weakref
+import zlib
 from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import quote, unquote_to_bytes, urlencode
@@ -108,7 +110,7 @@ __all__ = [
     "Future", "Task", "CancelledError", "sleep", "spawn", "wait_any", "wait_all", "to_thread",
     "HTTPError", "EventError", "RequestParser", "RequestHead", "EndOfMessage",
     "SocketStream", "TLSStream", "Transport", "ConnectionState", "Exchange", "HTTPConnection",
-    "FrameParser", "FrameError", "WebSocketConnection",
+    "FrameParser", "FrameError", "PerMessageDeflate", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
     "Server", "Listener", "ListenError", "open_listeners", "Supervisor", "run", "main",
     "TestClient", "TestClientError", "TestClientTimeout", "WebSocketDisconnect",
@@ -156,7 +158,17 @@ _CONFIG_FIELDS = [
     ("max_receive_queue", 16, int,
      "request-body or WebSocket events queued for the application before reading pauses"),
     ("ws_max_message_size", 16 * 1024 * 1024, int,
-     "bytes in one WebSocket message, fragments included (close 1009 past it; 0: no limit)"),
+     "bytes in one WebSocket message, fragments included, counted after inflating "
+     "a compressed one (close 1009 past it; 0: no limit)"),
+    ("ws_per_message_deflate", True, bool,
+     "negotiate permessage-deflate compression (RFC 7692) with WebSocket clients that "
+     "offer it (--no-ws-per-message-deflate: never)"),
+    ("ws_ping_interval", 20.0, float,
+     "seconds between the server's pings on an open WebSocket (0: none); an "
+     "application's websocket.keepalive replaces it for its connection"),
+    ("ws_ping_timeout", 20.0, float,
+     "seconds a WebSocket ping may go unanswered before the connection is dropped "
+     "(keepalive_timeout; 0: never)"),
     ("write_high_watermark", 65536, int,
      "bytes buffered for a client at which send() suspends"),
     ("write_low_watermark", 16384, int,
@@ -3931,14 +3943,18 @@ class HTTPConnection(Connection):
 
 
 # ============================================================================
-# 7. WebSocket (RFC 6455; PAGI "WebSocket")
+# 7. WebSocket (RFC 6455; RFC 7692; PAGI "WebSocket")
 #
 # A request with "Upgrade: websocket" is handed over by HTTPConnection, with
 # its socket and its Transport, to a WebSocketConnection: one websocket
 # scope for the whole session.  FrameParser is sans-I/O like section 4: it
-# turns client bytes into messages (fragments reassembled, text decoded as
-# it arrives) and control frames, and raises FrameError -- which carries
-# the close code -- for a frame that breaks RFC 6455.
+# turns client bytes into messages (fragments reassembled, compressed ones
+# inflated, text decoded as it arrives) and control frames, and raises
+# FrameError -- which carries the close code -- for a frame that breaks
+# RFC 6455 or RFC 7692.  PerMessageDeflate is the compression extension:
+# the offer/answer of RFC 7692 §7 and one connection's zlib state, no I/O
+# either.  Keepalive pings and their deadlines are timestamps the server's
+# sweep checks (check_timeouts), never a timer per connection.
 #
 # Before you edit: the session has four states.  CONNECTING until the
 # application accepts (101) or refuses (403, or its own denial response);
@@ -3950,6 +3966,7 @@ _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"    # RFC 6455 §1.3
 _OP_CONT, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2         # RFC 6455 §5.2
 _OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
 _WS_CLOSE_TIMEOUT = 5.0    # seconds to wait for the client's close frame
+_PERMESSAGE_DEFLATE = "websocket.permessage-deflate"   # its scope["extensions"] key
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = "connecting", "open", "closing", "closed"
 
 
@@ -3976,13 +3993,15 @@ def _unmask(data, mask):
     return (int.from_bytes(data, "big") ^ key).to_bytes(size, "big")
 
 
-def ws_frame_head(opcode, size):
-    """The head of a server frame: FIN set, not masked (RFC 6455 §5.1-5.2)."""
+def ws_frame_head(opcode, size, compressed=False):
+    """The head of a server frame: FIN set, not masked (RFC 6455 §5.1-5.2);
+    RSV1 set for the frame of a compressed message (RFC 7692 §6)."""
+    first = (0xC0 if compressed else 0x80) | opcode
     if size < 126:
-        return bytes((0x80 | opcode, size))
+        return bytes((first, size))
     if size < 65536:
-        return bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
-    return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+        return bytes((first, 126)) + size.to_bytes(2, "big")
+    return bytes((first, 127)) + size.to_bytes(8, "big")
 
 
 def ws_frame(opcode, payload=b""):
@@ -4000,20 +4019,266 @@ def ws_close_payload(code, reason=""):
     return code.to_bytes(2, "big") + encoded
 
 
+# -- permessage-deflate (RFC 7692) ---------------------------------------------
+#
+# Discussion: what compression costs per connection.  zlib's deflate state
+# is about 2**(window_bits + 2) + 2**(mem_level + 9) bytes plus 6 KiB, its
+# inflate state 2**window_bits plus 7 KiB.  With zlib's own defaults (15,
+# 8) that is about 300 KiB for one connection, most of a small device's
+# memory for a thousand idle chat clients.  pagi_ref compresses with a 4 KiB
+# window (12 bits) and mem_level 5 -- about 40 KiB -- and asks the client
+# for a 4 KiB window too when its offer lets the server choose (browsers'
+# offers do); small JSON messages, the common case, lose little ratio to
+# the smaller window.  The zlib objects are made on a connection's first
+# compressed message, not at the handshake; a side that agreed to "no
+# context takeover" keeps none between messages; and a session that has
+# sent nothing for _DEFLATE_IDLE seconds drops its deflate state (the
+# server's sweep does it), so an idle session keeps only its inflate state,
+# which the client's next message may need.  bench/README.md has the
+# measured figures.
+
+_DEFLATE_WINDOW_BITS = 12     # the largest window pagi_ref compresses with or asks for
+_DEFLATE_MEM_LEVEL = 5        # zlib memLevel: 2**(5 + 9) bytes of hash and buffer
+_DEFLATE_LEVEL = 6            # zlib's default speed/ratio trade-off
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"   # §7.2.1 / §7.2.2: cut on send, appended on receive
+_INFLATE_STEP = 65536         # compressed bytes handed to zlib at a time
+_DEFLATE_IDLE = 10.0          # seconds without a message out before the deflate state goes
+# §7.1.2: a window size is an integer from 8 to 15 (pagi_ref: written
+# without leading zeros, as every client writes it).
+_WINDOW_BITS_VALUES = {str(n): n for n in range(8, 16)}
+
+
+def extension_offers(values):
+    """RFC 6455 §9.1: the Sec-WebSocket-Extensions field values, parsed into
+    [(name, [(parameter, value or None), ...]), ...] in the client's order.
+
+        extension = extension-token *( ";" extension-param )
+        extension-param = token [ "=" (token | quoted-string) ]
+          ; a quoted-string value, unescaped, MUST conform to token
+
+    Names and parameters are compared case-insensitively (lower-cased here).
+    A value that does not fit the grammar raises ValueError.  Each step is a
+    split or a fullmatch of one character class: linear in the input."""
+    offers = []
+    for value in values:
+        for element in value.split(b","):
+            if not element.strip(b" \t"):
+                continue           # RFC 9110 §5.6.1: empty list elements are ignored
+            parts = element.split(b";")
+            name = parts[0].strip(b" \t")
+            if not _TOKEN.fullmatch(name):
+                raise ValueError("extension name %r is not a token" % name)
+            params = []
+            for part in parts[1:]:
+                key, eq, val = part.partition(b"=")
+                key = key.strip(b" \t")
+                if not _TOKEN.fullmatch(key):
+                    raise ValueError("extension parameter %r is not a token" % key)
+                if eq:
+                    val = val.strip(b" \t")
+                    if val[:1] == b'"':
+                        if len(val) < 2 or val[-1:] != b'"':
+                            raise ValueError("unterminated quoted string %r" % val)
+                        val = re.sub(rb"\\(.)", rb"\1", val[1:-1], flags=re.S)
+                    if not _TOKEN.fullmatch(val):
+                        raise ValueError("extension parameter value %r is not a token" % val)
+                    val = val.decode("ascii")
+                else:
+                    val = None
+                params.append((key.lower().decode("ascii"), val))
+            offers.append((name.lower().decode("ascii"), params))
+    return offers
+
+
+class PerMessageDeflate:
+    """The permessage-deflate extension as agreed with one client (RFC 7692
+    §7), and that connection's zlib state.
+
+    server_max_window_bits is the window the server compresses with,
+    client_max_window_bits the one it inflates with (15 when the client's
+    offer did not let the server choose)."""
+
+    def __init__(self, server_no_context_takeover=False, client_no_context_takeover=False,
+                 server_max_window_bits=15, client_max_window_bits=15, response=b""):
+        self.server_no_context_takeover = server_no_context_takeover
+        self.client_no_context_takeover = client_no_context_takeover
+        self.server_max_window_bits = server_max_window_bits
+        self.client_max_window_bits = client_max_window_bits
+        self.response = response       # the Sec-WebSocket-Extensions value to answer
+        self._compressor = None        # zlib state for messages out, made when needed
+        self._decompressor = None      # zlib state for messages in, made when needed
+
+    def __repr__(self):
+        return "<PerMessageDeflate %s>" % self.response.decode("ascii")
+
+    @classmethod
+    def negotiate(cls, offers):
+        """The agreement for the first acceptable permessage-deflate offer of
+        ``offers`` (from extension_offers), or None: no compression."""
+        for name, params in offers:
+            if name == "permessage-deflate":
+                agreed = cls.accept(params)
+                if agreed is not None:
+                    return agreed
+        return None
+
+    @classmethod
+    def accept(cls, params):
+        """RFC 7692 §7: the agreement answering one offer, or None to decline it.
+
+        §7: "A server MUST decline an extension negotiation offer for this
+        extension if ... the negotiation offer contains an extension
+        parameter not defined for use in an offer ... an extension parameter
+        with an invalid value ... multiple extension parameters with the
+        same name."  Declining an offer lets the next one be tried."""
+        seen = set()
+        server_nct = client_nct = False
+        server_bits = client_bits = None
+        for name, value in params:
+            if name in seen:
+                return None
+            seen.add(name)
+            if name == "server_no_context_takeover" and value is None:
+                server_nct = True            # §7.1.1.1: no value
+            elif name == "client_no_context_takeover" and value is None:
+                client_nct = True            # §7.1.1.2: no value
+            elif name == "server_max_window_bits" and value in _WINDOW_BITS_VALUES:
+                server_bits = _WINDOW_BITS_VALUES[value]   # §7.1.2.1: a value is required
+            elif name == "client_max_window_bits" and (
+                    value is None or value in _WINDOW_BITS_VALUES):
+                # §7.1.2.2: the client may leave the value out ("any size").
+                client_bits = _WINDOW_BITS_VALUES[value] if value else 15
+            else:
+                return None
+        answer = [b"permessage-deflate"]
+        # §7.1.1.1: an offered server_no_context_takeover is accepted by
+        # echoing it; §7.1.1.2: client_no_context_takeover may be echoed
+        # (then the server can free its inflate state between messages).
+        if server_nct:
+            answer.append(b"server_no_context_takeover")
+        if client_nct:
+            answer.append(b"client_no_context_takeover")
+        # §7.1.2.1: the server may name a window no larger than the offered
+        # one, and may name one when none was offered.
+        ours = min(server_bits or 15, _DEFLATE_WINDOW_BITS)
+        if ours < 15 or server_bits is not None:
+            answer.append(b"server_max_window_bits=%d" % ours)
+        # §7.1.2.2: the server may name the client's window only when the
+        # offer has client_max_window_bits, and no larger than its value.
+        theirs = 15
+        if client_bits is not None:
+            theirs = min(client_bits, _DEFLATE_WINDOW_BITS)
+            answer.append(b"client_max_window_bits=%d" % theirs)
+        return cls(server_nct, client_nct, ours, theirs, b"; ".join(answer))
+
+    def scope_entry(self):
+        """What the application sees: scope["extensions"]["websocket.permessage-deflate"]."""
+        return {"server_no_context_takeover": self.server_no_context_takeover,
+                "client_no_context_takeover": self.client_no_context_takeover,
+                "server_max_window_bits": self.server_max_window_bits,
+                "client_max_window_bits": self.client_max_window_bits}
+
+    def compress(self, payload):
+        """§7.2.1: one message's payload, compressed -- deflate, flushed to a
+        byte boundary (which ends in 00 00 ff ff), those 4 octets removed.
+
+        zlib cannot make a raw deflate stream with an 8-bit window; with 9
+        bits its matches reach back at most 512 - 262 = 250 bytes, so a
+        stream made with 9 is one an 8-bit (256-byte) window decodes: an
+        agreed server_max_window_bits=8 compresses with 9."""
+        compressor = self._compressor
+        if compressor is None:
+            compressor = zlib.compressobj(_DEFLATE_LEVEL, zlib.DEFLATED,
+                                          -max(self.server_max_window_bits, 9),
+                                          _DEFLATE_MEM_LEVEL)
+        # §7.1.1.1: without context takeover, each message starts afresh;
+        # dropping the state between messages is also what keeps an idle
+        # connection small.
+        self._compressor = None if self.server_no_context_takeover else compressor
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        return data[:-4]
+
+    def forget_compressor(self):
+        """Let go of the deflate state (most of a session's compression
+        memory); the next message starts a fresh one.  Allowed at any time:
+        context takeover is a permission, not a duty (§7.1.1.1: "the server
+        MAY ..."), and a message that refers to nothing earlier is one any
+        client's inflater takes."""
+        self._compressor = None
+
+    def inflate(self, data, final, room):
+        """§7.2.2: the next piece of a compressed message, decompressed.
+
+        ``final`` marks the message's last frame (the 4 octets 00 00 ff ff
+        are appended to it).  ``room`` is how many more bytes the message
+        may inflate to (None: no limit).  The limit is checked while
+        inflating: zlib is handed at most _INFLATE_STEP compressed bytes at
+        a time and asked for at most room + 1 bytes out, so a deflate bomb
+        stops at the limit with FrameError 1009 and is never held whole."""
+        inflater = self._decompressor
+        if inflater is None:
+            inflater = self._decompressor = zlib.decompressobj(-self.client_max_window_bits)
+        out = []
+        size = 0
+        steps = [memoryview(data)[i:i + _INFLATE_STEP]
+                 for i in range(0, len(data), _INFLATE_STEP)]
+        if final:
+            steps.append(_DEFLATE_TAIL)
+        for chunk in steps:
+            while chunk:
+                if inflater.eof:
+                    # The message carried a final deflate block (BFINAL):
+                    # only the tail appended above may follow it.
+                    if chunk is _DEFLATE_TAIL and inflater.unused_data in (b"", _DEFLATE_TAIL):
+                        break
+                    raise FrameError(1007, "data after the end of a deflate stream")
+                try:
+                    piece = inflater.decompress(chunk, 0 if room is None else room - size + 1)
+                except zlib.error as exc:
+                    raise FrameError(1007, "compressed message is not valid deflate "
+                                           "data: %s" % exc)
+                size += len(piece)
+                if room is not None and size > room:
+                    raise FrameError(1009, "message over the size limit once inflated")
+                out.append(piece)
+                chunk = inflater.unconsumed_tail
+        if final and (self.client_no_context_takeover or inflater.eof):
+            # §7.1.1.2: no context to keep -- or a stream that ended with
+            # BFINAL, after which zlib cannot go on: the next message
+            # starts a new one.
+            self._decompressor = None
+        return b"".join(out)
+
+
 class FrameParser:
     """Client frames in; ("text", str), ("bytes", bytes), ("ping", data),
-    ("pong", data), ("close", code, reason) out; None for "need more"."""
+    ("pong", data), ("close", code, reason) out; None for "need more".
 
-    def __init__(self, max_message_size):
+    ``deflate`` is the PerMessageDeflate agreed at the handshake, if any:
+    then RSV1 on a message's first frame means "compressed" (RFC 7692 §6)."""
+
+    def __init__(self, max_message_size, deflate=None):
         self.max_message_size = max_message_size
+        self.deflate = deflate
         self._buf = bytearray()     # bytes received, not yet parsed
         self._parts = None          # the fragments of a message in progress
         self._text = False          # that message is text
-        self._size = 0              # its payload bytes so far
+        self._compressed = False    # that message is compressed
+        self._wire = 0              # its payload bytes on the wire so far
+        self._size = 0              # its payload bytes delivered so far (inflated)
         self._decoder = None        # incremental UTF-8 decoder for text
 
     def feed(self, data):
         self._buf += data
+
+    def _wire_limit(self, compressed):
+        """The most payload bytes a message may take on the wire (0: any)."""
+        limit = self.max_message_size
+        if compressed and limit:
+            # Deflate can grow incompressible data a little (stored blocks:
+            # 5 bytes per 64 KiB); the inflated size is what the limit is for.
+            return limit + (limit >> 10) + 64
+        return limit
 
     def next_event(self):
         while True:
@@ -4022,9 +4287,16 @@ class FrameParser:
                 return None
             b0, b1 = buf[0], buf[1]
             fin, opcode, size = b0 & 0x80, b0 & 0x0F, b1 & 0x7F
-            # RFC 6455 §5.2: RSV1-3 MUST be 0 without a negotiated extension.
-            if b0 & 0x70:
-                raise FrameError(1002, "reserved bits set")
+            # RFC 6455 §5.2: RSV1-3 MUST be 0 unless an extension defines
+            # them.  RFC 7692 §6: permessage-deflate defines RSV1, the "Per-
+            # Message Compressed" bit, on the first frame of a data message
+            # only -- never on a continuation or a control frame (§6.1).
+            rsv = b0 & 0x70
+            if rsv:
+                if rsv != 0x40 or self.deflate is None:
+                    raise FrameError(1002, "reserved bits set")
+                if opcode not in (_OP_TEXT, _OP_BINARY):
+                    raise FrameError(1002, "RSV1 set on a control or continuation frame")
             # §5.1: a server MUST close on a frame from the client that is
             # not masked.
             if not b1 & 0x80:
@@ -4050,9 +4322,12 @@ class FrameParser:
                 size, pos = int.from_bytes(buf[2:10], "big"), 10
                 if size >> 63:
                     raise FrameError(1002, "payload length with the high bit set")
-            if opcode < 8 and self.max_message_size and \
-                    self._size + size > self.max_message_size:
-                raise FrameError(1009, "message over %d bytes" % self.max_message_size)
+            if opcode < 8:
+                compressed = bool(rsv) if opcode else self._compressed
+                wire = self._wire if opcode == _OP_CONT else 0
+                limit = self._wire_limit(compressed)
+                if limit and wire + size > limit:
+                    raise FrameError(1009, "message over %d bytes" % self.max_message_size)
             end = pos + 4 + size
             if len(buf) < end:
                 return None
@@ -4072,9 +4347,15 @@ class FrameParser:
             else:
                 if self._parts is not None:
                     raise FrameError(1002, "new message inside a fragmented one")
-                self._parts, self._text, self._size = [], opcode == _OP_TEXT, 0
+                self._parts, self._text, self._size, self._wire = [], opcode == _OP_TEXT, 0, 0
+                self._compressed = bool(rsv)
                 self._decoder = codecs.getincrementaldecoder("utf-8")() if self._text else None
-            self._size += size
+            self._wire += size
+            if self._compressed:
+                limit = self.max_message_size
+                payload = self.deflate.inflate(payload, bool(fin),
+                                               limit - self._size if limit else None)
+            self._size += len(payload)
             if self._text:
                 try:   # §8.1: fail as soon as the text is not UTF-8
                     self._parts.append(self._decoder.decode(payload, final=bool(fin)))
@@ -4084,14 +4365,15 @@ class FrameParser:
                 self._parts.append(payload)
             if not fin:
                 continue
-            parts, self._parts, self._size = self._parts, None, 0
+            parts, self._parts, self._size, self._wire = self._parts, None, 0, 0
             if self._text:
                 return ("text", "".join(parts))
             return ("bytes", b"".join(parts))
 
     @staticmethod
     def _close(payload):
-        # §5.5.1: no body, or a 2-byte code then a UTF-8 reason.
+        # §5.5.1: no body, or a 2-byte code then a UTF-8 reason.  §8.1 (and
+        # PAGI): a reason that is not UTF-8 fails the connection with 1007.
         if not payload:
             return ("close", 1005, "")
         if len(payload) == 1:
@@ -4137,6 +4419,13 @@ def _websocket_handshake_error(head):
             raise ValueError(key)
     except (ValueError, binascii.Error):
         return (400, "Sec-WebSocket-Key must be 16 bytes in base64", ())
+    try:
+        extension_offers(value for name, value in head.headers
+                         if name == b"sec-websocket-extensions")
+    except ValueError as exc:
+        # §4.2.1: a handshake that does not match the description (here
+        # §9.1's grammar of Sec-WebSocket-Extensions) gets 400.
+        return (400, "Sec-WebSocket-Extensions is malformed: %s" % exc, ())
     return None
 
 
@@ -4163,9 +4452,15 @@ class WebSocketConnection(Connection):
         self.parser = FrameParser(self.config.ws_max_message_size)
         self.parser.feed(leftover)
         self.denial = None            # [status, headers, head_sent, chunked] of a denial
-        self.ping_timer = None        # websocket.keepalive's next ping
-        self.pong_timer = None        # its deadline for the pong
-        self.close_timer = None       # deadline for the client's close frame
+        self.failure = None           # (code, message) of a bad frame, not yet acted on
+        self.deflate = None           # the PerMessageDeflate agreed, if any
+        self.last_compressed = None   # when the last compressed message went out
+        # Keepalive: deadlines on the loop's clock, kept by the server's
+        # sweep (check_timeouts), not by a timer per connection.
+        self.keepalive = (self.config.ws_ping_interval, self.config.ws_ping_timeout)
+        self.ping_due = loop.now + self.keepalive[0] if self.keepalive[0] > 0 else None
+        self.pong_due = None          # when the pong to the last ping is late
+        self.close_due = None         # when the client's close frame is late
         self.last_activity = loop.now
         # For the access log's one line per session, written when it ends.
         self.status = None            # 101, or the status of the refusal or denial
@@ -4188,6 +4483,13 @@ class WebSocketConnection(Connection):
                 subprotocols += [p.strip().decode("latin-1") for p in value.split(b",")
                                  if p.strip()]
         self.subprotocols = subprotocols
+        extensions = {"websocket.http.response": {}}
+        if self.config.ws_per_message_deflate:
+            self.deflate = PerMessageDeflate.negotiate(extension_offers(
+                value for name, value in head.headers if name == b"sec-websocket-extensions"))
+            if self.deflate is not None:
+                self.parser.deflate = self.deflate
+                extensions[_PERMESSAGE_DEFLATE] = self.deflate.scope_entry()
         scope = {
             "type": "websocket",
             "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
@@ -4202,7 +4504,7 @@ class WebSocketConnection(Connection):
             "server": list(server_address),
             "subprotocols": subprotocols,
             "state": dict(server.state),
-            "extensions": _with_tls({"websocket.http.response": {}}, stream),
+            "extensions": _with_tls(extensions, stream),
             "pagi.transport": transport,
         }
         if server.trusted_peers is not None:
@@ -4244,8 +4546,10 @@ class WebSocketConnection(Connection):
     # -- receive ----------------------------------------------------------------
 
     def receive(self):
+        if self.failure is not None and not self.queue and self.state == _OPEN:
+            self._fail(*self.failure)     # the messages before the bad frame are had
         if self.queue:
-            if not self.reading and self.state in (_OPEN, _CLOSING):
+            if not self.reading and self.state in (_OPEN, _CLOSING) and self.failure is None:
                 self._resume_reading()
                 self.loop.call_soon(self._advance)    # frames parked in the parser
             return _resolved(self.queue.popleft())
@@ -4270,9 +4574,7 @@ class WebSocketConnection(Connection):
         if self.disconnect is not None:
             return
         self.state = _CLOSED
-        for timer in (self.ping_timer, self.pong_timer, self.close_timer):
-            if timer is not None:
-                timer.cancel()
+        self.ping_due = self.pong_due = self.close_due = None
         self.disconnect = {"type": "websocket.disconnect", "code": code, "reason": reason}
         self._deliver(dict(self.disconnect))
 
@@ -4304,7 +4606,14 @@ class WebSocketConnection(Connection):
                 raise EventError("websocket.accept: 'subprotocol' %r was not offered by the "
                                  "client (%r)" % (subprotocol, self.subprotocols))
             lines.append(b"sec-websocket-protocol: " + subprotocol.encode("latin-1") + b"\r\n")
+        if self.deflate is not None:
+            lines.append(b"sec-websocket-extensions: " + self.deflate.response + b"\r\n")
         headers = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()]
+        for name, _value in headers:
+            if name.lower() == b"sec-websocket-extensions":
+                # Only the server can speak an extension's framing.
+                raise EventError("websocket.accept: 'headers' may not set "
+                                 "sec-websocket-extensions: the server negotiates extensions")
         lines += [name + b": " + value + b"\r\n" for name, value in headers]
         lines.append(self.server.stamp.lines(headers))
         self.transport.write(b"".join(lines) + b"\r\n")
@@ -4325,11 +4634,19 @@ class WebSocketConnection(Connection):
             opcode, payload = _OP_TEXT, text.encode("utf-8")
         else:
             opcode, payload = _OP_BINARY, bytes(data)
+        compressed = self.deflate is not None
+        if compressed:
+            # RFC 7692 §6.1: the message is compressed, RSV1 marks it.  What
+            # the Transport counts (and buffered_amount() reports) is the
+            # compressed frame: the bytes that go on the wire.
+            payload = self.deflate.compress(payload)
+            self.last_compressed = self.loop.now
+        head = ws_frame_head(opcode, len(payload), compressed)
         if len(payload) > _COMBINE_LIMIT:     # no copy of a large payload
-            self.transport.write(ws_frame_head(opcode, len(payload)))
+            self.transport.write(head)
             self.transport.write(payload)
         else:
-            self.transport.write(ws_frame(opcode, payload))
+            self.transport.write(head + payload)
         return self.transport.suspend()
 
     def _websocket_close(self, event):
@@ -4345,31 +4662,44 @@ class WebSocketConnection(Connection):
         return _NO_WAIT
 
     def _websocket_keepalive(self, event):
-        for timer in (self.ping_timer, self.pong_timer):
-            if timer is not None:
-                timer.cancel()
-        self.ping_timer = self.pong_timer = None
-        self.keepalive = (event["interval"], event.get("timeout"))
-        if event["interval"] > 0 and self.state in (_CONNECTING, _OPEN):
-            self.ping_timer = self.loop.call_later(event["interval"], self._ping)
+        # PAGI: the last websocket.keepalive wins; it replaces the server's
+        # own schedule (ws_ping_interval, ws_ping_timeout) for this session,
+        # and interval 0 stops the pings and any pending pong deadline.
+        interval = event["interval"]
+        self.keepalive = (interval, event.get("timeout") or 0)
+        self.ping_due = self.loop.now + interval if interval > 0 else None
+        self.pong_due = None
         return _NO_WAIT
 
-    def _ping(self):
-        self.ping_timer = None
+    def _keep_alive(self, now):
+        """The sweep's keepalive step: a ping when one is due, and the end of
+        a connection whose peer left the last one unanswered too long."""
         interval, timeout = self.keepalive
-        if self.state == _CONNECTING:       # pings begin once accepted
-            self.ping_timer = self.loop.call_later(interval, self._ping)
-            return
-        if self.state != _OPEN:
-            return
-        self.transport.write(ws_frame(_OP_PING))
-        if timeout and self.pong_timer is None:
-            self.pong_timer = self.loop.call_later(timeout, self._pong_missing)
-        if interval > 0:
-            self.ping_timer = self.loop.call_later(interval, self._ping)
+        if self.pong_due is not None and now >= self.pong_due:
+            if not self.reading:
+                # The server itself stopped reading (inbound backpressure):
+                # the pong may be waiting unread.  The deadline counts only
+                # time spent listening.
+                self.pong_due = now + timeout
+            else:
+                self._keepalive_failed()
+                return
+        if self.ping_due is not None and now >= self.ping_due:
+            self.transport.write(ws_frame(_OP_PING))
+            if timeout and self.pong_due is None:
+                self.pong_due = now + timeout
+            self.ping_due = now + interval
 
-    def _pong_missing(self):
-        self.pong_timer = None
+    def _keepalive_failed(self):
+        """RFC 6455 §7.1.7, "Fail the WebSocket Connection": the peer stopped
+        answering pings.  The close frame carries 1011 (an unexpected
+        condition; the code the websockets library -- uvicorn's -- sends for
+        a ping timeout) if it can go out at once, and the TCP connection is
+        dropped without waiting for a close frame that will not come.  The
+        application sees PAGI's 1006 with reason keepalive_timeout."""
+        if not self.transport.buffered_amount():
+            self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(
+                1011, "keepalive ping timeout")))
         self.abort("keepalive_timeout")
 
     def _websocket_http_response_start(self, event):
@@ -4456,7 +4786,7 @@ class WebSocketConnection(Connection):
             self.loop.remove_reader(self.fd)
 
     def _advance(self):
-        if self.state not in (_OPEN, _CLOSING) or self.closed:
+        if self.state not in (_OPEN, _CLOSING) or self.closed or self.failure is not None:
             return          # frames wait for the accept (none are expected)
         limit = self.config.max_receive_queue
         while self.state in (_OPEN, _CLOSING):
@@ -4473,7 +4803,7 @@ class WebSocketConnection(Connection):
             try:
                 event = self.parser.next_event()
             except FrameError as err:
-                self._fail(err.code, str(err))
+                self._protocol_error(err.code, str(err))
                 return
             if event is None:
                 return
@@ -4491,9 +4821,7 @@ class WebSocketConnection(Connection):
                 # frame waits for the client's (only its close ends that).
                 self.transport.write(ws_frame(_OP_PONG, event[1]))
             elif kind == "pong":
-                if self.pong_timer is not None:
-                    self.pong_timer.cancel()
-                    self.pong_timer = None
+                self.pong_due = None       # §5.5.3: the peer answered (any pong will do)
             else:
                 code, reason = event[1], event[2]
                 if self.state == _OPEN:
@@ -4505,15 +4833,28 @@ class WebSocketConnection(Connection):
                 return
 
     def _drained(self, _future):
-        if self.state in (_OPEN, _CLOSING) and not self.closed:
+        if self.state in (_OPEN, _CLOSING) and not self.closed and self.failure is None:
             self._resume_reading()
             self._advance()
 
     def _start_close(self, code, reason):
         self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code, reason)))
         self.state = _CLOSING
-        self.close_timer = self.loop.call_later(_WS_CLOSE_TIMEOUT, self.abort,
-                                                "client_timeout")
+        self.close_due = self.loop.now + _WS_CLOSE_TIMEOUT
+
+    def _protocol_error(self, code, message):
+        """A frame broke the protocol: nothing more is read, and the
+        connection fails (RFC 6455 §7.1.7) once the application has had
+        the messages that came before that frame -- at once if it is
+        waiting for one, else when it next asks for an event with none
+        left (or returns) -- so that its answers to them go out before the
+        close frame, not cut off by it (as Autobahn's cases 3.2, 4.1.3 and
+        5.15 expect: the echo, then the close)."""
+        if self.state != _OPEN or (self.waiter is not None and not self.queue):
+            self._fail(code, message)
+            return
+        self.failure = (code, message)
+        self._pause_reading()
 
     def _fail(self, code, message):
         """RFC 6455 §7.1.7: fail the connection with a close frame."""
@@ -4556,6 +4897,8 @@ class WebSocketConnection(Connection):
                 self.log.error("websocket application returned without accepting: %s (403 "
                                "sent)", self.head.target.decode("latin-1"))
                 self._refuse(403, "Forbidden")
+        elif self.state == _OPEN and self.failure is not None:
+            self._fail(*self.failure)
         elif self.state == _OPEN:
             # An application that ends its session closes it: 1000 normally,
             # 1011 (internal error) when it raised.
@@ -4573,15 +4916,25 @@ class WebSocketConnection(Connection):
 
     def shutdown(self):
         """Server shutdown: close the session with 1001 (going away)."""
-        if self.state == _OPEN:
+        if self.state == _OPEN and self.failure is not None:
+            self._fail(*self.failure)
+        elif self.state == _OPEN:
             self._start_close(1001, "server shutdown")
         elif self.state == _CONNECTING and self.denial is None:
             self._refuse(503, "Service Unavailable")
             self._ended(1006, "server_shutdown")
 
     def check_timeouts(self, now, config):
+        """The server's sweep: write timeout, close handshake, keepalive."""
         if self.write_timed_out(now, config):
             self.abort("write_timeout")
+        elif self.close_due is not None and now >= self.close_due:
+            self.abort("client_timeout")
+        elif self.state == _OPEN and self.failure is None:   # pings once accepted
+            self._keep_alive(now)
+            if self.last_compressed is not None and now - self.last_compressed > _DEFLATE_IDLE:
+                self.deflate.forget_compressor()      # an idle session's memory
+                self.last_compressed = None
 
 
 # ============================================================================

@@ -6,8 +6,12 @@ Text comes back as text, bytes as bytes, until the client closes (or the
 connection drops): then ``websocket.disconnect`` arrives and the
 application ends.  The server answers pings, reassembles fragmented
 messages and runs the close handshake itself; the application sees whole
-messages only.  This is the application the Autobahn testsuite is run
-against (/work/shared/conformance/autobahn/README.md).
+messages only.  When the client offers permessage-deflate (browsers do),
+the server inflates what comes in and compresses what goes out, and the
+application does not notice; it also pings the client every 20 s and drops
+one that stops answering.  This is the application the Autobahn testsuite
+is run against, cases 1-10, 12 and 13 (/work/shared/conformance/autobahn/
+README.md; the figures are in bench/README.md).
 """
 
 

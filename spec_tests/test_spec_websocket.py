@@ -321,3 +321,224 @@ def test_keepalive_pings(addr, ws_supported):
         kind, _payload = ws.recv()
         assert kind == "ping"
         assert time.monotonic() - start < 2.0
+
+
+@clause("WS-KEEP-2")
+def test_server_keepalive_drops_a_silent_peer(own_server):
+    with own_server(["--ws-ping-interval", "0.2", "--ws-ping-timeout", "0.2"]) as srv:
+        c, resp, ws = open_ws(srv.addr, "/ws/echo")
+        with c:
+            kind, _ = ws.recv()
+            assert kind == "ping"                       # never answered
+            kind, (code, _reason) = ws.recv()
+            assert (kind, code) == ("close", 1011)
+            assert c.closed(), "the server kept a peer that answers no ping"
+
+
+# -- permessage-deflate (RFC 7692), section 5.1 --------------------------------------------
+
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+from spec_wire import ws_frame  # noqa: E402
+
+TAIL = b"\x00\x00\xff\xff"
+
+
+def ws_extensions(addr, path, value):
+    """Handshake offering ``value``; (client, response, agreed params or None)."""
+    c, resp = ws_handshake(addr, path, headers=[("Sec-WebSocket-Extensions", value)])
+    assert resp.status == 101, resp
+    answer = resp.header("sec-websocket-extensions")
+    if answer is None or not answer.lower().startswith(b"permessage-deflate"):
+        return c, resp, None
+    params = {}
+    for part in answer.split(b";")[1:]:
+        name, _eq, val = part.strip().partition(b"=")
+        params[name.decode().lower()] = val.strip(b'"').decode() or None
+    return c, resp, params
+
+
+def deflate_or_skip(addr, path, value="permessage-deflate; client_max_window_bits"):
+    c, resp, params = ws_extensions(addr, path, value)
+    if params is None:
+        c.close()
+        pytest.skip("not implemented: the server does not agree to permessage-deflate "
+                    "(RFC 7692 is optional)")
+    return c, WebSocket(c), params
+
+
+def compressor(params):
+    bits = int(params.get("client_max_window_bits") or 15)
+    return zlib.compressobj(6, zlib.DEFLATED, -max(bits, 9))
+
+
+def compress(c, data):
+    return (c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def recv_message_frames(ws):
+    """[(fin, rsv, opcode, payload)] of the next data message (control frames
+    before it included, in order), read from the raw stream."""
+    frames = []
+    while True:
+        head = ws.reader.read_exact(2)
+        if len(head) < 2:
+            raise EOFError("connection closed")
+        n = head[1] & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", ws.reader.read_exact(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", ws.reader.read_exact(8))[0]
+        assert not head[1] & 0x80, "a server frame is masked"
+        data = ws.reader.read_exact(n)
+        frames.append((bool(head[0] & 0x80), (head[0] >> 4) & 7, head[0] & 0x0F, data))
+        if head[0] & 0x0F in (0x1, 0x2, 0x0, 0x8) and head[0] & 0x80:
+            return frames
+
+
+@clause("WS-DEFLATE-1")
+def test_deflate_agreed_with_one_answer(addr, ws_supported):
+    c, ws, params = deflate_or_skip(addr, "/ws/echo")
+    with c:
+        ws.text("after the agreement")
+        fin, rsv, op, data = recv_message_frames(ws)[-1]
+        if rsv & 4:
+            data = zlib.decompressobj(-15).decompress(data + TAIL)
+        assert (op, data) == (0x1, b"after the agreement")
+
+
+@clause("REF-WS-DEFLATE-1")
+def test_deflate_agreement_in_the_scope(addr, ws_supported):
+    c, ws, params = deflate_or_skip(addr, "/ws/scope")
+    with c:
+        fin, rsv, op, data = recv_message_frames(ws)[-1]
+        assert op == 0x1 and fin and rsv == 4
+        s = json.loads(zlib.decompressobj(-15).decompress(data + TAIL).decode("utf-8"))
+        assert s["extensions"].get("websocket.permessage-deflate") == "map", s["extensions"]
+    c, resp = ws_handshake(addr, "/ws/scope")
+    with c:
+        assert resp.status == 101 and resp.header("sec-websocket-extensions") is None
+        kind, text = WebSocket(c).recv()
+        assert "websocket.permessage-deflate" not in json.loads(text)["extensions"]
+
+
+@clause("WS-DEFLATE-4", "WS-DEFLATE-5")
+def test_deflate_echo_compressed_fragmented_and_plain(addr, ws_supported):
+    c, ws, params = deflate_or_skip(addr, "/ws/echo")
+    with c:
+        comp = compressor(params)
+        inflater = zlib.decompressobj(-15)
+        payload = compress(comp, b"compress me " * 50)
+        ws.send(0x1, payload[:4], rsv=4, fin=False)
+        ws.send(0x9, b"between")
+        ws.send(0x0, payload[4:])
+        ws.send(0x2, b"not compressed")
+        got = []
+        while len(got) < 2:
+            for fin, rsv, op, data in recv_message_frames(ws):
+                if op in (0x9, 0xA):
+                    assert rsv == 0, "a control frame with RSV bits"
+                    continue
+                assert fin and op in (0x1, 0x2)
+                if rsv & 4:
+                    data = inflater.decompress(data + TAIL)
+                else:
+                    assert rsv == 0
+                got.append((op, data))
+        assert got == [(0x1, b"compress me " * 50), (0x2, b"not compressed")]
+
+
+@clause("WS-DEFLATE-4")
+@pytest.mark.parametrize("where", ["continuation", "ping"])
+def test_deflate_rsv1_on_a_continuation_or_control_frame_is_1002(addr, ws_supported, where):
+    c, ws, params = deflate_or_skip(addr, "/ws/echo")
+    with c:
+        if where == "continuation":
+            data = compress(compressor(params), b"abcdef")
+            ws.send(0x1, data[:2], rsv=4, fin=False)
+            ws.send(0x0, data[2:], rsv=4)
+        else:
+            ws.send(0x9, b"p", rsv=4)
+        kind, (code, _reason) = ws.recv()
+        assert (kind, code) == ("close", 1002)
+
+
+@clause("WS-DEFLATE-2")
+@pytest.mark.parametrize("value", [
+    "permessage-deflate; x-unknown-parameter",
+    "permessage-deflate; client_max_window_bits; client_max_window_bits",
+    "permessage-deflate; server_max_window_bits",
+    "permessage-deflate; server_max_window_bits=16",
+    "permessage-deflate; server_no_context_takeover=yes",
+])
+def test_deflate_bad_offer_declined(addr, ws_supported, value):
+    c, resp, params = ws_extensions(addr, "/ws/echo", value)
+    with c:
+        assert params is None, resp.header("sec-websocket-extensions")
+        ws = WebSocket(c)
+        ws.text("plain")
+        assert ws.recv() == ("text", "plain")
+
+
+@clause("WS-DEFLATE-2")
+def test_deflate_fallback_offer_accepted(addr, ws_supported):
+    deflate_or_skip(addr, "/ws/echo")[0].close()     # skips if never agreed
+    c, resp, params = ws_extensions(
+        addr, "/ws/echo", "permessage-deflate; x-unknown, permessage-deflate; "
+                          "server_no_context_takeover")
+    with c:
+        assert params is not None and "x-unknown" not in params
+        assert "server_no_context_takeover" in params
+
+
+@clause("WS-DEFLATE-3")
+@pytest.mark.parametrize("value", [
+    "permessage-deflate; server_no_context_takeover",
+    "permessage-deflate; server_max_window_bits=10",
+    "permessage-deflate; server_max_window_bits=9; client_max_window_bits=10",
+    "permessage-deflate",
+    "permessage-deflate; client_max_window_bits",
+])
+def test_deflate_answer_follows_the_offer(addr, ws_supported, value):
+    deflate_or_skip(addr, "/ws/echo")[0].close()
+    c, resp, params = ws_extensions(addr, "/ws/echo", value)
+    with c:
+        if params is None:
+            return                      # declining is allowed
+        offered = dict((p.strip().partition("=")[0], p.strip().partition("=")[2] or None)
+                       for p in value.split(";")[1:])
+        if "server_no_context_takeover" in offered:
+            assert "server_no_context_takeover" in params
+        if offered.get("server_max_window_bits"):
+            assert int(params["server_max_window_bits"]) <= int(offered["server_max_window_bits"])
+        if "client_max_window_bits" not in offered:
+            assert "client_max_window_bits" not in params
+        elif offered["client_max_window_bits"] and params.get("client_max_window_bits"):
+            assert int(params["client_max_window_bits"]) <= \
+                int(offered["client_max_window_bits"])
+        for name in ("server_max_window_bits", "client_max_window_bits"):
+            if params.get(name):
+                assert 8 <= int(params[name]) <= 15
+
+
+@clause("WS-DEFLATE-6")
+def test_deflate_bomb_is_1009_and_bad_data_1007(addr, ws_supported):
+    token = new_token()
+    c, ws, params = deflate_or_skip(addr, "/ws/echo?token=" + token)
+    with c:
+        comp = compressor(params)
+        zeros = b"\0" * (1 << 20)
+        bomb = b"".join(comp.compress(zeros) for _ in range(64))
+        bomb = (bomb + comp.flush(zlib.Z_SYNC_FLUSH))[:-4]     # 64 MiB inflated
+        ws.send(0x2, bomb, rsv=4)
+        kind, (code, _reason) = ws.recv()
+        assert (kind, code) == ("close", 1009)
+    rec, _ = disconnect_record(addr, token)
+    assert (rec["code"], rec["reason"]) == (1009, "protocol_error")
+    c, ws, params = deflate_or_skip(addr, "/ws/echo")
+    with c:
+        ws.send(0x2, b"\xff\xff\xff\xff", rsv=4)
+        kind, (code, _reason) = ws.recv()
+        assert (kind, code) == ("close", 1007)
+

@@ -22,8 +22,8 @@ import types
 
 import pytest
 
-import pagi_ref
-from conftest import ROOT
+from conftest import ROOT      # first: it puts the checkout on sys.path
+import pagi_ref  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -249,3 +249,25 @@ def test_architecture_reading_path_line_ranges_match_the_banners():
             wrong.append("section %s: the page says %s-%s, the module %s-%s"
                          % (number, first, last, want[0], want[1] or "end"))
     assert not wrong, "docs/architecture.md's reading path is stale:\n" + "\n".join(wrong)
+
+
+def fix_reading_path():
+    """Rewrite architecture.md's reading-path line ranges from the banners:
+    ``python3 tests/test_docs.py --fix-reading-path`` after a section moved."""
+    path = os.path.join(DOCS, "architecture.md")
+    ranges = section_ranges()
+
+    def row(m):
+        first, last = ranges[int(m.group(2))]
+        return "| %s. | %s%s| %d-%s |" % (m.group(1), m.group(2), m.group(3), first, last or "end")
+    text = re.sub(r"^\| (\d+)\. \| (\d+)( [^|]+)\| (\d+)-(\d+|end) \|", row, read(path), flags=re.M)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["--fix-reading-path"]:
+        fix_reading_path()
+    else:
+        sys.exit("usage: python3 tests/test_docs.py --fix-reading-path")

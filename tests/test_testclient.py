@@ -10,6 +10,7 @@ same application under TestClient and under conftest's ``serve()``, read
 with a raw socket, and compares what both clients got.
 """
 import json
+import gc
 import os
 import re
 import socket
@@ -871,11 +872,16 @@ def test_a_client_leaves_no_thread_and_no_descriptor_behind():
                 assert response.read()
 
     session()                       # whatever is created once (caches, pools) exists now
+    gc.collect()                    # sockets of earlier tests that only wait for the collector
     before = used()
     for _ in range(3):
         session()
-    assert used() == before
-    assert before[0] == []
+    gc.collect()
+    after = used()
+    # No growth: something else in this process (an earlier test's socket
+    # collected meanwhile) may close a descriptor, never open three.
+    assert after[0] == before[0] == []
+    assert after[1] <= before[1], (before, after)
 
 
 def test_section_13_shadows_no_name_of_the_sections_above():

@@ -2971,7 +2971,7 @@ class Exchange:
     logged = False                # the access-log line was written
     received = 0.0                # time.time() at arrival (access log %t)
     t0 = 0.0                      # time.monotonic() at arrival (%D, %T)
-    wire_start = 0                # transport.bytes_queued at arrival (%O)
+    wire_start = 0                # transport.bytes_written at arrival (%O)
     in_start = 0                  # conn.bytes_in when the head began (%I)
     proxied_client = False        # --proxy-headers: the scope's client, for %h
 
@@ -2984,7 +2984,7 @@ class Exchange:
         if conn.server.access_log is not None:
             self.received = time.time()
             self.t0 = time.monotonic()
-            self.wire_start = conn.transport.bytes_queued   # this response's first byte
+            self.wire_start = conn.transport.bytes_written  # the socket's count so far
             self.in_start = conn.head_base                  # this request's first byte
 
     def __repr__(self):
@@ -3355,17 +3355,17 @@ class Exchange:
         head = self.head
         conn = self.conn
         transport = conn.transport
-        # What reached the client: what was queued for this response, less
-        # what is still unwritten (or was, when the connection went).  The
-        # body count of a response cut short is the application's bytes less
-        # those -- chunk framing of the lost part aside, what the client got.
+        # What reached the client: the bytes written since the exchange
+        # began.  The body count of a response cut short is the
+        # application's bytes less those still unwritten (or that were, when
+        # the connection went) -- chunk framing of the lost part aside.
         unwritten = transport.bytes_queued - transport.bytes_written
         client = conn.client if self.proxied_client is False else self.proxied_client
         access_log.record(client, self.received, time.monotonic() - self.t0,
                           head.request_line(), self.status,
                           max(0, self.bytes_out - unwritten), head.headers, self.headers,
                           bytes_in=conn.bytes_in - self.in_start,
-                          bytes_out=max(0, transport.bytes_queued - self.wire_start - unwritten),
+                          bytes_out=transport.bytes_written - self.wire_start,
                           end=self.access_end())
 
     def access_end(self):
@@ -4467,7 +4467,7 @@ class WebSocketConnection(Connection):
         # For the access log's one line per session, written when it ends.
         self.status = None            # 101, or the status of the refusal or denial
         self.bytes_in = len(leftover)  # bytes received after the handshake's head
-        self.wire_start = transport.bytes_queued
+        self.wire_start = transport.bytes_written
         self.received = time.time()
         self.t0 = time.monotonic()
         error = _websocket_handshake_error(head)
@@ -4532,13 +4532,11 @@ class WebSocketConnection(Connection):
         """The session is over: its one access-log line, then the socket."""
         access_log = self.server.access_log
         if access_log is not None:
-            transport = self.transport
-            unwritten = transport.bytes_queued - transport.bytes_written
             code = self.disconnect["code"] if self.disconnect is not None else None
             access_log.record(self.access_client, self.received, time.monotonic() - self.t0,
                               self.head.request_line(), self.status, 0, self.head.headers, (),
                               bytes_in=self.bytes_in,
-                              bytes_out=max(0, transport.bytes_queued - self.wire_start - unwritten),
+                              bytes_out=self.transport.bytes_written - self.wire_start,
                               end="close:%d" % code if code is not None else "done")
         Connection._release(self)
 

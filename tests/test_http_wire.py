@@ -36,6 +36,8 @@ def summarize(events):
             out.append(("body", body))
             out.append(("end", tuple(ev.trailers)))
             body = b""
+    if body:
+        out.append(("partial body", body))   # a message not yet complete
     return out
 
 

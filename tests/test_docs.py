@@ -226,9 +226,9 @@ def section_ranges():
     lines = read(ROOT, "pagi_ref.py").splitlines()
     starts = []
     for i, line in enumerate(lines):
-        m = re.match(r"# (\d+)\. ", line)
+        m = re.match(r"# (\d+[a-z]?)\. ", line)       # "4a." is a section beside 4
         if m and i > 0 and lines[i - 1].startswith("# ====="):
-            starts.append((int(m.group(1)), i))      # i: the "=====" line, 1-based
+            starts.append((m.group(1), i))      # i: the "=====" line, 1-based
     ranges = {}
     for k, (number, start) in enumerate(starts):
         end = starts[k + 1][1] - 1 if k + 1 < len(starts) else None
@@ -238,12 +238,12 @@ def section_ranges():
 
 def test_architecture_reading_path_line_ranges_match_the_banners():
     text = read(DOCS, "architecture.md")
-    rows = re.findall(r"^\| (\d+)\. \| (\d+) [^|]+\| (\d+)-(\d+|end) \|", text, re.M)
+    rows = re.findall(r"^\| (\d+)\. \| (\d+[a-z]?) [^|]+\| (\d+)-(\d+|end) \|", text, re.M)
     assert len(rows) >= 13, rows
     ranges = section_ranges()
     wrong = []
     for _step, number, first, last in rows:
-        want = ranges[int(number)]
+        want = ranges[number]
         have = (int(first), None if last == "end" else int(last))
         if have != want:
             wrong.append("section %s: the page says %s-%s, the module %s-%s"
@@ -258,9 +258,9 @@ def fix_reading_path():
     ranges = section_ranges()
 
     def row(m):
-        first, last = ranges[int(m.group(2))]
+        first, last = ranges[m.group(2)]
         return "| %s. | %s%s| %d-%s |" % (m.group(1), m.group(2), m.group(3), first, last or "end")
-    text = re.sub(r"^\| (\d+)\. \| (\d+)( [^|]+)\| (\d+)-(\d+|end) \|", row, read(path), flags=re.M)
+    text = re.sub(r"^\| (\d+)\. \| (\d+[a-z]?)( [^|]+)\| (\d+)-(\d+|end) \|", row, read(path), flags=re.M)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 

@@ -239,6 +239,13 @@ _CONFIG_FIELDS = [
     ("ssl_ca_certs", None, str, "PEM file of the CAs that client certificates must chain to"),
     ("ssl_cert_reqs", 0, int,
      "client certificates: 0 not asked for, 1 optional (verified if sent), 2 required"),
+    # HTTP/2 (sections 4b, 6a; docs/http2.md).
+    ("http2", False, bool,
+     "serve HTTP/2: h2 by ALPN over TLS, h2c with prior knowledge in cleartext "
+     "(--no-http2: HTTP/1.1 only)"),
+    ("h2_max_concurrent_streams", 100, int,
+     "streams one HTTP/2 client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; "
+     "more are refused with REFUSED_STREAM)"),
     ("ssl_ciphers", None, str,
      "OpenSSL cipher list for TLS 1.2, e.g. 'ECDHE+AESGCM' (none: Python's defaults; "
      "TLS 1.3 suites are OpenSSL's)"),
@@ -296,6 +303,8 @@ class Config:
             raise ConfigError("max_receive_queue must be at least 1")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if self.h2_max_concurrent_streams < 1:
+            raise ConfigError("h2_max_concurrent_streams must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
         if self.lifespan not in ("auto", "on", "off"):
@@ -1965,6 +1974,921 @@ def decode_path(raw_path):
 
 
 # ============================================================================
+# 4b. HTTP/2 frames and streams, sans-I/O (RFC 9113)
+#
+# H2Protocol is the whole of HTTP/2 that can be said with bytes alone: the
+# client's connection preface, the frame codec (every frame type of RFC
+# 9113 §6), the SETTINGS exchange, PING, GOAWAY, the stream states of §5.1,
+# both directions of flow control (§5.2, §6.9), header blocks across
+# CONTINUATION frames, and every connection and stream error with its code
+# (§5.4, §7).  feed(bytes) returns events (H2Request, H2Data, H2Trailers,
+# H2Reset, H2WindowOpened, H2GoAway); the send_* methods and the answers
+# the protocol gives by itself (SETTINGS and PING acknowledgements, window
+# updates, RST_STREAM and GOAWAY for errors) queue bytes that
+# data_to_send() hands over.  Header blocks are (de)compressed by section
+# 4a's HPACKDecoder and HPACKEncoder.
+#
+# What must not go in here: PAGI scopes, events or disconnect reasons;
+# sockets; timers.  The protocol says what arrived and what went wrong; the
+# connection (section 6a) decides what an application sees.
+#
+# Before you edit: a stream error (RST_STREAM) must leave the connection
+# usable, so a header block is always decoded -- even for a stream that is
+# refused or reset -- or HPACK's dynamic table would drift from the
+# client's (RFC 9113 §4.3).  Anything that cannot be decoded is a
+# connection error.
+# ============================================================================
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"   # RFC 9113 §3.4
+
+# RFC 9113 §6: frame types.
+H2_DATA, H2_HEADERS, H2_PRIORITY, H2_RST_STREAM, H2_SETTINGS, H2_PUSH_PROMISE, \
+    H2_PING, H2_GOAWAY, H2_WINDOW_UPDATE, H2_CONTINUATION = range(10)
+# Flags (§6.x): the same bit means different things in different types.
+H2_FLAG_END_STREAM = 0x1      # DATA, HEADERS
+H2_FLAG_ACK = 0x1             # SETTINGS, PING
+H2_FLAG_END_HEADERS = 0x4     # HEADERS, CONTINUATION
+H2_FLAG_PADDED = 0x8          # DATA, HEADERS
+H2_FLAG_PRIORITY = 0x20       # HEADERS
+
+# RFC 9113 §7: error codes.
+H2_NO_ERROR, H2_PROTOCOL_ERROR, H2_INTERNAL_ERROR, H2_FLOW_CONTROL_ERROR, \
+    H2_SETTINGS_TIMEOUT, H2_STREAM_CLOSED, H2_FRAME_SIZE_ERROR, H2_REFUSED_STREAM, \
+    H2_CANCEL, H2_COMPRESSION_ERROR, H2_CONNECT_ERROR, H2_ENHANCE_YOUR_CALM, \
+    H2_INADEQUATE_SECURITY, H2_HTTP_1_1_REQUIRED = range(14)
+
+# RFC 9113 §6.5.2: setting identifiers, and their initial values.
+H2_SETTINGS_HEADER_TABLE_SIZE = 0x1
+H2_SETTINGS_ENABLE_PUSH = 0x2
+H2_SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
+H2_SETTINGS_INITIAL_WINDOW_SIZE = 0x4
+H2_SETTINGS_MAX_FRAME_SIZE = 0x5
+H2_SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
+_H2_DEFAULT_WINDOW = 65535            # §6.9.2: the initial window, both levels
+_H2_MIN_FRAME_SIZE = 16384            # §4.2: SETTINGS_MAX_FRAME_SIZE floor (and default)
+_H2_MAX_FRAME_SIZE = (1 << 24) - 1    # §6.5.2: its ceiling
+_H2_MAX_WINDOW = (1 << 31) - 1        # §6.9.1: a window may not exceed this
+
+# Defences (issue 15; docs/http2.md).  Each is a count, not a rate, so that
+# the same bytes get the same answer however fast they arrive.
+_H2_FLOOD_BUDGET = 1000   # PING, SETTINGS, PRIORITY, empty DATA and CONTINUATION
+                          # frames a client may send beyond what its requests earn
+_H2_FLOOD_REFILL = 10     # ... each stream it opens earns this many more
+_H2_BLOCK_FRAMES = 64     # HEADERS + CONTINUATION frames in one header block
+_H2_CLOSED_MEMORY = 256   # closed streams remembered (STREAM_CLOSED vs PROTOCOL_ERROR)
+_H2_GRANT_FRACTION = 2    # a window is topped up once 1/2 of it has been used
+
+# RFC 9113 §8.2.2: connection-specific fields, malformed in HTTP/2.
+_H2_CONNECTION_FIELDS = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                   b"transfer-encoding", b"upgrade"))
+# RFC 9113 §8.3.1: the request pseudo-header fields.
+_H2_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
+# RFC 9110 §5.1 field names, lower-case only in HTTP/2 (§8.2.1).
+_H2_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# RFC 9113 §8.2.1: a value MUST NOT contain NUL, LF or CR, nor start or end
+# with SP or HTAB.
+_H2_FIELD_VALUE_BAD = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+
+
+class H2ConnectionError(Exception):
+    """RFC 9113 §5.4.1: the connection ends with GOAWAY and ``code``."""
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+
+
+class H2StreamError(Exception):
+    """RFC 9113 §5.4.2: one stream ends with RST_STREAM and ``code``."""
+
+    def __init__(self, stream_id, code, message):
+        Exception.__init__(self, message)
+        self.stream_id = stream_id
+        self.code = code
+
+
+def h2_frame(ftype, flags, stream_id, payload=b""):
+    """RFC 9113 §4.1: Length (24), Type (8), Flags (8), R (1), Stream
+    Identifier (31), then the payload."""
+    size = len(payload)
+    return bytes((size >> 16, (size >> 8) & 0xff, size & 0xff, ftype, flags)) + \
+        (stream_id & 0x7fffffff).to_bytes(4, "big") + payload
+
+
+def h2_settings_payload(settings):
+    """§6.5.1: each setting is an identifier (16) and a value (32)."""
+    return b"".join(ident.to_bytes(2, "big") + value.to_bytes(4, "big")
+                    for ident, value in settings)
+
+
+# -- events ------------------------------------------------------------------
+
+class H2Request:
+    """A stream opened with a request head (RFC 9113 §8.1): ``head`` is a
+    section-4 RequestHead with ``http_version`` "2"."""
+    __slots__ = ("stream_id", "head", "end_stream")
+
+    def __init__(self, stream_id, head, end_stream):
+        self.stream_id = stream_id
+        self.head = head
+        self.end_stream = end_stream
+
+    def __repr__(self):
+        return "<H2Request %d %r end_stream=%s>" % (self.stream_id, self.head, self.end_stream)
+
+
+class H2Data:
+    """Request body bytes; ``flow`` is what the frame cost the stream's
+    window (padding included), to give back with consumed()."""
+    __slots__ = ("stream_id", "data", "flow", "end_stream")
+
+    def __init__(self, stream_id, data, flow, end_stream):
+        self.stream_id = stream_id
+        self.data = data
+        self.flow = flow
+        self.end_stream = end_stream
+
+    def __repr__(self):
+        return "<H2Data %d %d bytes end_stream=%s>" % (self.stream_id, len(self.data),
+                                                       self.end_stream)
+
+
+class H2Trailers:
+    """The trailer section that ends a request (RFC 9113 §8.1)."""
+    __slots__ = ("stream_id", "headers")
+
+    def __init__(self, stream_id, headers):
+        self.stream_id = stream_id
+        self.headers = headers
+
+    def __repr__(self):
+        return "<H2Trailers %d %r>" % (self.stream_id, self.headers)
+
+
+class H2Reset:
+    """A stream ended abnormally: the client reset it (``remote``), or we
+    did, for a stream error with ``code``."""
+    __slots__ = ("stream_id", "code", "remote")
+
+    def __init__(self, stream_id, code, remote):
+        self.stream_id = stream_id
+        self.code = code
+        self.remote = remote
+
+    def __repr__(self):
+        return "<H2Reset %d code=%d %s>" % (self.stream_id, self.code,
+                                            "remote" if self.remote else "local")
+
+
+class H2WindowOpened:
+    """Send windows grew: stream ``stream_id``'s, or every stream's (0)."""
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id):
+        self.stream_id = stream_id
+
+    def __repr__(self):
+        return "<H2WindowOpened %d>" % self.stream_id
+
+
+class H2GoAway:
+    """The connection is ending: the client sent GOAWAY (``remote``), or a
+    connection error made us send one (then nothing more is read)."""
+    __slots__ = ("code", "last_stream_id", "remote", "message")
+
+    def __init__(self, code, last_stream_id, remote, message=""):
+        self.code = code
+        self.last_stream_id = last_stream_id
+        self.remote = remote
+        self.message = message
+
+    def __repr__(self):
+        return "<H2GoAway code=%d last=%d %s %s>" % (
+            self.code, self.last_stream_id, "remote" if self.remote else "local",
+            self.message)
+
+
+class H2HeadersTooLarge:
+    """A request head over the header-list limit (RFC 9113 §10.5.1): the
+    connection answers the stream 431.  The HPACK table is intact."""
+    __slots__ = ("stream_id", "end_stream")
+
+    def __init__(self, stream_id, end_stream):
+        self.stream_id = stream_id
+        self.end_stream = end_stream
+
+    def __repr__(self):
+        return "<H2HeadersTooLarge %d>" % self.stream_id
+
+
+# -- streams -------------------------------------------------------------------
+
+# RFC 9113 §5.1 states a server's stream can be in (no push: no "reserved").
+_H2_OPEN, _H2_HALF_CLOSED_REMOTE, _H2_HALF_CLOSED_LOCAL, _H2_CLOSED = \
+    "open", "half-closed (remote)", "half-closed (local)", "closed"
+
+
+class _H2StreamState:
+    __slots__ = ("stream_id", "state", "send_window", "recv_window", "unacked",
+                 "headers_done", "content_length", "received")
+
+    def __init__(self, stream_id, send_window, recv_window):
+        self.stream_id = stream_id
+        self.state = _H2_OPEN
+        self.send_window = send_window     # bytes we may still send (client's window)
+        self.recv_window = recv_window     # bytes the client may still send us
+        self.unacked = 0                   # bytes consumed but not yet granted back
+        self.headers_done = False          # the request head arrived
+        self.content_length = None         # declared content-length (§8.1.1)
+        self.received = 0                  # body bytes received
+
+
+# The RFC 9113 §5.1 transitions on what is received and sent: (state, event)
+# -> next state.  A pair not listed changes nothing.
+_H2_TRANSITIONS = {
+    (_H2_OPEN, "recv END_STREAM"): _H2_HALF_CLOSED_REMOTE,
+    (_H2_OPEN, "send END_STREAM"): _H2_HALF_CLOSED_LOCAL,
+    (_H2_HALF_CLOSED_LOCAL, "recv END_STREAM"): _H2_CLOSED,
+    (_H2_HALF_CLOSED_REMOTE, "send END_STREAM"): _H2_CLOSED,
+}
+
+
+class H2Protocol:
+    """The server's side of one HTTP/2 connection, without I/O.
+
+    ``settings`` are ours (a dict of H2_SETTINGS_* -> value), sent by
+    initiate().  A connection error ends the protocol: feed() returns the
+    events so far and an H2GoAway, and ignores what comes after.
+    """
+
+    def __init__(self, max_concurrent_streams=100, max_header_list_size=65536,
+                 initial_window_size=_H2_DEFAULT_WINDOW, max_body_frame=_H2_MIN_FRAME_SIZE):
+        self.max_concurrent_streams = max_concurrent_streams
+        self.max_header_list_size = max_header_list_size
+        self.local_window = initial_window_size   # each stream's receive window
+        self.max_frame_size = max_body_frame      # frames we accept (our setting)
+        # The header block bound (CONTINUATION flood, 2024): a compressed
+        # block is never larger than the list it decodes to, but for
+        # padding-free table size updates, so twice the list limit is room.
+        self.max_block_size = 2 * max_header_list_size + 1024
+        self.decoder = HPACKDecoder(max_table_size=4096,
+                                    max_header_list_size=max_header_list_size)
+        self.encoder = HPACKEncoder()
+        self.buffer = bytearray()          # bytes received, not yet a whole frame
+        self.preface_done = False          # the 24-byte client preface arrived
+        self.settings_seen = False         # the client's first SETTINGS arrived
+        self.out = []                      # bytes to send
+        self.events = []                   # events of the current feed()
+        self.streams = {}                  # stream id -> _H2StreamState, not closed
+        self.closed_streams = collections.OrderedDict()   # id -> reset by us (bool)
+        self.highest_stream_id = 0         # the last stream the client opened
+        self.peer_max_frame_size = _H2_MIN_FRAME_SIZE
+        self.peer_initial_window = _H2_DEFAULT_WINDOW
+        self.send_window = _H2_DEFAULT_WINDOW      # connection: what we may send
+        self.recv_window = _H2_DEFAULT_WINDOW      # connection: what the client may send
+        self.recv_unacked = 0                      # connection bytes not yet granted back
+        self.block = None                  # a header block in progress: [id, end_stream,
+                                           #   fragments, size, frames, priority-ok]
+        self.goaway_sent = False
+        self.ended = False                 # a connection error happened: read no more
+        self.flood_budget = _H2_FLOOD_BUDGET
+        self.reset_budget = 2 * max_concurrent_streams   # rapid reset (CVE-2023-44487)
+        self.streams_opened = 0
+
+    def __repr__(self):
+        return "<H2Protocol streams=%d highest=%d%s>" % (
+            len(self.streams), self.highest_stream_id, " ended" if self.ended else "")
+
+    # -- output ----------------------------------------------------------------
+
+    def initiate(self):
+        """RFC 9113 §3.4: the server's preface is a SETTINGS frame."""
+        settings = [(H2_SETTINGS_MAX_CONCURRENT_STREAMS, self.max_concurrent_streams),
+                    (H2_SETTINGS_MAX_HEADER_LIST_SIZE, self.max_header_list_size)]
+        if self.local_window != _H2_DEFAULT_WINDOW:
+            settings.append((H2_SETTINGS_INITIAL_WINDOW_SIZE, self.local_window))
+        self.out.append(h2_frame(H2_SETTINGS, 0, 0, h2_settings_payload(settings)))
+
+    def data_to_send(self):
+        out = self.out
+        if not out:
+            return b""
+        self.out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def send_headers(self, stream_id, headers, end_stream=False):
+        """A HEADERS frame (and CONTINUATIONs past the client's frame size)."""
+        block = self.encoder.encode(headers)
+        size = self.peer_max_frame_size
+        flags = H2_FLAG_END_STREAM if end_stream else 0
+        if len(block) <= size:
+            self.out.append(h2_frame(H2_HEADERS, flags | H2_FLAG_END_HEADERS, stream_id, block))
+        else:
+            self.out.append(h2_frame(H2_HEADERS, flags, stream_id, block[:size]))
+            for start in range(size, len(block), size):
+                last = start + size >= len(block)
+                self.out.append(h2_frame(H2_CONTINUATION, H2_FLAG_END_HEADERS if last else 0,
+                                         stream_id, block[start:start + size]))
+        if end_stream:
+            self._sent_end(stream_id)
+
+    def send_window_for(self, stream_id):
+        """Bytes of DATA the client's windows let us send on the stream now."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return 0
+        return max(0, min(self.send_window, stream.send_window))
+
+    def send_data(self, stream_id, data, end_stream=False):
+        """DATA frames for ``data`` (at most send_window_for(stream_id) bytes)."""
+        size = len(data)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.send_window -= size
+        self.send_window -= size
+        step = self.peer_max_frame_size
+        if size <= step:
+            self.out.append(h2_frame(H2_DATA, H2_FLAG_END_STREAM if end_stream else 0,
+                                     stream_id, data))
+        else:
+            view = memoryview(data)
+            for start in range(0, size, step):
+                last = start + step >= size
+                self.out.append(h2_frame(
+                    H2_DATA, H2_FLAG_END_STREAM if (end_stream and last) else 0,
+                    stream_id, bytes(view[start:start + step])))
+        if end_stream:
+            self._sent_end(stream_id)
+
+    def reset_stream(self, stream_id, code):
+        """RST_STREAM (§6.4): the stream is closed; later frames on it are ignored."""
+        self.out.append(h2_frame(H2_RST_STREAM, 0, stream_id, code.to_bytes(4, "big")))
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self._remember_closed(stream_id, True)
+            # What the client has in flight on it still costs the connection
+            # window; what it had sent and nobody will consume is given back.
+            self._grant_connection(stream.unacked)
+
+    def goaway(self, code=H2_NO_ERROR, message=""):
+        """GOAWAY (§6.8) naming the last stream we will process."""
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        self.out.append(h2_frame(H2_GOAWAY, 0, 0,
+                                 self.highest_stream_id.to_bytes(4, "big")
+                                 + code.to_bytes(4, "big")
+                                 + message.encode("ascii", "replace")[:256]))
+
+    def consumed(self, stream_id, size):
+        """The application took ``size`` bytes of the stream's body: give
+        the window back once enough has been taken (§6.9)."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state in (_H2_HALF_CLOSED_REMOTE, _H2_CLOSED):
+            return
+        stream.unacked += size
+        if stream.unacked * _H2_GRANT_FRACTION >= self.local_window:
+            self.out.append(h2_frame(H2_WINDOW_UPDATE, 0, stream_id,
+                                     stream.unacked.to_bytes(4, "big")))
+            stream.recv_window += stream.unacked
+            stream.unacked = 0
+
+    def _grant_connection(self, size):
+        self.recv_unacked += size
+        if self.recv_unacked * _H2_GRANT_FRACTION >= _H2_DEFAULT_WINDOW:
+            self.out.append(h2_frame(H2_WINDOW_UPDATE, 0, 0,
+                                     self.recv_unacked.to_bytes(4, "big")))
+            self.recv_window += self.recv_unacked
+            self.recv_unacked = 0
+
+    def _sent_end(self, stream_id):
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._transition(stream, "send END_STREAM")
+
+    def _transition(self, stream, what):
+        state = _H2_TRANSITIONS.get((stream.state, what), stream.state)
+        stream.state = state
+        if state == _H2_CLOSED:
+            del self.streams[stream.stream_id]
+            self._remember_closed(stream.stream_id, False)
+
+    def _remember_closed(self, stream_id, reset_by_us):
+        closed = self.closed_streams
+        closed[stream_id] = reset_by_us
+        if len(closed) > _H2_CLOSED_MEMORY:
+            closed.popitem(last=False)
+
+    @property
+    def open_streams(self):
+        return len(self.streams)
+
+    # -- input -------------------------------------------------------------------
+
+    def feed(self, data):
+        """Take bytes from the client; return the events they make."""
+        if self.ended:
+            return []
+        self.buffer += data
+        self.events = events = []
+        try:
+            self._read_frames()
+        except H2ConnectionError as err:
+            self._connection_error(err.code, str(err))
+        self.events = []
+        return events
+
+    def _connection_error(self, code, message):
+        self.ended = True
+        self.buffer = bytearray()
+        self.goaway_sent = False
+        self.goaway(code, message)
+        self.events.append(H2GoAway(code, self.highest_stream_id, False, message))
+
+    def _read_frames(self):
+        buffer = self.buffer
+        if not self.preface_done:
+            # RFC 9113 §3.4: the client preface, then a SETTINGS frame.
+            have = bytes(buffer[:len(H2_PREFACE)])
+            if not H2_PREFACE.startswith(have):
+                raise H2ConnectionError(H2_PROTOCOL_ERROR, "invalid connection preface")
+            if len(have) < len(H2_PREFACE):
+                return
+            del buffer[:len(H2_PREFACE)]
+            self.preface_done = True
+        pos = 0
+        end = len(buffer)
+        limit = self.max_frame_size
+        try:
+            while end - pos >= 9 and not self.ended:
+                size = (buffer[pos] << 16) | (buffer[pos + 1] << 8) | buffer[pos + 2]
+                ftype = buffer[pos + 3]
+                if size > limit:
+                    # §4.2: a frame larger than SETTINGS_MAX_FRAME_SIZE.
+                    raise H2ConnectionError(H2_FRAME_SIZE_ERROR,
+                                            "frame of %d bytes, over %d" % (size, limit))
+                if end - pos - 9 < size:
+                    break
+                flags = buffer[pos + 4]
+                stream_id = int.from_bytes(buffer[pos + 5:pos + 9], "big") & 0x7fffffff
+                payload = bytes(buffer[pos + 9:pos + 9 + size])
+                pos += 9 + size
+                if not self.settings_seen:
+                    if ftype != H2_SETTINGS or flags & H2_FLAG_ACK:
+                        raise H2ConnectionError(H2_PROTOCOL_ERROR,
+                                                "the client preface must end with SETTINGS")
+                    self.settings_seen = True
+                try:
+                    self._frame(ftype, flags, stream_id, payload)
+                except H2StreamError as err:
+                    self._stream_error(err.stream_id, err.code)
+        finally:
+            if not self.ended:
+                del buffer[:pos]
+
+    def _stream_error(self, stream_id, code):
+        known = stream_id in self.streams
+        self.reset_stream(stream_id, code)
+        if known:
+            self.events.append(H2Reset(stream_id, code, False))
+
+    def _flood(self, what):
+        self.flood_budget -= 1
+        if self.flood_budget < 0:
+            raise H2ConnectionError(H2_ENHANCE_YOUR_CALM, "too many %s frames" % what)
+
+    def _frame(self, ftype, flags, stream_id, payload):
+        block = self.block
+        if block is not None and (ftype != H2_CONTINUATION or stream_id != block[0]):
+            # §6.10: a header block is a contiguous sequence of frames.
+            raise H2ConnectionError(H2_PROTOCOL_ERROR,
+                                    "a header block must continue with CONTINUATION "
+                                    "frames on stream %d" % block[0])
+        handler = _H2_FRAME_HANDLERS.get(ftype)
+        if handler is not None:
+            handler(self, flags, stream_id, payload)
+        # §5.5: frames of an unknown type are ignored.
+
+    @staticmethod
+    def _unpad(flags, payload):
+        """§6.1, §6.2: strip Pad Length and padding; a pad as long as the
+        payload is a connection error."""
+        if flags & H2_FLAG_PADDED:
+            if not payload:
+                raise H2ConnectionError(H2_FRAME_SIZE_ERROR, "padded frame without Pad Length")
+            pad = payload[0]
+            if pad >= len(payload):
+                raise H2ConnectionError(H2_PROTOCOL_ERROR, "padding longer than the payload")
+            return payload[1:len(payload) - pad]
+        return payload
+
+    def _closed_stream(self, stream_id, ftype_name):
+        """A frame for a stream that is not open: §5.1's answer."""
+        if stream_id > self.highest_stream_id:
+            # §5.1 idle: only HEADERS and PRIORITY are allowed.
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "%s on idle stream %d"
+                                    % (ftype_name, stream_id))
+        reset_by_us = self.closed_streams.get(stream_id)
+        if reset_by_us:
+            return None     # §5.1 closed: frames after our RST_STREAM are ignored
+        raise H2ConnectionError(H2_STREAM_CLOSED, "%s on closed stream %d"
+                                % (ftype_name, stream_id))
+
+    def _on_data(self, flags, stream_id, payload):
+        if stream_id == 0:
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "DATA on stream 0")   # §6.1
+        flow = len(payload)
+        # §6.9: every DATA frame counts against the connection window.
+        if flow > self.recv_window:
+            raise H2ConnectionError(H2_FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        self.recv_window -= flow
+        data = self._unpad(flags, payload)
+        end_stream = bool(flags & H2_FLAG_END_STREAM)
+        if not data and not end_stream:
+            self._flood("empty DATA")
+        # The connection window comes back at once: each stream's own window
+        # bounds what waits for its application (docs/http2.md).
+        self._grant_connection(flow)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            self._closed_stream(stream_id, "DATA")
+            return
+        if stream.state in (_H2_HALF_CLOSED_REMOTE, _H2_CLOSED):
+            raise H2StreamError(stream_id, H2_STREAM_CLOSED, "DATA after END_STREAM")
+        if flow > stream.recv_window:
+            raise H2StreamError(stream_id, H2_FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+        stream.recv_window -= flow
+        stream.received += len(data)
+        if stream.content_length is not None and (
+                stream.received > stream.content_length
+                or (end_stream and stream.received != stream.content_length)):
+            # §8.1.1: content-length must equal the DATA payload.
+            raise H2StreamError(stream_id, H2_PROTOCOL_ERROR, "body length differs from "
+                                "content-length")
+        if flow != len(data):
+            stream.unacked += flow - len(data)     # padding: never the application's
+        if end_stream:
+            self._transition(stream, "recv END_STREAM")
+        self.events.append(H2Data(stream_id, data, len(data), end_stream))
+
+    def _on_headers(self, flags, stream_id, payload):
+        if stream_id == 0:
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "HEADERS on stream 0")   # §6.2
+        fragment = self._unpad(flags, payload)
+        priority_error = False
+        if flags & H2_FLAG_PRIORITY:
+            if len(fragment) < 5:
+                raise H2ConnectionError(H2_FRAME_SIZE_ERROR, "HEADERS too short for priority")
+            depends = int.from_bytes(fragment[:4], "big") & 0x7fffffff
+            priority_error = depends == stream_id     # §5.3.1: not on itself
+            fragment = fragment[5:]
+        self.block = [stream_id, bool(flags & H2_FLAG_END_STREAM), [fragment],
+                      len(fragment), 1, priority_error]
+        self._check_block()
+        if flags & H2_FLAG_END_HEADERS:
+            self._end_block()
+
+    def _on_continuation(self, flags, stream_id, payload):
+        block = self.block
+        if block is None:
+            if stream_id == 0:
+                raise H2ConnectionError(H2_PROTOCOL_ERROR, "CONTINUATION on stream 0")
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+        if not payload:
+            self._flood("empty CONTINUATION")
+        block[2].append(payload)
+        block[3] += len(payload)
+        block[4] += 1
+        self._check_block()
+        if flags & H2_FLAG_END_HEADERS:
+            self._end_block()
+
+    def _check_block(self):
+        """CONTINUATION floods (2024): a block is bounded in bytes and frames,
+        and past the bound cannot be decoded, so the connection ends."""
+        block = self.block
+        if block[3] > self.max_block_size or block[4] > _H2_BLOCK_FRAMES:
+            raise H2ConnectionError(H2_ENHANCE_YOUR_CALM,
+                                    "header block over %d bytes or %d frames"
+                                    % (self.max_block_size, _H2_BLOCK_FRAMES))
+
+    def _end_block(self):
+        stream_id, end_stream, fragments, _size, _frames, priority_error = self.block
+        self.block = None
+        too_large = False
+        try:
+            headers = self.decoder.decode(b"".join(fragments))
+        except HeaderListTooLarge:
+            too_large = True
+            headers = None
+        except HPACKError as exc:
+            # RFC 9113 §4.3: a block that cannot be decoded ends the connection.
+            raise H2ConnectionError(H2_COMPRESSION_ERROR, "HPACK: %s" % exc)
+        try:
+            self._open_stream(stream_id, headers, end_stream, too_large, priority_error)
+        except H2StreamError as err:
+            if err.stream_id == 0:      # from the field checks: this stream's
+                raise H2StreamError(stream_id, err.code, str(err))
+            raise
+
+    def _open_stream(self, stream_id, headers, end_stream, too_large, priority_error):
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._trailers(stream, headers, end_stream, too_large)
+            return
+        if stream_id <= self.highest_stream_id:
+            if stream_id in self.closed_streams:
+                if self.closed_streams[stream_id]:
+                    return       # reset by us: ignored (§5.1), the block was decoded
+                raise H2ConnectionError(H2_STREAM_CLOSED,
+                                        "HEADERS on closed stream %d" % stream_id)
+            # §5.1.1: a new stream's identifier must be larger than all before.
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "stream %d is lower than stream %d"
+                                    % (stream_id, self.highest_stream_id))
+        if stream_id % 2 == 0:
+            # §5.1.1: clients open odd-numbered streams.
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "even stream %d from a client"
+                                    % stream_id)
+        if self.goaway_sent:
+            return               # §6.8: streams after our GOAWAY are ignored
+        self.highest_stream_id = stream_id
+        self.streams_opened += 1
+        self.flood_budget = min(_H2_FLOOD_BUDGET, self.flood_budget + _H2_FLOOD_REFILL)
+        if priority_error:
+            self._remember_closed(stream_id, True)
+            self.reset_stream(stream_id, H2_PROTOCOL_ERROR)
+            return
+        if len(self.streams) >= self.max_concurrent_streams:
+            # §5.1.2: past SETTINGS_MAX_CONCURRENT_STREAMS: REFUSED_STREAM.
+            self._remember_closed(stream_id, True)
+            self.reset_stream(stream_id, H2_REFUSED_STREAM)
+            return
+        stream = self.streams[stream_id] = _H2StreamState(
+            stream_id, self.peer_initial_window, self.local_window)
+        stream.headers_done = True
+        if end_stream:
+            self._transition(stream, "recv END_STREAM")
+        if too_large:
+            self.events.append(H2HeadersTooLarge(stream_id, end_stream))
+            return
+        head, stream.content_length = h2_request_head(headers)
+        if end_stream and stream.content_length:
+            raise H2StreamError(stream_id, H2_PROTOCOL_ERROR,
+                                "content-length without DATA")
+        self.events.append(H2Request(stream_id, head, end_stream))
+
+    def _trailers(self, stream, headers, end_stream, too_large):
+        """A second header block on an open stream: trailers (§8.1)."""
+        stream_id = stream.stream_id
+        if stream.state in (_H2_HALF_CLOSED_REMOTE, _H2_CLOSED):
+            raise H2StreamError(stream_id, H2_STREAM_CLOSED, "HEADERS after END_STREAM")
+        if not end_stream:
+            raise H2StreamError(stream_id, H2_PROTOCOL_ERROR,
+                                "trailers without END_STREAM")
+        if too_large:
+            raise H2StreamError(stream_id, H2_PROTOCOL_ERROR, "trailers over the limit")
+        fields = []
+        for name, value in headers:
+            if name[:1] == b":":
+                raise H2StreamError(stream_id, H2_PROTOCOL_ERROR,
+                                    "pseudo-header field in trailers")
+            _h2_check_field(name, value)
+            fields.append((name, value))
+        if stream.content_length is not None and stream.received != stream.content_length:
+            raise H2StreamError(stream_id, H2_PROTOCOL_ERROR,
+                                "body length differs from content-length")
+        self._transition(stream, "recv END_STREAM")
+        self.events.append(H2Trailers(stream_id, fields))
+
+    def _on_priority(self, flags, stream_id, payload):
+        if stream_id == 0:
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "PRIORITY on stream 0")   # §6.3
+        if len(payload) != 5:
+            raise H2StreamError(stream_id, H2_FRAME_SIZE_ERROR, "PRIORITY of %d bytes"
+                                % len(payload))
+        self._flood("PRIORITY")
+        if int.from_bytes(payload[:4], "big") & 0x7fffffff == stream_id:
+            raise H2StreamError(stream_id, H2_PROTOCOL_ERROR, "stream depends on itself")
+        # RFC 9113 §5.3.2: priority signals may be ignored, and are.
+
+    def _on_rst_stream(self, flags, stream_id, payload):
+        if stream_id == 0:
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "RST_STREAM on stream 0")  # §6.4
+        if len(payload) != 4:
+            raise H2ConnectionError(H2_FRAME_SIZE_ERROR, "RST_STREAM of %d bytes"
+                                    % len(payload))
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            if stream_id > self.highest_stream_id:
+                raise H2ConnectionError(H2_PROTOCOL_ERROR, "RST_STREAM on idle stream %d"
+                                        % stream_id)
+            return
+        self._remember_closed(stream_id, False)
+        self._grant_connection(stream.unacked)
+        # Rapid reset (CVE-2023-44487): each reset of a stream still open
+        # costs the budget; each stream that completes earns one back.
+        self.reset_budget -= 1
+        self.events.append(H2Reset(stream_id, int.from_bytes(payload, "big"), True))
+        if self.reset_budget < 0:
+            raise H2ConnectionError(H2_ENHANCE_YOUR_CALM, "too many streams reset")
+
+    def stream_completed(self):
+        """The connection says a stream ended normally: rapid reset credit."""
+        self.reset_budget = min(2 * self.max_concurrent_streams, self.reset_budget + 1)
+
+    def _on_settings(self, flags, stream_id, payload):
+        if stream_id != 0:
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "SETTINGS on stream %d" % stream_id)
+        if flags & H2_FLAG_ACK:
+            if payload:
+                raise H2ConnectionError(H2_FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise H2ConnectionError(H2_FRAME_SIZE_ERROR, "SETTINGS of %d bytes" % len(payload))
+        self._flood("SETTINGS")
+        opened = False
+        for pos in range(0, len(payload), 6):
+            ident = int.from_bytes(payload[pos:pos + 2], "big")
+            value = int.from_bytes(payload[pos + 2:pos + 6], "big")
+            if ident == H2_SETTINGS_HEADER_TABLE_SIZE:
+                self.encoder.set_max_table_size(min(value, 4096))
+            elif ident == H2_SETTINGS_ENABLE_PUSH:
+                if value > 1:
+                    raise H2ConnectionError(H2_PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+            elif ident == H2_SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > _H2_MAX_WINDOW:
+                    raise H2ConnectionError(H2_FLOW_CONTROL_ERROR,
+                                            "INITIAL_WINDOW_SIZE over 2^31-1")
+                # §6.9.2: the change applies to every stream's window.
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+                    if stream.send_window > _H2_MAX_WINDOW:
+                        raise H2ConnectionError(H2_FLOW_CONTROL_ERROR,
+                                                "a stream window over 2^31-1")
+                opened = opened or delta > 0
+            elif ident == H2_SETTINGS_MAX_FRAME_SIZE:
+                if not _H2_MIN_FRAME_SIZE <= value <= _H2_MAX_FRAME_SIZE:
+                    raise H2ConnectionError(H2_PROTOCOL_ERROR,
+                                            "MAX_FRAME_SIZE out of range: %d" % value)
+                self.peer_max_frame_size = value
+            # Other settings (MAX_CONCURRENT_STREAMS: we open none;
+            # MAX_HEADER_LIST_SIZE: advisory) and unknown ones are ignored.
+        self.out.append(h2_frame(H2_SETTINGS, H2_FLAG_ACK, 0))     # §6.5.3
+        if opened:
+            self.events.append(H2WindowOpened(0))
+
+    def _on_push_promise(self, flags, stream_id, payload):
+        # §8.4: a client cannot push.
+        raise H2ConnectionError(H2_PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+
+    def _on_ping(self, flags, stream_id, payload):
+        if stream_id != 0:
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "PING on stream %d" % stream_id)
+        if len(payload) != 8:
+            raise H2ConnectionError(H2_FRAME_SIZE_ERROR, "PING of %d bytes" % len(payload))
+        if not flags & H2_FLAG_ACK:
+            self._flood("PING")
+            self.out.append(h2_frame(H2_PING, H2_FLAG_ACK, 0, payload))   # §6.7
+
+    def _on_goaway(self, flags, stream_id, payload):
+        if stream_id != 0:
+            raise H2ConnectionError(H2_PROTOCOL_ERROR, "GOAWAY on stream %d" % stream_id)
+        if len(payload) < 8:
+            raise H2ConnectionError(H2_FRAME_SIZE_ERROR, "GOAWAY of %d bytes" % len(payload))
+        self.events.append(H2GoAway(int.from_bytes(payload[4:8], "big"),
+                                    int.from_bytes(payload[:4], "big") & 0x7fffffff, True,
+                                    payload[8:].decode("ascii", "replace")))
+
+    def _on_window_update(self, flags, stream_id, payload):
+        if len(payload) != 4:
+            raise H2ConnectionError(H2_FRAME_SIZE_ERROR, "WINDOW_UPDATE of %d bytes"
+                                    % len(payload))
+        increment = int.from_bytes(payload, "big") & 0x7fffffff
+        if stream_id == 0:
+            if increment == 0:
+                raise H2ConnectionError(H2_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")  # §6.9
+            self.send_window += increment
+            if self.send_window > _H2_MAX_WINDOW:
+                raise H2ConnectionError(H2_FLOW_CONTROL_ERROR,
+                                        "connection window over 2^31-1")    # §6.9.1
+            self.events.append(H2WindowOpened(0))
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self.highest_stream_id:
+                raise H2ConnectionError(H2_PROTOCOL_ERROR, "WINDOW_UPDATE on idle stream %d"
+                                        % stream_id)
+            return      # §5.1: a closed stream may still get one
+        if increment == 0:
+            raise H2StreamError(stream_id, H2_PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+        stream.send_window += increment
+        if stream.send_window > _H2_MAX_WINDOW:
+            raise H2StreamError(stream_id, H2_FLOW_CONTROL_ERROR, "stream window over 2^31-1")
+        self.events.append(H2WindowOpened(stream_id))
+
+
+_H2_FRAME_HANDLERS = {
+    H2_DATA: H2Protocol._on_data,
+    H2_HEADERS: H2Protocol._on_headers,
+    H2_PRIORITY: H2Protocol._on_priority,
+    H2_RST_STREAM: H2Protocol._on_rst_stream,
+    H2_SETTINGS: H2Protocol._on_settings,
+    H2_PUSH_PROMISE: H2Protocol._on_push_promise,
+    H2_PING: H2Protocol._on_ping,
+    H2_GOAWAY: H2Protocol._on_goaway,
+    H2_WINDOW_UPDATE: H2Protocol._on_window_update,
+    H2_CONTINUATION: H2Protocol._on_continuation,
+}
+
+
+def _h2_check_field(name, value):
+    """RFC 9113 §8.2.1, §8.2.2: what makes a field malformed in HTTP/2."""
+    if _H2_FIELD_NAME.fullmatch(name) is None:
+        raise H2StreamError(0, H2_PROTOCOL_ERROR, "invalid field name %r" % name)
+    if value and _H2_FIELD_VALUE_BAD.search(value):
+        raise H2StreamError(0, H2_PROTOCOL_ERROR, "invalid value for %r" % name)
+    if name in _H2_CONNECTION_FIELDS:
+        raise H2StreamError(0, H2_PROTOCOL_ERROR, "connection-specific field %r" % name)
+    if name == b"te" and value != b"trailers":
+        raise H2StreamError(0, H2_PROTOCOL_ERROR, "te other than trailers")
+
+
+def h2_request_head(headers):
+    """RFC 9113 §8.3.1: a decoded request header list -> (a RequestHead of
+    section 4 with ``http_version`` "2", the declared content-length or None).  Pseudo-header fields come
+    first, once each, only the four of a request; :method, :scheme and a
+    non-empty :path are required (CONNECT is refused: no tunnels here).
+    PAGI "HTTP/2 Stream Mapping": the pseudo-headers are removed and
+    :authority becomes the host header.  Malformed: H2StreamError
+    PROTOCOL_ERROR (§8.1.1), its stream id 0 for the caller to fill in."""
+    pseudo = {}
+    fields = []
+    cookies = []
+    content_length = None
+    event_stream = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if fields or cookies:
+                raise H2StreamError(0, H2_PROTOCOL_ERROR, "pseudo-header after a field")
+            if name not in _H2_REQUEST_PSEUDO:
+                raise H2StreamError(0, H2_PROTOCOL_ERROR, "unknown pseudo-header %r" % name)
+            if name in pseudo:
+                raise H2StreamError(0, H2_PROTOCOL_ERROR, "repeated pseudo-header %r" % name)
+            pseudo[name] = value
+            continue
+        _h2_check_field(name, value)
+        if name == b"cookie":
+            cookies.append(value)      # §8.2.3: crumbs are joined again below
+            continue
+        if name == b"content-length":
+            if content_length is not None or not value.isdigit() or \
+                    len(value.lstrip(b"0")) > _MAX_LENGTH_DIGITS:
+                raise H2StreamError(0, H2_PROTOCOL_ERROR, "invalid content-length")
+            content_length = int(value)
+        elif name == b"accept" and b"text/event-stream" in value.lower():
+            event_stream = True        # PAGI SSE "Connection Detection", as HTTP/1.1
+        elif name == b"host":
+            continue                   # :authority wins (below); else kept
+        fields.append((name, value))
+    method = pseudo.get(b":method")
+    scheme = pseudo.get(b":scheme")
+    path = pseudo.get(b":path")
+    authority = pseudo.get(b":authority")
+    if method == b"CONNECT":
+        raise H2StreamError(0, H2_PROTOCOL_ERROR, "CONNECT is not supported")
+    if not method or scheme is None or not path:
+        raise H2StreamError(0, H2_PROTOCOL_ERROR,
+                            "missing :method, :scheme or :path")
+    if not _TOKEN.fullmatch(method):
+        raise H2StreamError(0, H2_PROTOCOL_ERROR, "invalid :method")
+    if _TARGET_BAD.search(path) or not (path[:1] == b"/" or (path == b"*" and
+                                                               method == b"OPTIONS")):
+        raise H2StreamError(0, H2_PROTOCOL_ERROR, "invalid :path")
+    if authority is not None and (b"@" in authority or not _HOST.fullmatch(authority)):
+        raise H2StreamError(0, H2_PROTOCOL_ERROR, "invalid :authority")
+    if authority is None:
+        for name, value in headers:
+            if name == b"host":
+                authority = value      # §8.3.1: Host when :authority is absent
+                break
+    if authority is not None:
+        fields.append((b"host", authority))
+    if cookies:
+        fields.append((b"cookie", b"; ".join(cookies)))
+    head = RequestHead(_METHODS.get(method) or method.decode("ascii"), path, "2", fields)
+    raw_path, _, query = path.partition(b"?")
+    head.path = raw_path
+    head.query_string = query
+    head.authority = authority
+    head.keep_alive = True
+    head.content_length = content_length or 0
+    head.event_stream = event_stream
+    return head, content_length
+
+
+# ============================================================================
 # 5. Byte streams, outgoing buffer and flow control (PAGI "Transport Flow
 #    Control"; PAGI tls extension; RFC 8446, RFC 7301 for ALPN)
 #
@@ -2041,6 +2965,11 @@ class SocketStream:
 
     def __repr__(self):
         return "<%s fd=%d peer=%r>" % (type(self).__name__, self.fd, self.peer_address)
+
+    def peek(self, size):
+        """Up to ``size`` bytes that have arrived, left for the next recv
+        (section 6a reads a new connection's first bytes this way)."""
+        return self.sock.recv(size, socket.MSG_PEEK)
 
     def has_bytes(self):
         try:
@@ -2296,8 +3225,8 @@ def tls_context(config):
             context.set_ciphers(config.ssl_ciphers)
         except ssl.SSLError as exc:
             raise ConfigError("ssl_ciphers %r: %s" % (config.ssl_ciphers, exc))
-    # RFC 7301: ALPN; HTTP/1.1 is all this server speaks.
-    context.set_alpn_protocols(["http/1.1"])
+    # RFC 7301: ALPN; RFC 9113 §3.2: "h2" is HTTP/2 over TLS (section 6a).
+    context.set_alpn_protocols(["h2", "http/1.1"] if config.http2 else ["http/1.1"])
     return context
 
 
@@ -3942,6 +4871,940 @@ class HTTPConnection(Connection):
     def _release(self):
         self.socket_open[0] = False   # every request's is_connected() is now False
         Connection._release(self)
+
+
+# ============================================================================
+# 6a. HTTP/2 connections: streams as PAGI scopes (PAGI "HTTP/2 Stream
+#     Mapping"; RFC 9113 §5, §8)
+#
+# H2Connection owns a socket, its Transport and an H2Protocol (section 4b),
+# and turns each request stream into the scope section 6 would make for an
+# HTTP/1.1 request: an Exchange (or, for Accept: text/event-stream, an
+# SSEExchange) whose ``conn`` is the stream's H2Stream, so receive(), the
+# event validation, pagi.connection and the application's start and end
+# are section 6's own code; only the framing of the response differs
+# (_H2Response: HEADERS and DATA frames instead of a status line and
+# chunks).  Each stream has its own pagi.transport (H2StreamTransport):
+# the bytes its application sent that wait for the client's flow-control
+# window, on top of the connection's counted outgoing buffer.
+#
+# Which protocol a new connection speaks is decided by ProtocolChoice, before
+# either connection exists: ALPN "h2" on TLS (RFC 7301), the client
+# preface on cleartext (RFC 9113 §3.3, "prior knowledge").  "Upgrade: h2c"
+# is not offered: RFC 9113 §3.1 deprecates it, and the HTTP/1.1 connection
+# ignores it as it ignores any upgrade it does not serve (RFC 9110 §7.8).
+#
+# What must not go in here: frame bytes (section 4b writes them all);
+# accept and admission (section 10).
+# ============================================================================
+
+def h2_header_list_limit(config):
+    """The header-list limit (RFC 9113 §6.5.2 SETTINGS_MAX_HEADER_LIST_SIZE,
+    RFC 7541 §4.1 sizes: name + value + 32 per field), tied to the HTTP/1.1
+    limits: a request line and a header block of max_header_size each,
+    plus the 32-byte overhead for max_header_count fields."""
+    return 2 * config.max_header_size + 32 * config.max_header_count
+
+
+class _H2End:
+    """The end of a stream's response in its send queue: END_STREAM on the
+    last DATA frame, or a HEADERS frame of trailers."""
+    __slots__ = ("trailers",)
+
+    def __init__(self, trailers):
+        self.trailers = trailers
+
+    def __len__(self):
+        return 0
+
+
+class H2StreamTransport:
+    """``scope["pagi.transport"]`` of one HTTP/2 stream.
+
+    buffered_amount() is the stream's bytes that wait for the client's
+    flow-control window plus the connection's outgoing buffer (the bytes
+    every stream shares), so send() suspends on either: the stream's window
+    or the socket.  The watermarks are the connection's (section 1)."""
+
+    def __init__(self, conn, stream_id):
+        self._conn = conn                 # the H2Connection
+        self.stream_id = stream_id
+        self._high = conn.config.write_high_watermark
+        self._low = conn.config.write_low_watermark
+        self._pending = collections.deque()   # bytes, memoryview, _FileSlice, _H2End
+        self._pending_size = 0            # bytes in _pending
+        self._above = False               # high edge seen, drain edge not yet
+        self._high_callbacks = []
+        self._drain_callbacks = []
+        self._drain_waiters = []          # send() Futures waiting for the drain
+        self._flush_waiters = []          # callbacks once _pending is empty
+        self.closed = False               # reset or ended: nothing more is sent
+        self.ended = False                # END_STREAM went out
+        self.high_water_events = 0
+        self.bytes_queued = 0             # bytes ever given by the application
+        self.bytes_written = 0            # bytes ever framed into the connection buffer
+        self.last_progress = conn.loop.now
+
+    def __repr__(self):
+        return "<H2StreamTransport stream=%d pending=%d%s>" % (
+            self.stream_id, self._pending_size, " closed" if self.closed else "")
+
+    # -- the spec's interface --------------------------------------------------
+
+    def buffered_amount(self):
+        return self._pending_size + self._conn.transport.buffered_amount()
+
+    def high_water_mark(self):
+        return self._high
+
+    def low_water_mark(self):
+        return self._low
+
+    def on_high_water(self, callback):
+        self._high_callbacks.append(callback)
+        if self.buffered_amount() >= self._high:
+            self._call(callback)
+
+    def on_drain(self, callback):
+        self._drain_callbacks.append(callback)
+
+    def forget_callbacks(self):
+        self._high_callbacks = []
+        self._drain_callbacks = []
+
+    # -- the stream's side ---------------------------------------------------------
+
+    def write(self, data):
+        if self.closed or not data:
+            return
+        self.bytes_queued += len(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        self._conn.pump(self)
+
+    def write_file(self, file, offset, length, owned):
+        item = _FileSlice(file, offset, length, owned)
+        item.future = Future(self._conn.loop)
+        if self.closed or length == 0:
+            item.finish()
+            return item.future
+        self.bytes_queued += length
+        self._pending.append(item)
+        self._pending_size += length
+        self._conn.pump(self)
+        return item.future
+
+    def end(self, trailers=None):
+        """END_STREAM once what is queued has gone (trailers: in HEADERS)."""
+        if not self.closed:
+            self._pending.append(_H2End(trailers))
+            self._conn.pump(self)
+
+    def suspend(self):
+        if not self._above or self.closed:
+            return _NO_WAIT
+        waiter = Future(self._conn.loop)
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def when_flushed(self, callback):
+        """callback() once every byte of the stream has left the socket."""
+        if self._pending and not self.closed:
+            self._flush_waiters.append(callback)
+        else:
+            self._conn.transport.when_flushed(callback)
+
+    def check(self):
+        """After any change to the counts: the watermark edges, and the
+        flush waiters once the stream's queue is empty."""
+        amount = self.buffered_amount()
+        if not self._above and amount >= self._high:
+            self._above = True
+            self.high_water_events += 1
+            for callback in list(self._high_callbacks):
+                self._call(callback)
+        elif self._above and amount < self._low:
+            self._above = False
+            for callback in list(self._drain_callbacks):
+                self._call(callback)
+            self._wake()
+        if not self._pending and self._flush_waiters:
+            waiters, self._flush_waiters = self._flush_waiters, []
+            for callback in waiters:
+                self._conn.transport.when_flushed(callback)
+
+    def _wake(self):
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _call(self, callback):
+        try:
+            callback()
+        except Exception:
+            self._conn.log.error("error in a pagi.transport callback %r\n%s",
+                                 callback, traceback.format_exc().rstrip())
+
+    def close(self):
+        """The stream is over (reset, or the connection went): drop what is
+        queued; suspended sends resolve (a send after a disconnect is a no-op)."""
+        if self.closed:
+            return
+        self.closed = True
+        pending, self._pending = self._pending, collections.deque()
+        for item in pending:
+            if item.__class__ is _FileSlice:
+                item.finish()
+        self._pending_size = 0
+        self._above = False
+        self._flush_waiters = []
+        self._wake()
+
+
+class _H2Response:
+    """The HTTP/2 framing of a response, for Exchange and SSEExchange
+    (section 6, 8): a HEADERS frame with :status instead of a status line,
+    DATA frames instead of chunks, a HEADERS frame for trailers, END_STREAM
+    instead of a last chunk or a close.  RFC 9113 §8.2.2: no
+    connection-specific fields go out."""
+
+    def receive(self):
+        queue = self.queue
+        if queue:
+            event = queue[0]
+            body = event["body"]
+            if body.__class__ is bytearray:
+                event["body"] = body = bytes(body)    # coalesced by H2Stream.push
+            self.conn.consumed(len(body))
+        return super().receive()
+
+    def _h2_head(self, final_size):
+        """The response's header list, once the framing is known."""
+        headers = [(b":status", b"%d" % self.status)]
+        for name, value in self.headers:
+            if name not in _H2_CONNECTION_FIELDS:
+                headers.append((name, value))
+        self.conn.server.stamp.add_to(headers, self.has_server, self.has_date)
+        if self.length is None and final_size is not None and (
+                not self.no_body or (self.head.method == "HEAD" and final_size)):
+            headers.append((b"content-length", b"%d" % final_size))
+            if not self.no_body:
+                self.length = final_size
+        self.head_pending = False
+        self.head_sent = True
+        return headers
+
+    def _send_body(self, event):
+        if not self.state._started:
+            raise EventError("http.response.body: the response has not started "
+                             "(send http.response.start first)")
+        if self.body_ended:
+            raise EventError("http.response.body: the response body is already complete")
+        if "file" in event or "fh" in event:
+            sources = [k for k in ("body", "file", "fh") if event.get(k) is not None]
+            if len(sources) > 1:
+                raise EventError("http.response.body: %s are mutually exclusive"
+                                 % " and ".join(repr(s) for s in sources))
+            if sources and sources[0] != "body":
+                return self._send_file(event, sources[0])
+        body = event.get("body") or b""
+        if body.__class__ is not bytes:
+            body = bytes(body)
+        more = bool(event.get("more"))
+        size = len(body)
+        if self.length is not None and not self.no_body and self.sent + size > self.length:
+            raise EventError("http.response.body: 'body' would exceed the declared "
+                             "content-length (%d bytes, %d already sent)"
+                             % (self.length, self.sent))
+        self.sent += size
+        conn = self.conn
+        transport = conn.transport
+        if self.no_body:
+            body = b""
+        ends = not more and not self.trailers
+        if self.head_pending:
+            conn.send_headers(self._h2_head(None if more else size), ends and not body)
+            if ends and not body:
+                transport.ended = True
+        if body:
+            self.bytes_out += size
+            transport.write(body)
+        if not more:
+            self.body_ended = True
+            if ends:
+                if not transport.ended:
+                    transport.end()
+                self._response_end()
+        return transport.suspend()
+
+    def _send_file(self, event, source):
+        offset = event.get("offset") or 0
+        length = event.get("length")
+        if source == "file":
+            file = open(event["file"], "rb")   # FileNotFoundError, PermissionError
+            owned = True
+        else:
+            file = event["fh"]
+            if getattr(file, "closed", False):
+                raise EventError("http.response.body: 'fh' is closed")
+            owned = False
+        try:
+            info = os.fstat(file.fileno())
+        except (AttributeError, OSError, ValueError):
+            position = file.tell()
+            size = file.seek(0, os.SEEK_END)
+            file.seek(position)
+        else:
+            if not stat.S_ISREG(info.st_mode):
+                if owned:
+                    file.close()
+                raise EventError("http.response.body: %r is not a regular file "
+                                 "(stream pipes and sockets with 'body' events)" % source)
+            size = info.st_size
+        available = max(0, size - offset)
+        count = available if length is None else min(length, available)
+        if self.length is not None and not self.no_body and self.sent + count > self.length:
+            if owned:
+                file.close()
+            raise EventError("http.response.body: the file would exceed the declared "
+                             "content-length (%d bytes)" % self.length)
+        self.sent += count
+        conn = self.conn
+        transport = conn.transport
+        self.body_ended = True
+        empty = self.no_body or count == 0
+        if self.head_pending:
+            conn.send_headers(self._h2_head(count), empty and not self.trailers)
+            if empty and not self.trailers:
+                transport.ended = True
+        if empty:
+            if owned:
+                file.close()
+            if not self.trailers:
+                if not transport.ended:
+                    transport.end()
+                self._response_end()
+            return transport.suspend()
+        self.bytes_out += count
+        done = transport.write_file(file, offset, count, owned)
+        if not self.trailers:
+            transport.end()
+            self._response_end()
+        return done
+
+    def _send_trailers(self, event):
+        if not self.trailers:
+            raise EventError("http.response.trailers: the start event did not "
+                             "announce trailers (trailers=1)")
+        if not self.body_ended:
+            raise EventError("http.response.trailers: the body is not complete yet")
+        if self.response_done:
+            raise EventError("http.response.trailers: trailers were already sent")
+        transport = self.conn.transport
+        # RFC 9113 §8.1: trailers are a HEADERS frame with END_STREAM.
+        fields = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()
+                  if bytes(n) not in _H2_CONNECTION_FIELDS]
+        transport.end(fields)
+        self._response_end()
+        return transport.suspend()
+
+    def _send_fullflush(self):
+        if not self.state._started:
+            raise EventError("http.fullflush: the response has not started")
+        conn = self.conn
+        if self.head_pending:
+            conn.send_headers(self._h2_head(None), False)
+        future = Future(conn.loop)
+        conn.transport.when_flushed(lambda: future.done() or future.set_result(None))
+        return future
+
+    def _response_end(self):
+        self.response_done = True
+        self.state._complete = True
+        if self.length is not None and self.sent < self.length and not self.no_body:
+            # Fewer bytes than declared: RST_STREAM, so the client can tell.
+            self.conn.log.warning("%s %s: response ended after %d of %d declared bytes; "
+                                  "resetting the stream", self.head.method,
+                                  self.head.target.decode("latin-1"), self.sent, self.length)
+            self.conn.abort_after_flush(self, "server_error")
+            return
+        self.conn.transport.when_flushed(self._delivered)
+
+
+class H2Exchange(_H2Response, Exchange):
+    """One request stream: section 6's Exchange, framed for HTTP/2."""
+
+
+class H2Stream:
+    """One request stream as its Exchange sees a connection (section 6's
+    ``exchange.conn``): the loop, the logs, the socket's addresses, its own
+    pagi.transport, and the ways it ends -- for one stream, not the socket."""
+
+    reading = True          # Exchange.receive never has to resume reading
+    peer_eof = False        # a stream ends with END_STREAM, not a FIN
+    head_base = 0           # the access log's %I counts from the stream's start
+    start_body_clock = resume_reading = close_after_flush = staticmethod(lambda: None)
+
+    def __init__(self, h2, stream_id):
+        self.h2 = h2
+        self.stream_id = stream_id
+        self.server = h2.server
+        self.loop = h2.loop
+        self.log = h2.log
+        self.config = h2.config
+        self.stream = h2.stream
+        self.client = h2.client
+        self.server_address = h2.server_address
+        self.socket_open = h2.socket_open
+        self.transport = H2StreamTransport(h2, stream_id)
+        self.exchange = None
+        self.closed = False         # the stream is over for the application
+        self.bytes_in = 0           # body bytes received
+        self.released = False
+
+    def __repr__(self):
+        return "<H2Stream %d %r>" % (self.stream_id, self.exchange)
+
+    # -- what the Exchange calls ----------------------------------------------------
+
+    def send_headers(self, headers, end_stream):
+        self.h2.engine.send_headers(self.stream_id, headers, end_stream)
+        self.h2.flush()
+
+    def consumed(self, size):
+        """The application took ``size`` body bytes: the client may send more."""
+        if size and not self.released:
+            self.h2.engine.consumed(self.stream_id, size)
+            self.h2.flush()
+
+    def exchange_progress(self, exchange):
+        if exchange.app_done and (exchange.delivered or exchange.state._reason is not None):
+            self.release()
+
+    def abort_after_flush(self, exchange, reason):
+        exchange.disconnected(reason)
+        self.transport.when_flushed(lambda: self.reset(H2_INTERNAL_ERROR))
+
+    def abort(self, reason):
+        """The application's response cannot be finished: RST_STREAM."""
+        self.reset(H2_INTERNAL_ERROR)
+        if self.exchange is not None:
+            self.exchange.disconnected(reason)
+            self.exchange_progress(self.exchange)
+
+    def respond_error(self, status, message, reason, head=None):
+        """A server-generated response on this stream (section 4's words)."""
+        if self.closed:
+            return
+        body = message.encode("utf-8") + b"\n"
+        headers = [(b":status", b"%d" % status),
+                   (b"content-type", b"text/plain; charset=utf-8"),
+                   (b"content-length", b"%d" % len(body))]
+        self.server.stamp.add_to(headers)
+        self.send_headers(headers, False)
+        self.transport.write(body)
+        self.transport.end()
+        exchange = self.exchange
+        if exchange is not None and reason is not None:
+            exchange.status = status
+            exchange.headers = None
+            exchange.disconnected(reason)
+            self.exchange_progress(exchange)
+        elif exchange is None:
+            self.transport.when_flushed(self.release)
+        self.closed = True          # the application's sends are no-ops now
+        self.log.debug("%s: stream %d answered %d %s", self.client, self.stream_id,
+                       status, message)
+
+    # -- what the connection calls --------------------------------------------------
+
+    def push(self, data, end_stream):
+        """Request body bytes for the application (PAGI HTTP/2 Stream Mapping:
+        DATA -> http.request with more 1, or 0 with END_STREAM)."""
+        exchange = self.exchange
+        self.bytes_in += len(data)
+        if exchange.discarding or self.closed:
+            self.consumed(len(data))
+            return
+        if exchange.waiter is not None:
+            self.consumed(len(data))      # taken at once by a waiting receive()
+        queue = exchange.queue
+        if data and len(queue) >= self.config.max_receive_queue and queue[-1]["more"]:
+            # A client that sends many small frames: one event holds them
+            # (the stream's window bounds its size).
+            last = queue[-1]
+            if last["body"].__class__ is not bytearray:
+                last["body"] = bytearray(last["body"])
+            last["body"] += data
+            if end_stream:
+                exchange.end_body()
+            return
+        if data or not end_stream:
+            exchange.push_body(data, 0 if end_stream else 1)
+        if end_stream:
+            exchange.end_body()
+
+    def reset(self, code):
+        """RST_STREAM from us; the application's sends become no-ops."""
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+            if self.stream_id in self.h2.engine.streams:
+                self.h2.engine.reset_stream(self.stream_id, code)
+                self.h2.flush()
+
+    def reset_by_peer(self, reason):
+        """RST_STREAM from the client (or our stream error): PAGI HTTP/2
+        Stream Mapping, http.disconnect, and outstanding Futures resolve."""
+        self.closed = True
+        self.transport.close()
+        exchange = self.exchange
+        if exchange is None:
+            self.release()
+            return
+        exchange.disconnected(reason)
+        self.exchange_progress(exchange)
+
+    def release(self):
+        """The stream is done for us: forget it.  RFC 9113 §8.1: a response
+        complete before its request tells the client to stop, NO_ERROR."""
+        if self.released:
+            return
+        self.released = True
+        self.closed = True
+        h2 = self.h2
+        exchange = self.exchange
+        cut = exchange is not None and exchange.state._reason is not None
+        if self.stream_id in h2.engine.streams:
+            h2.engine.reset_stream(self.stream_id, H2_CANCEL if cut else H2_NO_ERROR)
+        if exchange is not None and not cut:
+            h2.engine.stream_completed()
+        h2.stream_released(self)
+
+
+class H2Connection(Connection):
+    """One HTTP/2 client socket: frames in, streams as scopes, frames out."""
+
+    def __init__(self, server, stream):
+        self.server = server
+        self.loop = server.loop
+        self.log = server.log
+        self.config = config = server.config
+        self.app = server.app
+        self.stream = stream
+        self.fd = stream.fd
+        self.client = stream.peer_address
+        self.server_address = stream.local_address
+        self.transport = Transport(stream, self.loop, config.write_high_watermark,
+                                   config.write_low_watermark, self._write_failed,
+                                   config.write_buffer_limit)
+        self.transport.on_drain(self._on_drain)
+        self.engine = H2Protocol(max_concurrent_streams=config.h2_max_concurrent_streams,
+                                 max_header_list_size=h2_header_list_limit(config))
+        self.streams = {}             # stream id -> H2Stream, until released
+        self.socket_open = [True]     # shared by every stream's pagi.connection
+        self.peer_eof = False
+        self.requests = 0             # streams begun
+        self.goaway_received = False  # the client said it opens no more streams
+        now = self.loop.now
+        self.started = now            # the preface is due within header_timeout
+        self.last_activity = now      # last byte received
+        self.bytes_in = 0
+        self.idle_set = server.idle   # admission's idle connections (section 10)
+
+    def loop_context(self):
+        return "http/2 connection from %s" % (self.client[0] if self.client else "?")
+
+    def __repr__(self):
+        return "<H2Connection fd=%d client=%r streams=%d requests=%d%s>" % (
+            self.fd, self.client, len(self.streams), self.requests,
+            " closed" if self.closed else " closing" if self.closing else "")
+
+    def start(self):
+        self.engine.initiate()
+        self.flush()
+        self.reading = True
+        self.loop.add_reader(self.fd, self._on_readable)
+        if self.server.shutting_down:
+            self.goaway()        # chosen during a shutdown: no stream will be served
+
+    def flush(self):
+        data = self.engine.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    # -- reading ------------------------------------------------------------------
+
+    def _on_readable(self):
+        try:
+            data = self.stream.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (ConnectionResetError, ConnectionAbortedError):
+            self.abort("client_closed")
+            return
+        except OSError as exc:
+            self.log.debug("%s: read failed: %s", self.client, exc)
+            self.abort("read_error")
+            return
+        if not data:
+            self.peer_eof = True
+            self.abort("client_closed")
+            return
+        self.last_activity = self.loop.now
+        self.bytes_in += len(data)
+        if self.closing:
+            return
+        for event in self.engine.feed(data):
+            handler = _H2_EVENT_HANDLERS[event.__class__]
+            handler(self, event)
+            if self.closed:
+                return
+        self.flush()
+
+    def _on_request(self, event):
+        server = self.server
+        server.requests += 1              # counted against max_requests (section 10)
+        if server.requests == server.max_requests:
+            server.max_requests_reached()
+        self.requests += 1
+        self.idle_set.pop(self, None)
+        head = event.head
+        h2stream = self.streams[event.stream_id] = H2Stream(self, event.stream_id)
+        if self.config.max_body_size and head.content_length > self.config.max_body_size:
+            h2stream.respond_error(413, "request body too large", None)
+            return
+        kind = server.h2_event_stream_exchange if head.event_stream else H2Exchange
+        exchange = h2stream.exchange = kind(h2stream, head)
+        if event.end_stream:
+            exchange.body_complete = True
+        start_application(self.app, exchange, self.log)
+
+    def _on_too_large(self, event):
+        h2stream = self.streams[event.stream_id] = H2Stream(self, event.stream_id)
+        h2stream.respond_error(431, "Request Header Fields Too Large", None)
+
+    def _on_data(self, event):
+        h2stream = self.streams.get(event.stream_id)
+        if h2stream is None or h2stream.exchange is None or h2stream.closed:
+            self.engine.consumed(event.stream_id, event.flow)   # nobody will read it
+            return
+        limit = self.config.max_body_size
+        if limit and h2stream.bytes_in + len(event.data) > limit:
+            exchange = h2stream.exchange
+            if exchange.head_sent or exchange.response_done:
+                h2stream.abort("body_too_large")
+            else:
+                exchange.state._started = True
+                h2stream.respond_error(413, "request body too large", "body_too_large")
+            return
+        h2stream.push(event.data, event.end_stream)
+
+    def _on_trailers(self, event):
+        # PAGI's http.request has no field for request trailers: they end
+        # the body, as section 6 does with a chunked body's trailers.
+        h2stream = self.streams.get(event.stream_id)
+        if h2stream is not None and h2stream.exchange is not None:
+            h2stream.push(b"", True)
+
+    def _on_reset(self, event):
+        h2stream = self.streams.get(event.stream_id)
+        if h2stream is not None:
+            h2stream.reset_by_peer("client_closed" if event.remote else "protocol_error")
+
+    def _on_window(self, event):
+        if event.stream_id == 0:
+            self.pump_all()
+        else:
+            h2stream = self.streams.get(event.stream_id)
+            if h2stream is not None:
+                self.pump(h2stream.transport)
+
+    def _on_goaway(self, event):
+        if event.remote:
+            # The client opens no more streams; those open finish.
+            self.goaway_received = True
+            if not self.streams:
+                self.close_after_flush()
+            return
+        # A connection error: GOAWAY is queued; every stream ends.
+        self.log.debug("%s: HTTP/2 connection error %d: %s", self.client, event.code,
+                       event.message)
+        self.flush()
+        self._end_streams("protocol_error")
+        self.close_after_flush()
+
+    # -- writing --------------------------------------------------------------------
+
+    def pump(self, st):
+        """Move a stream's queued bytes into DATA frames, as far as the
+        client's windows and the connection's outgoing buffer allow."""
+        engine = self.engine
+        transport = self.transport
+        high = transport.high_water_mark()
+        pending = st._pending
+        sid = st.stream_id
+        while pending and not st.closed and transport.buffered_amount() < high:
+            item = pending[0]
+            if item.__class__ is _H2End:
+                pending.popleft()
+                if item.trailers is not None:
+                    engine.send_headers(sid, item.trailers, True)
+                else:
+                    engine.send_data(sid, b"", True)
+                st.ended = True
+                break
+            window = engine.send_window_for(sid)
+            if window <= 0:
+                break
+            if item.__class__ is _FileSlice:
+                data = item.read(min(window, item.remaining, _READ_CHUNK))
+                if not data:                    # the file is shorter than promised
+                    pending.popleft()
+                    st._pending_size -= item.remaining
+                    item.remaining = 0
+                    item.finish()
+                    continue
+                size = len(data)
+                item.offset += size
+                item.remaining -= size
+                if item.remaining == 0:
+                    pending.popleft()
+                    item.finish()
+            else:
+                size = len(item)
+                if size <= window:
+                    pending.popleft()
+                    data = item
+                else:
+                    data = item[:window]
+                    pending[0] = memoryview(item)[window:]
+                    size = window
+            end = False
+            if pending and pending[0].__class__ is _H2End and pending[0].trailers is None:
+                pending.popleft()          # END_STREAM rides on the last DATA frame
+                end = st.ended = True
+            st._pending_size -= size
+            st.bytes_written += size
+            st.last_progress = self.loop.now
+            engine.send_data(sid, bytes(data), end)
+        self.flush()
+        st.check()
+
+    def pump_all(self):
+        for h2stream in list(self.streams.values()):
+            if h2stream.transport._pending:
+                self.pump(h2stream.transport)
+
+    def _on_drain(self):
+        self.pump_all()
+        for h2stream in list(self.streams.values()):
+            h2stream.transport.check()
+
+    # -- the end of streams and of the connection -------------------------------------
+
+    def stream_released(self, h2stream):
+        self.streams.pop(h2stream.stream_id, None)
+        self.flush()
+        if self.streams or self.closed:
+            return
+        if self.closing or self.goaway_received or self.server.shutting_down:
+            self.close_after_flush()
+        else:
+            self.last_activity = self.loop.now
+            self.idle_set[self] = None      # a candidate for eviction (section 10)
+
+    def _end_streams(self, reason):
+        streams = list(self.streams.values())
+        for h2stream in streams:
+            h2stream.closed = True
+            h2stream.transport.close()
+            if h2stream.exchange is not None:
+                h2stream.exchange.disconnected(reason)
+
+    def _write_failed(self, exc):
+        self.abort(_write_failure_reason(exc, self.peer_eof))
+
+    def abort(self, reason):
+        if self.closed:
+            return
+        self._release()
+        self.stream.close()
+        self._end_streams(reason)
+
+    def _release(self):
+        self.socket_open[0] = False
+        Connection._release(self)
+
+    def goaway(self):
+        """GOAWAY NO_ERROR (RFC 9113 §6.8): no new streams; those open finish."""
+        if not self.closed:
+            self.engine.goaway(H2_NO_ERROR)
+            self.flush()
+            if not self.streams:
+                self.close_after_flush()
+
+    def shutdown(self):
+        """Server shutdown: GOAWAY, then each stream finishes (an event
+        stream is ended by the server, as section 8 does on HTTP/1.1)."""
+        self.goaway()
+        for h2stream in list(self.streams.values()):
+            if h2stream.exchange is not None:
+                h2stream.exchange.shutdown()
+
+    def evict(self):
+        """Admission (section 10) needs the slot of this idle connection."""
+        if self.streams or self.stream.has_bytes():
+            return False
+        self.log.debug("%s: idle HTTP/2 connection closed to admit a new one", self.client)
+        self.goaway()
+        return True
+
+    def check_timeouts(self, now, config):
+        if self.write_timed_out(now, config):
+            self.abort("write_timeout")
+        elif self.closing:
+            pass
+        elif not self.engine.settings_seen:
+            if now - self.started > config.header_timeout:
+                self.close()          # no preface in time (slowloris)
+        elif not self.streams:
+            if now - self.last_activity > config.keepalive_timeout:
+                self.goaway()
+        elif now - max(self.last_activity, self.transport.last_progress) > \
+                config.client_timeout and any(
+                    s.exchange is not None and not s.exchange.body_complete
+                    for s in self.streams.values()):
+            self.abort("client_timeout")
+
+
+_H2_EVENT_HANDLERS = {
+    H2Request: H2Connection._on_request,
+    H2HeadersTooLarge: H2Connection._on_too_large,
+    H2Data: H2Connection._on_data,
+    H2Trailers: H2Connection._on_trailers,
+    H2Reset: H2Connection._on_reset,
+    H2WindowOpened: H2Connection._on_window,
+    H2GoAway: H2Connection._on_goaway,
+}
+
+
+def start_application(app, exchange, log):
+    """Call the application for an exchange and drive it as a Task; a call
+    that raises, or returns neither a generator nor a coroutine, is a 500."""
+    head = exchange.head
+    try:
+        coro = app(exchange.scope(), exchange.receive, exchange.send)
+    except Exception:
+        log.error("application raised when called: %s %s\n%s", head.method,
+                  head.target.decode("latin-1"), traceback.format_exc().rstrip())
+        coro = None
+    if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+        if coro is not None:
+            log.error("TypeError: the application must return a generator or a coroutine, "
+                      "it returned %s (is it missing a 'yield' or 'async def'?)",
+                      type(coro).__name__)
+        exchange.app_done = True
+        exchange.state._started = True
+        exchange.conn.respond_error(500, "Internal Server Error", "server_error")
+        return
+    Task(coro, exchange.conn.loop, on_exit=exchange.app_exited)
+
+
+class ProtocolChoice(Connection):
+    """A new connection before it is known to speak HTTP/1.1 or HTTP/2.
+
+    On TLS, the handshake's ALPN result decides (RFC 7301, RFC 9113 §3.2);
+    on cleartext, the first bytes, read without taking them (MSG_PEEK):
+    the client preface is HTTP/2 with prior knowledge (RFC 9113 §3.3),
+    anything else HTTP/1.1.  The chosen connection then reads the socket
+    from the start.  Until then this holds the slot, under header_timeout."""
+
+    transport = None
+
+    def __init__(self, server, stream):
+        self.server = server
+        self.loop = server.loop
+        self.log = server.log
+        self.stream = stream
+        self.fd = stream.fd
+        self.client = stream.peer_address
+        self.started = self.loop.now
+
+    def __repr__(self):
+        return "<ProtocolChoice fd=%d client=%r>" % (self.fd, self.client)
+
+    def loop_context(self):
+        return "new connection from %s" % (self.client[0] if self.client else "?")
+
+    def start(self):
+        self.loop.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self):
+        stream = self.stream
+        try:
+            if not stream.scheme_secure:
+                first = stream.peek(len(H2_PREFACE))
+                if not first:
+                    self.close()          # the client left without a word
+                    return
+                if H2_PREFACE.startswith(first) and len(first) < 3:
+                    # "P" or "PR": PUT, POST or the preface?  Look again soon
+                    # (a readable socket would wake us at once, forever).
+                    self.loop.remove_reader(self.fd)
+                    self.loop.call_later(0.01, self._look_again)
+                    return
+                http2 = first[:3] == b"PRI"
+            else:
+                try:
+                    stream.recv(0)        # runs the handshake; takes no data
+                except BlockingIOError:
+                    if not stream.handshaken:
+                        return
+                http2 = stream.sock.selected_alpn_protocol() == "h2"
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.debug("%s: read failed: %s", self.client, exc)   # as section 6 says it
+            self.close()
+            return
+        self._hand_over(H2Connection if http2 else HTTPConnection)
+
+    def _look_again(self):
+        if not self.closed:
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def _hand_over(self, kind):
+        self.closed = True
+        self.loop.remove_reader(self.fd)
+        server = self.server
+        server.connections.discard(self)
+        conn = kind(server, self.stream)
+        server.connections.add(conn)
+        conn.start()
+        if self.stream.scheme_secure and self.stream.sock.pending():
+            self.loop.call_soon(conn._on_readable)   # decrypted bytes wait in ssl
+
+    def check_timeouts(self, now, config):
+        if now - self.started > config.header_timeout:
+            self.close()
+
+    def shutdown(self):
+        self.loop.call_later(_FIRST_REQUEST_GRACE, self.close)
+
+    def abort(self, reason):
+        self.close()
+
+    def evict(self):
+        return False
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.loop.forget(self.fd)
+            self.stream.close()
+            self.server.connection_closed(self)
 
 
 # ============================================================================
@@ -5679,6 +7542,11 @@ def _announce(log, message):
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None))
 
 
+class H2SSEExchange(_H2Response, SSEExchange):
+    """An event stream on an HTTP/2 stream: section 8's events, section
+    6a's framing (defined here, below both)."""
+
+
 class Server:
     """Serves one PAGI application on one loop.
 
@@ -5731,6 +7599,7 @@ class Server:
         self.upgrades = {b"websocket": WebSocketConnection}
         # What serves a request that asks for an event stream (an sse scope).
         self.event_stream_exchange = SSEExchange
+        self.h2_event_stream_exchange = H2SSEExchange    # the same over HTTP/2
         self._started = False         # startup() has run
         # TLS (section 5): one context wraps every accepted socket (ConfigError
         # from here names the ssl_* field that cannot be used).
@@ -6007,7 +7876,9 @@ class Server:
                 self.log.debug("%s: connection lost at once: %s", client, exc)
                 sock.close()
                 continue
-            conn = HTTPConnection(self, stream)
+            # With HTTP/2 on, the first bytes (or ALPN) choose (section 6a).
+            conn = ProtocolChoice(self, stream) if config.http2 else \
+                HTTPConnection(self, stream)
             self.connections.add(conn)
             conn.start()
 

@@ -43,7 +43,7 @@ def option_rows():
     section = section[: section.index("\n## ", 1)]
     rows = {}
     for line in section.splitlines():
-        m = re.match(r"\| `(--[a-z-]+)`", line)
+        m = re.match(r"\| `(--[a-z0-9-]+)`", line)
         if m:
             rows[m.group(1)] = line
     return rows

@@ -3,7 +3,8 @@
 PAGI is an asynchronous gateway interface in the spirit of ASGI: the server
 turns every connection into a ``scope`` and the application talks to it only
 through ``receive()`` and ``send(event)``.  This module serves the PAGI scope
-types ``http``, ``websocket``, ``sse`` and ``lifespan`` over HTTP/1.1, in one
+types ``http``, ``websocket``, ``sse`` and ``lifespan`` over HTTP/1.1 (and
+``http`` and ``sse`` over HTTP/2, with ``--http2``), in one
 process or pre-forked workers, and is written to be read from top to bottom
 as an executable specification (the protocol itself: ``docs/spec.md``).
 
@@ -15,8 +16,10 @@ Contents (each section uses only the sections above it):
      2. Reactor                -- a selectors loop: ready queue, timers, self-pipe
      3. Futures and tasks      -- Future, Task, sleep, spawn, wait_any, wait_all
      4. HTTP/1.1 wire format   -- sans-I/O request parser, response serializer
+    4b. HTTP/2 frames          -- RFC 9113 without I/O: frames, streams, windows
      5. Outgoing buffer        -- counted bytes, watermarks, pagi.transport
      6. Connections            -- the http scope, receive/send, pagi.connection
+    6a. HTTP/2 connections     -- streams as scopes; ALPN h2 and h2c by preface
      7. WebSocket              -- RFC 6455: handshake, frame codec, the session;
                                   RFC 7692: permessage-deflate
      8. Server-Sent Events     -- the sse scope: event streams over HTTP
@@ -109,7 +112,9 @@ __all__ = [
     "Loop", "get_loop",
     "Future", "Task", "CancelledError", "sleep", "spawn", "wait_any", "wait_all", "to_thread",
     "HTTPError", "EventError", "RequestParser", "RequestHead", "EndOfMessage",
+    "H2Protocol", "H2ConnectionError", "H2StreamError",
     "SocketStream", "TLSStream", "Transport", "ConnectionState", "Exchange", "HTTPConnection",
+    "H2Connection", "ProtocolChoice",
     "FrameParser", "FrameError", "PerMessageDeflate", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
     "Server", "Listener", "ListenError", "open_listeners", "Supervisor", "run", "main",

@@ -194,8 +194,23 @@ class H2Client:
         return sid
 
     def send_data(self, sid, data, end_stream=False):
-        self.conn.send_data(sid, data, end_stream=end_stream)
-        self.flush()
+        """DATA as the server's windows allow (RFC 9113 §6.9): past them,
+        wait for its WINDOW_UPDATE frames."""
+        view = memoryview(data)
+        while True:
+            window = min(self.conn.local_flow_control_window(sid),
+                         self.conn.max_outbound_frame_size)
+            if len(view) <= window:
+                self.conn.send_data(sid, bytes(view), end_stream=end_stream)
+                self.flush()
+                return
+            if window > 0:
+                self.conn.send_data(sid, bytes(view[:window]))
+                view = view[window:]
+                self.flush()
+            elif self.closed or not self.pump():
+                raise ConnectionError("the server closed the connection with the "
+                                      "request body unsent")
 
     def end_stream(self, sid):
         self.conn.end_stream(sid)

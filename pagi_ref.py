@@ -4983,6 +4983,14 @@ class H2StreamTransport:
         if self.closed or not data:
             return
         self.bytes_queued += len(data)
+        limit = self._conn.config.write_buffer_limit
+        if self._above and limit and self._pending_size > limit:
+            # An application that does not wait for the drain: the stream
+            # goes (reason queue_overflow), not the memory (section 5's rule).
+            h2stream = self._conn.streams.get(self.stream_id)
+            if h2stream is not None:
+                h2stream.abort("queue_overflow")
+            return
         self._pending.append(data)
         self._pending_size += len(data)
         self._conn.pump(self)
@@ -5401,9 +5409,11 @@ class H2Connection(Connection):
         self.fd = stream.fd
         self.client = stream.peer_address
         self.server_address = stream.local_address
+        # No hard limit on the connection's buffer: only the pump (never past
+        # the high mark) and the protocol's own frames write to it; each
+        # stream's transport holds the limit for its application's bytes.
         self.transport = Transport(stream, self.loop, config.write_high_watermark,
-                                   config.write_low_watermark, self._write_failed,
-                                   config.write_buffer_limit)
+                                   config.write_low_watermark, self._write_failed)
         self.transport.on_drain(self._on_drain)
         self.engine = H2Protocol(max_concurrent_streams=config.h2_max_concurrent_streams,
                                  max_header_list_size=h2_header_list_limit(config))
@@ -5560,7 +5570,11 @@ class H2Connection(Connection):
                     engine.send_data(sid, b"", True)
                 st.ended = True
                 break
-            window = engine.send_window_for(sid)
+            # A piece at a time, each flushed to the Transport and never past
+            # its high-water mark, so the connection's buffer stays bounded
+            # however wide the client opens its windows.
+            window = min(engine.send_window_for(sid), _READ_CHUNK,
+                         high - transport.buffered_amount())
             if window <= 0:
                 break
             if item.__class__ is _FileSlice:
@@ -5594,6 +5608,7 @@ class H2Connection(Connection):
             st.bytes_written += size
             st.last_progress = self.loop.now
             engine.send_data(sid, bytes(data), end)
+            self.flush()
         self.flush()
         st.check()
 

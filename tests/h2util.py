@@ -224,8 +224,12 @@ class H2Client:
     as they come, acknowledges SETTINGS, answers nothing else by itself."""
 
     def __init__(self, port, tls_context=None, timeout=10.0, settings_pairs=(),
-                 window=None):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                 window=None, rcvbuf=None):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
         if tls_context is not None:
             sock = tls_context.wrap_socket(sock, server_hostname="localhost")
         self.sock = sock

@@ -358,6 +358,55 @@ def test_send_suspends_on_the_stream_window_and_resumes_on_window_update():
             client.close()
 
 
+def test_large_windows_never_push_past_the_outgoing_buffer():
+    """A client with windows of 2^31-1: two streams of several MB, each sent in
+    one event, go into the connection's buffer a piece at a time up to the
+    high-water mark (a whole body in one write would pass
+    --write-buffer-limit and drop the connection)."""
+    from test_tls import beyond_kernel_buffers
+    size = beyond_kernel_buffers()      # past what the kernel's buffers hold
+
+    def app(scope, receive, send):
+        yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200})
+        yield send({"type": "http.response.body", "body": b"z" * size})
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port, settings_pairs=[(4, (1 << 31) - 1)], window=1 << 30,
+                          rcvbuf=16384)
+        try:
+            a, b = client.request(), client.request()
+            for sid in (a, b):
+                resp = client.response(sid)
+                assert resp.reset is None and len(resp.body) == size
+            assert client.goaway is None
+        finally:
+            client.close()
+        assert srv.errors == []
+
+
+def test_sends_not_awaited_past_the_limit_reset_the_stream():
+    reasons = queue.Queue()
+
+    def app(scope, receive, send):
+        conn = scope["pagi.connection"]
+        yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200})
+        for _ in range(40):          # 2.5 MB, never waiting for the drain
+            send({"type": "http.response.body", "body": b"q" * 65536, "more": 1})
+        reasons.put(conn.disconnect_reason())
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port, settings_pairs=[(4, 1000)])   # windows of 1000 bytes
+        try:
+            sid = client.request()
+            assert reasons.get(timeout=10) == "queue_overflow"
+            assert client.response(sid).reset == pagi_ref.H2_INTERNAL_ERROR
+            assert client.goaway is None    # the connection goes on
+        finally:
+            client.close()
+
+
 def test_inbound_window_is_granted_as_the_application_reads():
     release = threading.Event()
 

@@ -5136,6 +5136,8 @@ class _H2Response:
         if self.no_body:
             body = b""
         ends = not more and not self.trailers
+        if ends and self._short():
+            ends = False        # no END_STREAM: _response_end resets the stream
         if self.head_pending:
             conn.send_headers(self._h2_head(None if more else size), ends and not body)
             if ends and not body:
@@ -5145,11 +5147,15 @@ class _H2Response:
             transport.write(body)
         if not more:
             self.body_ended = True
-            if ends:
-                if not transport.ended:
+            if not self.trailers:
+                if ends and not transport.ended:
                     transport.end()
                 self._response_end()
         return transport.suspend()
+
+    def _short(self):
+        """Fewer body bytes than the declared content-length."""
+        return self.length is not None and not self.no_body and self.sent < self.length
 
     def _send_file(self, event, source):
         offset = event.get("offset") or 0
@@ -5187,22 +5193,24 @@ class _H2Response:
         transport = conn.transport
         self.body_ended = True
         empty = self.no_body or count == 0
+        ends = not self.trailers and not self._short()
         if self.head_pending:
-            conn.send_headers(self._h2_head(count), empty and not self.trailers)
-            if empty and not self.trailers:
+            conn.send_headers(self._h2_head(count), empty and ends)
+            if empty and ends:
                 transport.ended = True
         if empty:
             if owned:
                 file.close()
             if not self.trailers:
-                if not transport.ended:
+                if ends and not transport.ended:
                     transport.end()
                 self._response_end()
             return transport.suspend()
         self.bytes_out += count
         done = transport.write_file(file, offset, count, owned)
         if not self.trailers:
-            transport.end()
+            if ends:
+                transport.end()
             self._response_end()
         return done
 
@@ -5235,7 +5243,7 @@ class _H2Response:
     def _response_end(self):
         self.response_done = True
         self.state._complete = True
-        if self.length is not None and self.sent < self.length and not self.no_body:
+        if self._short():
             # Fewer bytes than declared: RST_STREAM, so the client can tell.
             self.conn.log.warning("%s %s: response ended after %d of %d declared bytes; "
                                   "resetting the stream", self.head.method,

@@ -319,6 +319,87 @@ def test_header_list_over_the_limit_is_431_and_the_connection_goes_on():
     assert big.status == 431 and small.status == 200
 
 
+def test_head_has_the_length_and_no_body():
+    def app(scope, receive, send):
+        yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200})
+        yield send({"type": "http.response.body", "body": b"twelve bytes"})
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            resp = client.response(client.request("HEAD"))
+        finally:
+            client.close()
+    assert resp.status == 200 and resp.body == b""
+    assert resp.header(b"content-length") == b"12"
+
+
+def test_file_bodies_with_offset_and_length(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 1024)          # 256 KiB: past the window
+
+    def app(scope, receive, send):
+        yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200})
+        if scope["path"] == "/file":
+            yield send({"type": "http.response.body", "file": str(path)})
+        else:
+            with open(str(path), "rb") as fh:
+                yield send({"type": "http.response.body", "fh": fh, "offset": 10,
+                            "length": 1000})
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            whole = client.response(client.request(path="/file"))
+            part = client.response(client.request(path="/fh"))
+        finally:
+            client.close()
+    assert whole.body == path.read_bytes()
+    assert whole.header(b"content-length") == b"%d" % (256 * 1024)
+    assert part.body == path.read_bytes()[10:1010]
+
+
+def test_fullflush_sends_the_head_at_once():
+    marks, go = queue.Queue(), queue.Queue()
+
+    def app(scope, receive, send):
+        yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200})
+        yield send({"type": "http.fullflush"})
+        marks.put("flushed")
+        yield pagi_ref.to_thread(go.get, True, 10)     # until the client saw the head
+        yield send({"type": "http.response.body", "body": b"late"})
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            sid = client.request()
+            assert client.read_until(lambda f: f[0] == HEADERS and f[2] == sid)
+            assert marks.get(timeout=10) == "flushed"
+            go.put("go")
+            assert client.response(sid).body == b"late"
+        finally:
+            client.close()
+
+
+def test_fewer_bytes_than_content_length_resets_the_stream():
+    def app(scope, receive, send):
+        yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"10")]})
+        yield send({"type": "http.response.body", "body": b"short"})
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            resp = client.response(client.request())
+        finally:
+            client.close()
+    assert resp.reset == pagi_ref.H2_INTERNAL_ERROR and resp.body == b"short"
+
+
 # -- flow control ---------------------------------------------------------------------
 
 def test_send_suspends_on_the_stream_window_and_resumes_on_window_update():

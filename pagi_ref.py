@@ -2221,17 +2221,19 @@ _H2_TRANSITIONS = {
 class H2Protocol:
     """The server's side of one HTTP/2 connection, without I/O.
 
-    ``settings`` are ours (a dict of H2_SETTINGS_* -> value), sent by
-    initiate().  A connection error ends the protocol: feed() returns the
-    events so far and an H2GoAway, and ignores what comes after.
+    The arguments are our settings, sent by initiate():
+    SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_MAX_HEADER_LIST_SIZE and
+    SETTINGS_INITIAL_WINDOW_SIZE (each stream's receive window).  A
+    connection error ends the protocol: feed() returns the events so far
+    and an H2GoAway, and ignores what comes after.
     """
 
     def __init__(self, max_concurrent_streams=100, max_header_list_size=65536,
-                 initial_window_size=_H2_DEFAULT_WINDOW, max_body_frame=_H2_MIN_FRAME_SIZE):
+                 initial_window_size=_H2_DEFAULT_WINDOW):
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_list_size = max_header_list_size
         self.local_window = initial_window_size   # each stream's receive window
-        self.max_frame_size = max_body_frame      # frames we accept (our setting)
+        self.max_frame_size = _H2_MIN_FRAME_SIZE  # frames we accept (the default setting)
         # The header block bound (CONTINUATION flood, 2024): a compressed
         # block is never larger than the list it decodes to, but for
         # padding-free table size updates, so twice the list limit is room.

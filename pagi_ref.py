@@ -2245,6 +2245,7 @@ class H2Protocol:
         self.preface_done = False          # the 24-byte client preface arrived
         self.settings_seen = False         # the client's first SETTINGS arrived
         self.out = []                      # bytes to send
+        self.data_queued = 0               # DATA payload bytes in ``out``
         self.events = []                   # events of the current feed()
         self.streams = {}                  # stream id -> _H2StreamState, not closed
         self.closed_streams = collections.OrderedDict()   # id -> reset by us (bool)
@@ -2281,6 +2282,7 @@ class H2Protocol:
         if not out:
             return b""
         self.out = []
+        self.data_queued = 0
         return out[0] if len(out) == 1 else b"".join(out)
 
     def send_headers(self, stream_id, headers, end_stream=False):
@@ -2313,6 +2315,7 @@ class H2Protocol:
         if stream is not None:
             stream.send_window -= size
         self.send_window -= size
+        self.data_queued += size
         step = self.peer_max_frame_size
         if size <= step:
             self.out.append(h2_frame(H2_DATA, H2_FLAG_END_STREAM if end_stream else 0,
@@ -4959,7 +4962,8 @@ class H2StreamTransport:
     # -- the spec's interface --------------------------------------------------
 
     def buffered_amount(self):
-        return self._pending_size + self._conn.transport.buffered_amount()
+        conn = self._conn
+        return self._pending_size + conn.transport.buffered_amount() + conn.engine.data_queued
 
     def high_water_mark(self):
         return self._high
@@ -5437,6 +5441,7 @@ class H2Connection(Connection):
         self.last_activity = now      # last byte received
         self.bytes_in = 0
         self.idle_set = server.idle   # admission's idle connections (section 10)
+        self.corked = False           # inside _on_readable: frames go out at its end
 
     def loop_context(self):
         return "http/2 connection from %s" % (self.client[0] if self.client else "?")
@@ -5454,10 +5459,20 @@ class H2Connection(Connection):
         if self.server.shutting_down:
             self.goaway()        # chosen during a shutdown: no stream will be served
 
-    def flush(self):
+    def flush(self, force=False):
+        """Hand the protocol's frames to the Transport.  Discussion: while
+        one read's frames are handled (corked), the answers of every stream
+        they start -- applications run inline -- are gathered and written
+        once, at the end: one send for many responses."""
+        if self.corked and not force:
+            return
         data = self.engine.data_to_send()
         if data:
             self.transport.write(data)
+
+    def close_after_flush(self):
+        self.flush(force=True)
+        Connection.close_after_flush(self)
 
     # -- reading ------------------------------------------------------------------
 
@@ -5481,12 +5496,24 @@ class H2Connection(Connection):
         self.bytes_in += len(data)
         if self.closing:
             return
-        for event in self.engine.feed(data):
-            handler = _H2_EVENT_HANDLERS[event.__class__]
-            handler(self, event)
-            if self.closed:
-                return
+        self.corked = True
+        try:
+            for event in self.engine.feed(data):
+                handler = _H2_EVENT_HANDLERS[event.__class__]
+                handler(self, event)
+                if self.closed:
+                    return
+        finally:
+            self.corked = False
         self.flush()
+        # What the corked frames held back: more DATA may fit now, and a
+        # stream's watermark edges are judged on the written counts.
+        for h2stream in list(self.streams.values()):
+            st = h2stream.transport
+            if st._pending:
+                self.pump(st)
+            elif st._above or st._flush_waiters:
+                st.check()
 
     def _on_request(self, event):
         server = self.server
@@ -5556,7 +5583,7 @@ class H2Connection(Connection):
         # A connection error: GOAWAY is queued; every stream ends.
         self.log.debug("%s: HTTP/2 connection error %d: %s", self.client, event.code,
                        event.message)
-        self.flush()
+        self.flush(force=True)
         self._end_streams("protocol_error")
         self.close_after_flush()
 
@@ -5570,7 +5597,8 @@ class H2Connection(Connection):
         high = transport.high_water_mark()
         pending = st._pending
         sid = st.stream_id
-        while pending and not st.closed and transport.buffered_amount() < high:
+        while pending and not st.closed and \
+                transport.buffered_amount() + engine.data_queued < high:
             item = pending[0]
             if item.__class__ is _H2End:
                 pending.popleft()
@@ -5584,7 +5612,7 @@ class H2Connection(Connection):
             # its high-water mark, so the connection's buffer stays bounded
             # however wide the client opens its windows.
             window = min(engine.send_window_for(sid), _READ_CHUNK,
-                         high - transport.buffered_amount())
+                         high - transport.buffered_amount() - engine.data_queued)
             if window <= 0:
                 break
             if item.__class__ is _FileSlice:

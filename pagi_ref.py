@@ -4985,7 +4985,8 @@ class H2StreamTransport:
 
     # -- the stream's side ---------------------------------------------------------
 
-    def write(self, data):
+    def write(self, data, end=False):
+        """Queue body bytes; ``end``: END_STREAM on the last of them."""
         if self.closed or not data:
             return
         self.bytes_queued += len(data)
@@ -4999,6 +5000,8 @@ class H2StreamTransport:
             return
         self._pending.append(data)
         self._pending_size += len(data)
+        if end:
+            self._pending.append(_H2End(None))
         self._conn.pump(self)
 
     def write_file(self, file, offset, length, owned):
@@ -5150,11 +5153,11 @@ class _H2Response:
                 transport.ended = True
         if body:
             self.bytes_out += size
-            transport.write(body)
+            transport.write(body, ends)      # END_STREAM rides on its last frame
         if not more:
             self.body_ended = True
             if not self.trailers:
-                if ends and not transport.ended:
+                if ends and not body and not transport.ended:
                     transport.end()
                 self._response_end()
         return transport.suspend()

@@ -636,6 +636,39 @@ def test_shutdown_sends_goaway_and_lets_streams_finish():
             client.close()
 
 
+def test_client_goaway_lets_open_streams_finish_then_closes():
+    release = threading.Event()
+    with serve(blocked_app(release), **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            sid = client.request()
+            client.send(h2util.goaway(0, 0))
+            client.send(ping(b"barrier!"))
+            client.read_until(lambda f: f[0] == PING and f[1] & ACK)
+            release.set()
+            assert client.response(sid).status == 200
+            assert client.read_frame() is None        # then the server closes
+        finally:
+            release.set()
+            client.close()
+
+
+def test_idle_http2_connection_is_evicted_for_a_new_one():
+    with serve(scope_app, max_connections=1, **H2) as srv:
+        first = H2Client(srv.port)
+        try:
+            assert first.response(first.request()).status == 200
+            wait_until(lambda: srv.server.idle)        # between streams: idle
+            second = H2Client(srv.port)
+            try:
+                assert first.read_to_goaway() == (1, 0)
+                assert second.response(second.request()).status == 200
+            finally:
+                second.close()
+        finally:
+            first.close()
+
+
 # -- choosing the protocol -----------------------------------------------------------------
 
 def test_http11_on_the_same_port():

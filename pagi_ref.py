@@ -4998,6 +4998,8 @@ class H2StreamTransport:
             if h2stream is not None:
                 h2stream.abort("queue_overflow")
             return
+        if not self._pending:
+            self.last_progress = self._conn.loop.now   # the wait for the window starts
         self._pending.append(data)
         self._pending_size += len(data)
         if end:
@@ -5011,6 +5013,8 @@ class H2StreamTransport:
             item.finish()
             return item.future
         self.bytes_queued += length
+        if not self._pending:
+            self.last_progress = self._conn.loop.now
         self._pending.append(item)
         self._pending_size += length
         self._conn.pump(self)
@@ -5725,7 +5729,15 @@ class H2Connection(Connection):
     def check_timeouts(self, now, config):
         if self.write_timed_out(now, config):
             self.abort("write_timeout")
-        elif self.closing:
+            return
+        # A stream whose bytes wait for a window the client never opens
+        # (a zero-window stall): reset after write_timeout, as a socket
+        # nobody reads is dropped after it.
+        for h2stream in list(self.streams.values()):
+            st = h2stream.transport
+            if st._pending and not st.closed and now - st.last_progress > config.write_timeout:
+                h2stream.abort("write_timeout")
+        if self.closing:
             pass
         elif not self.engine.settings_seen:
             if now - self.started > config.header_timeout:

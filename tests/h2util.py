@@ -224,7 +224,7 @@ class H2Client:
     as they come, acknowledges SETTINGS, answers nothing else by itself."""
 
     def __init__(self, port, tls_context=None, timeout=10.0, settings_pairs=(),
-                 window=None, rcvbuf=None):
+                 window=None, rcvbuf=None, auto_window=True):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -233,6 +233,7 @@ class H2Client:
         if tls_context is not None:
             sock = tls_context.wrap_socket(sock, server_hostname="localhost")
         self.sock = sock
+        self.auto_window = auto_window   # give back every DATA byte at once
         self.encoder = pagi_ref.HPACKEncoder()
         self.decoder = pagi_ref.HPACKDecoder()
         self.buffer = bytearray()
@@ -309,7 +310,7 @@ class H2Client:
                     resp.ended = True
             elif ftype == DATA:
                 resp.body += payload
-                if payload:
+                if payload and self.auto_window:
                     self.send(window_update(0, len(payload)) + window_update(sid, len(payload)))
                 if flags & END_STREAM:
                     resp.ended = True

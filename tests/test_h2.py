@@ -488,6 +488,27 @@ def test_sends_not_awaited_past_the_limit_reset_the_stream():
             client.close()
 
 
+def test_a_window_never_opened_resets_the_stream_after_write_timeout():
+    reasons = queue.Queue()
+
+    def app(scope, receive, send):
+        conn = scope["pagi.connection"]
+        yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200})
+        yield send({"type": "http.response.body", "body": b"w" * 200000})
+        reasons.put(conn.disconnect_reason())
+
+    with serve(app, write_timeout=0.5, **H2) as srv:
+        client = H2Client(srv.port, settings_pairs=[(4, 1000)], auto_window=False)
+        try:
+            sid = client.request()
+            assert client.response(sid).reset == pagi_ref.H2_INTERNAL_ERROR
+            assert reasons.get(timeout=10) == "write_timeout"
+            assert client.goaway is None
+        finally:
+            client.close()
+
+
 def test_inbound_window_is_granted_as_the_application_reads():
     release = threading.Event()
 

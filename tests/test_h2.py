@@ -690,6 +690,31 @@ def test_idle_http2_connection_is_evicted_for_a_new_one():
             first.close()
 
 
+def test_shutdown_ends_an_event_stream_with_sse_disconnect():
+    seen = queue.Queue()
+
+    def app(scope, receive, send):
+        yield send({"type": "sse.start"})
+        yield send({"type": "sse.send", "data": "first"})
+        event = yield receive()
+        while event["type"] == "sse.request":
+            event = yield receive()
+        seen.put((event["type"], event.get("reason")))
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            sid = client.request(extra=[(b"accept", b"text/event-stream")])
+            client.read_until(lambda f: f[0] == DATA and f[2] == sid and f[3])
+            srv.server.stop(timeout=10)
+            resp = client.response(sid)
+            assert resp.ended and resp.body == b"data: first\n\n"
+            assert seen.get(timeout=10) == ("sse.disconnect", "server_shutdown")
+            assert client.goaway == (sid, 0)
+        finally:
+            client.close()
+
+
 # -- choosing the protocol -----------------------------------------------------------------
 
 def test_http11_on_the_same_port():

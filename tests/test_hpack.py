@@ -74,6 +74,9 @@ def test_integers_c1(value, prefix_bits, wire):
 def test_single_fields_c2(block, headers, table):
     decoder = HPACKDecoder()
     assert decoder.decode(h(block)) == fields(headers)
+    # The frame layer may hand over a bytearray or a memoryview: the same list.
+    assert HPACKDecoder().decode(bytearray(h(block))) == fields(headers)
+    assert HPACKDecoder().decode(memoryview(h(block))) == fields(headers)
     assert decoder.dynamic_table == fields(table)
     assert decoder.table_size == sum(len(n) + len(v) + 32 for n, v in fields(table))
 

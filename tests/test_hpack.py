@@ -491,3 +491,33 @@ def test_random_header_lists_round_trip_with_tables_in_step():
         assert decoder.decode(encoder.encode(headers)) == headers, n
         assert encoder.dynamic_table == decoder.dynamic_table, n
         assert encoder.table_size == decoder.table_size <= decoder.max_table_size
+
+
+# -- an independent implementation ---------------------------------------------------------
+
+def test_interop_with_python_hyper_hpack():
+    """python-hyper's hpack (installed with h2, the conformance suite's
+    HTTP/2 client) decodes our blocks, and we decode its blocks, table
+    size changes included."""
+    hpack = pytest.importorskip("hpack")
+    rng = random.Random(4)
+    names = [b":status", b"content-type", b"x-custom", b"cookie", b"authorization",
+             b"content-length", b"server", b"x-long"]
+    ours, theirs_decoder = HPACKEncoder(), hpack.Decoder(max_header_list_size=1 << 20)
+    theirs, ours_decoder = hpack.Encoder(), HPACKDecoder(max_header_list_size=1 << 20)
+    for n in range(150):
+        if n % 25 == 24:
+            size = rng.choice((0, 100, 256, 4096))
+            theirs_decoder.max_allowed_table_size = size     # our peer's SETTINGS
+            ours.set_max_table_size(size)
+            ours_decoder.max_table_size = max(size, 4096)    # what we advertise
+            theirs.header_table_size = size                  # they use less
+        headers = []
+        for _ in range(rng.randrange(1, 8)):
+            name = rng.choice(names)
+            size = rng.randrange(300, 900) if name == b"x-long" else rng.randrange(12)
+            headers.append((name, rng.choice((b"same", bytes(rng.randrange(32, 127)
+                                                             for _ in range(size))))))
+        decoded = theirs_decoder.decode(ours.encode(headers), raw=True)
+        assert [(bytes(k), bytes(v)) for k, v in decoded] == headers, n
+        assert ours_decoder.decode(theirs.encode(headers, huffman=bool(n % 2))) == headers, n

@@ -801,17 +801,11 @@ def test_tls_without_http2_offers_only_http11(certs):
             sock.close()
 
 
-needs_real_hpack = pytest.mark.skipif(
-    getattr(pagi_ref.HPACKDecoder, "__module__", "") != "pagi_ref",
-    reason="section 4a (HPACK) is not in pagi_ref.py yet")
-
-
 def curl(*args):
     return subprocess.run(["curl", "-sS", "--max-time", "20"] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
 
 
-@needs_real_hpack
 @needs_curl
 def test_curl_prior_knowledge():
     with serve(scope_app, **H2) as srv:
@@ -825,7 +819,6 @@ def test_curl_prior_knowledge():
     assert head.stdout.startswith(b"HTTP/2 200")
 
 
-@needs_real_hpack
 @needs_curl
 def test_curl_http2_over_tls(certs):
     config = dict(ssl_certfile=certs["server.pem"], ssl_keyfile=certs["server.key"], **H2)
@@ -837,7 +830,6 @@ def test_curl_http2_over_tls(certs):
     assert version == b"2" and json.loads(body)["scheme"] == "https"
 
 
-@needs_real_hpack
 @pytest.mark.skipif(shutil.which("nghttp") is None, reason="nghttp (nghttp2-client)")
 def test_nghttp_with_trailers():
     def app(scope, receive, send):
@@ -853,7 +845,6 @@ def test_nghttp_with_trailers():
     assert b"nghttp body" in out.stdout and b"x-trailer: yes" in out.stdout
 
 
-@needs_real_hpack
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client)")
 def test_h2load_multiplexed():
     def app(scope, receive, send):

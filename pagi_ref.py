@@ -6094,8 +6094,14 @@ class H2Stream:
         self.exchange_progress(exchange)
 
     def release(self):
-        """The stream is done for us: forget it.  RFC 9113 §8.1: a response
-        complete before its request tells the client to stop, NO_ERROR."""
+        """The stream is done for us: forget it.  A stream cut short is
+        reset (CANCEL).  A response complete before its request leaves the
+        stream half-closed: RFC 9113 §8.1 lets the server reset it with
+        NO_ERROR, but then every later frame on it would be ignored (§5.1)
+        -- a content-length that lies, trailers without END_STREAM -- where
+        the protocol still owes the client its errors; the rest of the
+        request is read and dropped, its window given back (as section 6
+        drains an unread HTTP/1.1 body)."""
         if self.released:
             return
         self.released = True
@@ -6103,8 +6109,8 @@ class H2Stream:
         h2 = self.h2
         exchange = self.exchange
         cut = exchange is not None and exchange.state._reason is not None
-        if self.stream_id in h2.engine.streams:
-            h2.engine.reset_stream(self.stream_id, H2_CANCEL if cut else H2_NO_ERROR)
+        if cut and self.stream_id in h2.engine.streams:
+            h2.engine.reset_stream(self.stream_id, H2_CANCEL)
         if exchange is not None and not cut:
             h2.engine.stream_completed()
         h2.stream_released(self)

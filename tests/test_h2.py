@@ -163,6 +163,27 @@ def test_response_trailers_are_a_final_headers_frame():
     assert resp.body == b"data" and resp.trailers == [(b"x-checksum", b"42")]
 
 
+def test_a_response_before_the_request_ends_keeps_the_stream_checked():
+    """RFC 9113 §8.1: an early response leaves the request's stream
+    half-closed, its frames still read and judged (here a body shorter than
+    its content-length, §8.1.1), not silently ignored."""
+    def app(scope, receive, send):
+        yield send({"type": "http.response.start", "status": 200})
+        yield send({"type": "http.response.body", "body": b"early"})
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            sid = client.request("POST", extra=[(b"content-length", b"10")], end_stream=False)
+            resp = client.response(sid)
+            assert resp.body == b"early" and resp.reset is None
+            client.send(h2util.data(sid, b"short", end_stream=True))
+            f = client.read_until(lambda f: f[0] == RST_STREAM and f[2] == sid)
+            assert struct.unpack(">I", f[3])[0] == pagi_ref.H2_PROTOCOL_ERROR
+        finally:
+            client.close()
+
+
 def test_request_trailers_end_the_body():
     def app(scope, receive, send):
         body = yield from body_of(receive)

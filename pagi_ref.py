@@ -1780,38 +1780,25 @@ def trailer_section(headers):
 
 
 class ResponseStamp:
-    """The fields the server adds to every response head it writes itself or
-    frames for the application: ``server: pagi_ref`` and the Date (RFC 9110
-    §10.2.4, §6.6.1), each unless turned off (--no-server-header,
-    --no-date-header) or sent by the application.  One place, so the four
-    writers of a head (a response, a WebSocket denial, a generated error,
-    the 101) agree."""
+    """The fields the server adds to every response head it frames
+    (frame_response): ``server: pagi_ref`` and the Date (RFC 9110 §10.2.4,
+    §6.6.1), each unless turned off (--no-server-header, --no-date-header)
+    or sent by the application.  ``clock`` gives the Date's value (its
+    ``get()``); tests pass one that never changes."""
 
-    __slots__ = ("server", "date")
+    __slots__ = ("server", "date", "clock")
 
-    def __init__(self, server=True, date=True):
+    def __init__(self, server=True, date=True, clock=None):
         self.server = server          # send the Server field
         self.date = date              # send the Date field
+        self.clock = _date if clock is None else clock   # .get() -> the Date value
 
     def add_to(self, headers, has_server=False, has_date=False):
         """Append the (name, value) pairs to a head's ``headers``."""
         if self.date and not has_date:
-            headers.append((b"date", _date.get()))
+            headers.append((b"date", self.clock.get()))
         if self.server and not has_server:
             headers.append(_SERVER_FIELD)
-
-    def lines(self, headers=()):
-        """The same as header lines, minding what ``headers`` already has."""
-        has_server = has_date = False
-        for name, _value in headers:
-            name = name.lower()
-            if name == b"server":
-                has_server = True
-            elif name == b"date":
-                has_date = True
-        fields = []
-        self.add_to(fields, has_server, has_date)
-        return b"".join(n + b": " + v + b"\r\n" for n, v in fields)
 
 
 SERVER_NAME = b"pagi_ref"     # the Server field's value
@@ -1819,18 +1806,135 @@ _SERVER_FIELD = (b"server", SERVER_NAME)
 _STAMP = ResponseStamp()      # the defaults, for callers without a Config
 
 
+# -- response framing (RFC 9112 §6.1-§6.3, §9.3; RFC 9110 §6.4.1) -------------
+#
+# One pure function decides how every response head the server writes is
+# framed -- an application's response, an SSE stream, a WebSocket denial, a
+# generated error, the 101 -- so the rules below are written once and tested
+# with bytes alone (tests/test_response_framing.py).  The caller says what it
+# knows; the function answers with the head and the framing decision.  It
+# decides nothing about whether the connection *may* stay open (request
+# keep-alive, shutdown, a peer gone, an unread body): that is the caller's
+# ``keep_alive``; it only closes what framing forces closed.
+
+BODY_NONE = "none"                # no body follows the head (HEAD, 204, 304)
+BODY_LENGTH = "content-length"    # exactly Framing.length bytes follow
+BODY_CHUNKED = "chunked"          # chunked coding, ended by the last chunk
+BODY_CLOSE = "close-delimited"    # the body ends when the connection closes
+
+
+class Framing:
+    """What frame_response decided: ``head`` (the bytes of the head),
+    ``fields`` (every (name, value) in it after the status line),
+    ``body`` (BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE; None for an
+    interim 1xx head, which frames no body -- the final response, or for a
+    101 another protocol, follows), ``length`` (the Content-Length the head
+    carries, or None) and ``keep_alive`` (the connection carries another
+    response after this one; for a 1xx, that the connection stays open)."""
+
+    __slots__ = ("head", "fields", "body", "length", "keep_alive")
+
+    def __init__(self, head, fields, body, length, keep_alive):
+        self.head = head
+        self.fields = fields
+        self.body = body
+        self.length = length
+        self.keep_alive = keep_alive
+
+    def __repr__(self):
+        return "<Framing %s length=%r keep_alive=%s>" % (self.body, self.length, self.keep_alive)
+
+
+def frame_response(status, headers, method="GET", http_version="1.1", length=None,
+                   app_close=False, keep_alive=True, trailers=False, final_size=None,
+                   announce_keep_alive=False, stamp=None, has_server=None, has_date=None):
+    """Frame one response head.
+
+    ``headers`` are the application's (name, value) pairs, lower-case names,
+    without Transfer-Encoding or Connection (the server manages both, PAGI
+    HTTP); a Content-Length among them is ``length``, already checked.
+    ``app_close``: the application asked for Connection: close.
+    ``keep_alive``: the caller allows another request on this connection.
+    ``trailers``: the application will send trailer fields.
+    ``final_size``: the body's size when it is known before the head goes
+    (the first body event is also the last), else None.
+    ``announce_keep_alive``: say Connection: keep-alive in HTTP/1.1 too.
+    ``stamp``: the ResponseStamp (server and date fields); ``has_server``
+    and ``has_date`` say whether ``headers`` holds them (None: look).
+    ``headers`` is not changed."""
+    fields = list(headers)
+    if stamp is None:
+        stamp = _STAMP
+    if has_server is None or has_date is None:
+        names = {name.lower() for name, _value in fields}
+        has_server, has_date = b"server" in names, b"date" in names
+    stamp.add_to(fields, has_server, has_date)
+    if status < 200:
+        # RFC 9110 §15.2: a 1xx response is interim and ends at its head.
+        # RFC 9110 §8.6: no Content-Length in a 1xx.  RFC 9110 §7.8: a 101
+        # names the protocol in Upgrade (the caller's field) and sends
+        # Connection: upgrade.
+        if length is not None:
+            fields = [(n, v) for n, v in fields if n != b"content-length"]
+        if status == 101:
+            fields.append((b"connection", b"Upgrade"))
+        body = None
+        length = None
+    else:
+        keep_alive = keep_alive and not app_close
+        if method == "HEAD" or status == 204 or status == 304:
+            # RFC 9110 §6.4.1, RFC 9112 §6.3 rule 1: a response to HEAD and a
+            # 204 or 304 end at the head, whatever their fields say.
+            body = BODY_NONE
+            if status == 204:
+                # RFC 9110 §8.6: a server MUST NOT send Content-Length in a 204.
+                if length is not None:
+                    fields = [(n, v) for n, v in fields if n != b"content-length"]
+                length = None
+            elif length is None and method == "HEAD" and final_size:
+                # RFC 9110 §9.3.2: a HEAD response may say the length the
+                # GET's body would have, when the application gave that body.
+                length = final_size
+                fields.append((b"content-length", b"%d" % final_size))
+        elif length is not None:
+            body = BODY_LENGTH       # RFC 9112 §6.3 rule 6: the application's Content-Length
+        elif final_size is not None and not (trailers and http_version == "1.1"):
+            # The whole body is at hand: say its length (RFC 9112 §6.2).
+            # Trailers need chunked coding (RFC 9112 §7.1.2) -- in HTTP/1.1.
+            body = BODY_LENGTH
+            length = final_size
+            fields.append((b"content-length", b"%d" % final_size))
+        elif http_version == "1.1":
+            body = BODY_CHUNKED      # RFC 9112 §6.1, §7.1
+            fields.append((b"transfer-encoding", b"chunked"))
+        else:
+            # RFC 9112 §6.1: no chunked coding for an HTTP/1.0 recipient;
+            # §6.3 rule 8: the close delimits the body.
+            body = BODY_CLOSE
+            keep_alive = False
+        # RFC 9112 §9.3: HTTP/1.1 persists unless Connection: close is sent;
+        # §9.3 and RFC 9112 Appendix C.2.2: HTTP/1.0 persists only when
+        # Connection: keep-alive is sent.
+        if http_version == "1.1":
+            if not keep_alive:
+                fields.append((b"connection", b"close"))
+            elif announce_keep_alive:
+                fields.append((b"connection", b"keep-alive"))
+        else:
+            fields.append((b"connection", b"keep-alive" if keep_alive else b"close"))
+    head = b"".join([status_line(status)]
+                    + [name + b": " + value + b"\r\n" for name, value in fields]
+                    + [b"\r\n"])
+    return Framing(head, fields, body, length, keep_alive)
+
+
 def error_response(status, message, extra_headers=(), stamp=_STAMP):
     """A server-generated response: short text/plain body, Connection: close."""
     body = message.encode("utf-8") + b"\n"
-    head = [status_line(status),
-            b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n",
-            stamp.lines()]
-    for name, value in extra_headers:
-        head.append(name + b": " + value + b"\r\n")
-    head.append(b"\r\n")
-    return b"".join(head) + body
+    headers = [(b"content-type", b"text/plain; charset=utf-8")]
+    headers += extra_headers
+    return frame_response(status, headers, final_size=len(body), keep_alive=False,
+                          stamp=stamp).head + body
 
 
 # -- what proxies in front say (RFC 7239 Forwarded; X-Forwarded-For/-Proto) ----
@@ -3145,53 +3249,36 @@ class Exchange:
         self.headers = headers
         self.trailers = bool(event.get("trailers"))
         # RFC 9110 §9.3.2, §15.3.5, §15.4.5, RFC 9112 §6.3: no body for HEAD,
-        # 204 and 304.
+        # 204 and 304 (frame_response drops a 204's Content-Length).
         self.no_body = self.head.method == "HEAD" or status in (204, 304)
-        if status == 204:
-            self.length = None
-            headers[:] = [(n, v) for n, v in headers if n != b"content-length"]
         self.state._started = True
         self.head_pending = True
         return _NO_WAIT
 
     def _build_head(self, final_size):
-        """The response head, once the framing is known.  ``final_size`` is
-        the body size when the first body event is also the last."""
+        """The response head, once the framing is known (frame_response,
+        section 4).  ``final_size`` is the body size when the first body
+        event is also the last."""
         head = self.head
         conn = self.conn
-        keep_alive = (self.keep_alive and not self.app_close and not conn.peer_eof
-                      and not conn.server.shutting_down)
+        keep_alive = self.keep_alive and not conn.peer_eof and not conn.server.shutting_down
         # An unread body we never asked for (no 100 sent): do not wait for it.
         if head.expect_continue and not self.continue_sent and not self.body_complete:
             keep_alive = False
-        headers = self.headers       # the application's, then the server's own
-        conn.server.stamp.add_to(headers, self.has_server, self.has_date)
-        if self.length is not None:
-            pass                     # the application's Content-Length frames it
-        elif self.no_body:
-            if head.method == "HEAD" and final_size:
-                headers.append((b"content-length", b"%d" % final_size))
-        elif final_size is not None and not (self.trailers and head.http_version == "1.1"):
-            headers.append((b"content-length", b"%d" % final_size))
-            self.length = final_size
-        elif head.http_version == "1.1":
-            headers.append((b"transfer-encoding", b"chunked"))
+        framing = frame_response(self.status, self.headers, head.method, head.http_version,
+                                 self.length, self.app_close, keep_alive, self.trailers,
+                                 final_size, self.ANNOUNCE_KEEP_ALIVE, conn.server.stamp,
+                                 self.has_server, self.has_date)
+        body = framing.body
+        if body is BODY_CHUNKED:
             self.chunked = True
-        else:
-            keep_alive = False       # HTTP/1.0 without a length: the close delimits
-        if head.http_version == "1.1":
-            if not keep_alive:
-                headers.append((b"connection", b"close"))
-            elif self.ANNOUNCE_KEEP_ALIVE:
-                headers.append((b"connection", b"keep-alive"))
-        else:
-            headers.append((b"connection", b"keep-alive" if keep_alive else b"close"))
-        self.keep_alive = keep_alive
+        elif body is BODY_LENGTH:
+            self.length = framing.length
+        self.headers = framing.fields       # what went out, for the access log
+        self.keep_alive = framing.keep_alive
         self.head_pending = False
         self.head_sent = True
-        return b"".join([status_line(self.status)]
-                        + [name + b": " + value + b"\r\n" for name, value in headers]
-                        + [b"\r\n"])
+        return framing.head
 
     def _send_body(self, event):
         if not self.state._started:
@@ -4453,7 +4540,8 @@ class WebSocketConnection(Connection):
         self.peer_eof = False
         self.parser = FrameParser(self.config.ws_max_message_size)
         self.parser.feed(leftover)
-        self.denial = None            # [status, headers, head_sent, chunked] of a denial
+        self.denial = None            # a denial's headers, once its start was sent
+        self.denial_framing = None    # the denial's Framing, once its head went out
         self.failure = None           # (code, message) of a bad frame, not yet acted on
         self.deflate = None           # the PerMessageDeflate agreed, if any
         self.last_compressed = None   # when the last compressed message went out
@@ -4598,25 +4686,25 @@ class WebSocketConnection(Connection):
                 key = value.strip()
         accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
         self.status = 101
-        lines = [b"HTTP/1.1 101 Switching Protocols\r\n", b"upgrade: websocket\r\n",
-                 b"connection: Upgrade\r\n", b"sec-websocket-accept: " + accept + b"\r\n"]
+        # RFC 6455 §4.2.2 step 5: Upgrade, Connection (frame_response adds
+        # it to a 101) and Sec-WebSocket-Accept, then what was negotiated.
+        fields = [(b"upgrade", b"websocket"), (b"sec-websocket-accept", accept)]
         subprotocol = event.get("subprotocol")
         if subprotocol is not None:
             if subprotocol not in self.subprotocols:
                 raise EventError("websocket.accept: 'subprotocol' %r was not offered by the "
                                  "client (%r)" % (subprotocol, self.subprotocols))
-            lines.append(b"sec-websocket-protocol: " + subprotocol.encode("latin-1") + b"\r\n")
+            fields.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
         if self.deflate is not None:
-            lines.append(b"sec-websocket-extensions: " + self.deflate.response + b"\r\n")
+            fields.append((b"sec-websocket-extensions", self.deflate.response))
         headers = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()]
         for name, _value in headers:
             if name.lower() == b"sec-websocket-extensions":
                 # Only the server can speak an extension's framing.
                 raise EventError("websocket.accept: 'headers' may not set "
                                  "sec-websocket-extensions: the server negotiates extensions")
-        lines += [name + b": " + value + b"\r\n" for name, value in headers]
-        lines.append(self.server.stamp.lines(headers))
-        self.transport.write(b"".join(lines) + b"\r\n")
+        self.transport.write(frame_response(101, fields + headers,
+                                            stamp=self.server.stamp).head)
         self.state = _OPEN
         self._resume_reading()
         self.loop.call_soon(self._advance)   # frames that came early
@@ -4708,8 +4796,11 @@ class WebSocketConnection(Connection):
         if self.denial is not None:
             raise EventError("websocket.http.response.start: already sent")
         self.status = event["status"]
-        self.denial = [event["status"], [(bytes(n), bytes(v)) for n, v in
-                                         event.get("headers") or ()], False, False]
+        # The server frames the denial and closes after it: the
+        # application's framing fields are dropped (PAGI HTTP).
+        self.denial = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()
+                       if bytes(n) not in (b"content-length", b"transfer-encoding",
+                                           b"connection")]
         return _NO_WAIT
 
     def _websocket_http_response_body(self, event):
@@ -4718,27 +4809,20 @@ class WebSocketConnection(Connection):
         if self.denial is None:
             raise EventError("websocket.http.response.body: send "
                              "websocket.http.response.start first")
-        status, headers, head_sent, chunked = self.denial
         body = bytes(event.get("body") or b"")
         more = bool(event.get("more"))
-        out = []
-        if not head_sent:
-            lines = [status_line(status)]
-            lines += [n + b": " + v + b"\r\n" for n, v in headers
-                      if n not in (b"content-length", b"transfer-encoding", b"connection")]
-            if more:
-                lines.append(b"transfer-encoding: chunked\r\n")
-                chunked = True
-            else:
-                lines.append(b"content-length: %d\r\n" % len(body))
-            lines.append(b"connection: close\r\n" + self.server.stamp.lines(headers) + b"\r\n")
-            out.append(b"".join(lines))
-            self.denial[2:] = [True, chunked]
-        if chunked:
-            out.append((chunk(body) if body else b"") + (b"" if more else LAST_CHUNK))
-        else:
-            out.append(body)
-        self.transport.write(b"".join(out))
+        out = b""
+        framing = self.denial_framing
+        if framing is None:
+            framing = self.denial_framing = frame_response(
+                self.status, self.denial, final_size=None if more else len(body),
+                keep_alive=False, stamp=self.server.stamp)
+            out = framing.head
+        if framing.body is BODY_CHUNKED:
+            out += (chunk(body) if body else b"") + (b"" if more else LAST_CHUNK)
+        elif framing.body is BODY_LENGTH:
+            out += body
+        self.transport.write(out)
         if not more:
             # The WebSocket never opened: no websocket.disconnect is owed,
             # but a receive() still gets one rather than waiting forever.
@@ -4887,7 +4971,7 @@ class WebSocketConnection(Connection):
                 # nothing is on the wire yet, else a visible truncation.
                 self.log.error("websocket application returned before finishing its "
                                "denial response: %s", self.head.target.decode("latin-1"))
-                if self.denial[2]:
+                if self.denial_framing is not None:     # its head went out
                     self.abort("server_error")
                 else:
                     self._refuse(500, "Internal Server Error")

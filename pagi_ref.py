@@ -1218,7 +1218,7 @@ class RequestHead:
 
     __slots__ = ("method", "target", "http_version", "path", "query_string",
                  "authority", "headers", "keep_alive", "expect_continue",
-                 "content_length", "chunked", "upgrade", "event_stream")
+                 "content_length", "chunked", "upgrade", "accept")
 
     def __init__(self, method, target, http_version, headers):
         self.method = method                # str, e.g. "GET"
@@ -1233,7 +1233,7 @@ class RequestHead:
         self.content_length = 0             # bytes of body (when not chunked)
         self.chunked = False                # body framed by chunked coding
         self.upgrade = None                 # b"websocket" for an Upgrade request
-        self.event_stream = False           # Accept: text/event-stream (an sse scope)
+        self.accept = None                  # bytes: the Accept field(s), joined by ", "
 
     def __repr__(self):
         return "<RequestHead %s %r HTTP/%s>" % (self.method, self.target, self.http_version)
@@ -1578,10 +1578,10 @@ class RequestParser:
             elif name == b"upgrade":
                 upgrade = value
             elif name == b"accept":
-                # PAGI SSE "Connection Detection": Accept includes the media
-                # type text/event-stream, whatever the method and path.
-                if b"text/event-stream" in value.lower():
-                    request.event_stream = True
+                # Kept for the server, which chooses the scope type by it
+                # (section 8).  RFC 9110 §5.3: several lines are one list.
+                request.accept = value if request.accept is None else (
+                    request.accept + b", " + value)
         # RFC 9112 §3.2: a server MUST respond 400 to an HTTP/1.1 request
         # that lacks a Host field or has more than one.
         if request.http_version == "1.1" and host_count != 1:
@@ -3829,7 +3829,9 @@ class HTTPConnection(Connection):
                 self._hand_over(upgrade, head)
                 return
         self.requests += 1
-        kind = self.server.event_stream_exchange if head.event_stream else Exchange
+        # The scope type: a request with Accept is the server's to sort out
+        # (an event stream is section 8's, Server.exchange_kind).
+        kind = Exchange if head.accept is None else self.server.exchange_kind(head)
         exchange = self.exchange = kind(self, head)
         if not head.chunked and not head.content_length:
             self.parser.next_event()      # the EndOfMessage of a body-less request
@@ -5061,6 +5063,16 @@ def sse_dispatch(data, event=None, id=None, retry=None):
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
+def exchange_kind(head):
+    """PAGI SSE "Connection Detection": a request whose Accept includes the
+    media type text/event-stream, whatever the method and path, gets an
+    ``sse`` scope (SSEExchange); any other, an ``http`` scope (Exchange)."""
+    accept = head.accept
+    if accept is not None and b"text/event-stream" in accept.lower():
+        return SSEExchange
+    return Exchange
+
+
 class SSEExchange(Exchange):
     """One event-stream request: an Exchange whose events are sse.*."""
 
@@ -5813,8 +5825,9 @@ class Server:
         self.lifespan = None          # the Lifespan scope, once started
         # Upgrade tokens (RFC 9110 §7.8) and who takes such a connection over.
         self.upgrades = {b"websocket": WebSocketConnection}
-        # What serves a request that asks for an event stream (an sse scope).
-        self.event_stream_exchange = SSEExchange
+        # Which Exchange serves a request with an Accept field: an event
+        # stream is an sse scope (section 8).
+        self.exchange_kind = exchange_kind
         self._started = False         # startup() has run
         # TLS (section 5): one context wraps every accepted socket (ConfigError
         # from here names the ssl_* field that cannot be used).

@@ -1823,26 +1823,22 @@ BODY_CHUNKED = "chunked"          # chunked coding, ended by the last chunk
 BODY_CLOSE = "close-delimited"    # the body ends when the connection closes
 
 
-class Framing:
+class Framing(collections.namedtuple("Framing", "head fields body length keep_alive")):
     """What frame_response decided: ``head`` (the bytes of the head),
     ``fields`` (every (name, value) in it after the status line),
     ``body`` (BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE; None for an
     interim 1xx head, which frames no body -- the final response, or for a
     101 another protocol, follows), ``length`` (the Content-Length the head
     carries, or None) and ``keep_alive`` (the connection carries another
-    response after this one; for a 1xx, that the connection stays open)."""
+    response after this one; for a 1xx, that the connection stays open).
 
-    __slots__ = ("head", "fields", "body", "length", "keep_alive")
+    Discussion: a named tuple, made with tuple.__new__ (no Python
+    __init__), because one is made for every response."""
 
-    def __init__(self, head, fields, body, length, keep_alive):
-        self.head = head
-        self.fields = fields
-        self.body = body
-        self.length = length
-        self.keep_alive = keep_alive
+    __slots__ = ()
 
-    def __repr__(self):
-        return "<Framing %s length=%r keep_alive=%s>" % (self.body, self.length, self.keep_alive)
+
+_new_framing = tuple.__new__
 
 
 def frame_response(status, headers, method="GET", http_version="1.1", length=None,
@@ -1925,7 +1921,7 @@ def frame_response(status, headers, method="GET", http_version="1.1", length=Non
     head = b"".join([status_line(status)]
                     + [name + b": " + value + b"\r\n" for name, value in fields]
                     + [b"\r\n"])
-    return Framing(head, fields, body, length, keep_alive)
+    return _new_framing(Framing, (head, fields, body, length, keep_alive))
 
 
 def error_response(status, message, extra_headers=(), stamp=_STAMP):
@@ -3265,20 +3261,18 @@ class Exchange:
         # An unread body we never asked for (no 100 sent): do not wait for it.
         if head.expect_continue and not self.continue_sent and not self.body_complete:
             keep_alive = False
-        framing = frame_response(self.status, self.headers, head.method, head.http_version,
-                                 self.length, self.app_close, keep_alive, self.trailers,
-                                 final_size, self.ANNOUNCE_KEEP_ALIVE, conn.server.stamp,
-                                 self.has_server, self.has_date)
-        body = framing.body
+        out, self.headers, body, length, self.keep_alive = frame_response(
+            self.status, self.headers, head.method, head.http_version, self.length,
+            self.app_close, keep_alive, self.trailers, final_size, self.ANNOUNCE_KEEP_ALIVE,
+            conn.server.stamp, self.has_server, self.has_date)
+        # self.headers is now what went out (for the access log).
         if body is BODY_CHUNKED:
             self.chunked = True
         elif body is BODY_LENGTH:
-            self.length = framing.length
-        self.headers = framing.fields       # what went out, for the access log
-        self.keep_alive = framing.keep_alive
+            self.length = length
         self.head_pending = False
         self.head_sent = True
-        return framing.head
+        return out
 
     def _send_body(self, event):
         if not self.state._started:

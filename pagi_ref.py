@@ -1154,17 +1154,17 @@ def to_thread(function, *args):
 class HTTPError(Exception):
     """Input the server answers with an error status (and then closes).
 
-    ``status`` is the status to answer with; ``reason`` the disconnect
-    reason reported on pagi.connection when a request was in progress.
+    ``status`` is the status to answer with; what that means for the
+    application (a PAGI disconnect reason) is the connection's to say
+    (section 6).
     """
 
     head = None     # the RequestHead, when the error came after its request line
 
-    def __init__(self, status, message, reason="protocol_error"):
+    def __init__(self, status, message):
         Exception.__init__(self, message)
         self.status = status
         self.message = message
-        self.reason = reason
 
 
 # RFC 9110 §5.6.2: token = 1*tchar; tchar = "!" / "#" / "$" / "%" / "&" / "'"
@@ -1554,7 +1554,7 @@ class RequestParser:
                     raise HTTPError(400, "invalid or repeated Content-Length")
                 digits = value.lstrip(b"0")
                 if len(digits) > _MAX_LENGTH_DIGITS:
-                    raise HTTPError(413, "request body too large", "body_too_large")
+                    raise HTTPError(413, "request body too large")
                 content_length = int(digits or b"0")
             elif name == b"transfer-encoding":
                 transfer_encoding = value if transfer_encoding is None \
@@ -1597,7 +1597,7 @@ class RequestParser:
             self._transfer_codings(request, content_length, transfer_encoding)
         elif content_length:
             if self.max_body_size and content_length > self.max_body_size:
-                raise HTTPError(413, "request body too large", "body_too_large")
+                raise HTTPError(413, "request body too large")
             request.content_length = content_length
             self._state = _BODY
             self._remaining = content_length
@@ -1676,14 +1676,14 @@ class RequestParser:
                     raise HTTPError(400, "malformed chunk size line")
                 digits = match.group(1).lstrip(b"0")
                 if len(digits) > _MAX_CHUNK_DIGITS:
-                    raise HTTPError(413, "request body too large", "body_too_large")
+                    raise HTTPError(413, "request body too large")
                 size = int(digits or b"0", 16)
                 if size == 0:
                     self._state = _TRAILERS
                     continue
                 self._body_seen += size
                 if self.max_body_size and self._body_seen > self.max_body_size:
-                    raise HTTPError(413, "request body too large", "body_too_large")
+                    raise HTTPError(413, "request body too large")
                 self._remaining = size
                 self._state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
@@ -3627,6 +3627,14 @@ def apply_proxy_headers(scope, peer, trusted):
             scope["scheme"] = "https" if secure else "http"
 
 
+# PAGI HTTP "Disconnect Reasons": what a request body's HTTPError (section
+# 4) is called on pagi.connection; any other status is a protocol_error.
+_HTTP_ERROR_REASONS = {
+    413: "body_too_large",     # past max_body_size, declared or as it came
+    408: "client_timeout",     # the body arrives too slowly (body_min_rate)
+}
+
+
 class HTTPConnection(Connection):
     """One client socket: parser in, transport out, one exchange at a time."""
 
@@ -3898,8 +3906,7 @@ class HTTPConnection(Connection):
                 self.body_waited(now), self.bytes_in - self.body_base,
                 config.body_grace, config.body_min_rate):
             self._body_error(exchange, HTTPError(
-                408, "Request Timeout: the request body arrives too slowly",
-                "client_timeout"))
+                408, "Request Timeout: the request body arrives too slowly"))
 
     def evict(self):
         """Admission control (section 10) needs this idle connection's slot:
@@ -3941,11 +3948,12 @@ class HTTPConnection(Connection):
 
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""
+        reason = _HTTP_ERROR_REASONS.get(err.status, "protocol_error")
         if exchange.head_sent or exchange.response_done:
-            self.abort(err.reason)
+            self.abort(reason)
         else:
             exchange.state._started = True
-            self.respond_error(err.status, err.message, err.reason)
+            self.respond_error(err.status, err.message, reason)
 
     # -- the end of an exchange ----------------------------------------------------
 

@@ -2828,14 +2828,6 @@ def _check_seconds(etype, field, value):
             etype, field, "a non-negative number of seconds", value)
 
 
-def _check_close_code(etype, field, value):
-    _expect(isinstance(value, int) and not isinstance(value, bool), etype, field, "int", value)
-    if not (value == 1000 or 1001 <= value <= 1003 or 1007 <= value <= 1014
-            or 3000 <= value <= 4999):
-        raise EventError("%s: %r %d may not be sent in a close frame (RFC 6455 §7.4)"
-                         % (etype, field, value))
-
-
 def _check_path(etype, field, value):
     _expect(isinstance(value, (str, bytes, os.PathLike)), etype, field, "str or path", value)
 
@@ -2848,8 +2840,7 @@ def _check_file(etype, field, value):
 # The kinds a schema names, and the function that checks each.
 _FIELD_CHECKS = {"bytes": _check_bytes, "flag": _check_flag, "status": _check_status,
                  "count": _check_count, "path": _check_path, "text": _check_text,
-                 "file": _check_file, "headers": _check_headers, "seconds": _check_seconds,
-                 "close_code": _check_close_code}
+                 "file": _check_file, "headers": _check_headers, "seconds": _check_seconds}
 
 
 # ASGI habits, named.  ASGI events look like PAGI's but differ in a few
@@ -2885,13 +2876,16 @@ def _asgi_key_check(message):
     return check
 
 
-def compile_schema(table):
+def compile_schema(table, kinds=None):
     """{type: {field: (kind, required)}} -> {type: ((field, check, required), ...)}
 
-    A type that ASGI spells with another key (ASGI_KEYS) refuses that key."""
+    ``kinds`` adds a protocol's own kinds of field ({kind: check}) to the
+    common ones.  A type that ASGI spells with another key (ASGI_KEYS)
+    refuses that key."""
+    known = _FIELD_CHECKS if kinds is None else dict(_FIELD_CHECKS, **kinds)
     compiled = {}
     for etype, fields in table.items():
-        checks = [(field, _FIELD_CHECKS[kind], required) for field, (kind, required) in fields.items()]
+        checks = [(field, known[kind], required) for field, (kind, required) in fields.items()]
         checks += [(key, _asgi_key_check(message), False)
                    for key, (message, types) in ASGI_KEYS.items() if etype in types]
         compiled[etype] = tuple(checks)
@@ -4490,7 +4484,17 @@ WEBSOCKET_SEND_EVENTS = {
                                       "headers": ("headers", False)},
     "websocket.http.response.body": {"body": ("bytes", False), "more": ("flag", False)},
 }
-_WEBSOCKET_SEND_SCHEMA = compile_schema(WEBSOCKET_SEND_EVENTS)
+
+
+def _check_close_code(etype, field, value):
+    """The code of websocket.close: one a close frame may carry."""
+    _expect(isinstance(value, int) and not isinstance(value, bool), etype, field, "int", value)
+    if not valid_close_code(value):
+        raise EventError("%s: %r %d may not be sent in a close frame (RFC 6455 §7.4)"
+                         % (etype, field, value))
+
+
+_WEBSOCKET_SEND_SCHEMA = compile_schema(WEBSOCKET_SEND_EVENTS, {"close_code": _check_close_code})
 
 
 def _websocket_handshake_error(head):

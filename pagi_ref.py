@@ -1734,16 +1734,18 @@ _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 # RFC 9110 §15 names, whatever this Python's http module calls them.
 _REASONS.update({413: b"Content Too Large", 414: b"URI Too Long",
                  416: b"Range Not Satisfiable", 422: b"Unprocessable Content"})
-_STATUS_LINES = {}   # (status, version) -> b"HTTP/1.1 200 OK\r\n"
+_STATUS_LINES = {}   # status -> b"HTTP/1.1 200 OK\r\n"
 
 
-def status_line(status, version=b"1.1"):
-    key = (status, version)
-    line = _STATUS_LINES.get(key)
+def status_line(status):
+    """RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ].
+    RFC 9110 §2.5: the server says the highest version it conforms to,
+    HTTP/1.1, whatever the request's."""
+    line = _STATUS_LINES.get(status)
     if line is None:
-        line = b"HTTP/%s %d %s\r\n" % (version, status, _REASONS.get(status, b""))
+        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
         if len(_STATUS_LINES) < 1024:
-            _STATUS_LINES[key] = line
+            _STATUS_LINES[status] = line
     return line
 
 
@@ -1821,6 +1823,8 @@ BODY_NONE = "none"                # no body follows the head (HEAD, 204, 304)
 BODY_LENGTH = "content-length"    # exactly Framing.length bytes follow
 BODY_CHUNKED = "chunked"          # chunked coding, ended by the last chunk
 BODY_CLOSE = "close-delimited"    # the body ends when the connection closes
+_BODILESS = frozenset((204, 304))   # statuses whose response never has a body
+_FIELD_LINE = b"%s: %s\r\n".__mod__   # (name, value) -> a field line (RFC 9112 §5)
 
 
 class Framing(collections.namedtuple("Framing", "head fields body length keep_alive")):
@@ -1843,7 +1847,7 @@ _new_framing = tuple.__new__
 
 def frame_response(status, headers, method="GET", http_version="1.1", length=None,
                    app_close=False, keep_alive=True, trailers=False, final_size=None,
-                   announce_keep_alive=False, stamp=None, has_server=None, has_date=None):
+                   announce_keep_alive=False, stamp=_STAMP, has_server=None, has_date=False):
     """Frame one response head.
 
     ``headers`` are the application's (name, value) pairs, lower-case names,
@@ -1856,12 +1860,11 @@ def frame_response(status, headers, method="GET", http_version="1.1", length=Non
     (the first body event is also the last), else None.
     ``announce_keep_alive``: say Connection: keep-alive in HTTP/1.1 too.
     ``stamp``: the ResponseStamp (server and date fields); ``has_server``
-    and ``has_date`` say whether ``headers`` holds them (None: look).
+    and ``has_date`` say whether ``headers`` holds them (``has_server``
+    None: look for both).
     ``headers`` is not changed."""
     fields = list(headers)
-    if stamp is None:
-        stamp = _STAMP
-    if has_server is None or has_date is None:
+    if has_server is None:
         names = {name.lower() for name, _value in fields}
         has_server, has_date = b"server" in names, b"date" in names
     stamp.add_to(fields, has_server, has_date)
@@ -1878,7 +1881,7 @@ def frame_response(status, headers, method="GET", http_version="1.1", length=Non
         length = None
     else:
         keep_alive = keep_alive and not app_close
-        if method == "HEAD" or status == 204 or status == 304:
+        if status in _BODILESS or method == "HEAD":
             # RFC 9110 §6.4.1, RFC 9112 §6.3 rule 1: a response to HEAD and a
             # 204 or 304 end at the head, whatever their fields say.
             body = BODY_NONE
@@ -1918,9 +1921,8 @@ def frame_response(status, headers, method="GET", http_version="1.1", length=Non
                 fields.append((b"connection", b"keep-alive"))
         else:
             fields.append((b"connection", b"keep-alive" if keep_alive else b"close"))
-    head = b"".join([status_line(status)]
-                    + [name + b": " + value + b"\r\n" for name, value in fields]
-                    + [b"\r\n"])
+    head = b"".join([_STATUS_LINES.get(status) or status_line(status),
+                     *map(_FIELD_LINE, fields), b"\r\n"])
     return _new_framing(Framing, (head, fields, body, length, keep_alive))
 
 

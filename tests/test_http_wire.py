@@ -282,6 +282,22 @@ def test_body_is_handed_out_piece_by_piece():
     assert isinstance(parser.next_event(), EndOfMessage)
 
 
+def test_accept_is_kept_for_the_server_and_the_parser_knows_no_scope_type():
+    """RFC 9110 §5.3: several Accept lines are one list.  Which scope type
+    the request gets (sse for text/event-stream) is section 8's choice."""
+    parser = RequestParser(Config())
+    parser.feed(b"GET / HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n"
+                b"Accept: TEXT/event-stream\r\n\r\n")
+    head = parser.next_event()
+    assert head.accept == b"text/html, TEXT/event-stream"
+    assert not hasattr(head, "event_stream")
+    assert pagi_ref.exchange_kind(head) is pagi_ref.SSEExchange
+    parser = RequestParser(Config())
+    parser.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = parser.next_event()
+    assert head.accept is None and pagi_ref.exchange_kind(head) is pagi_ref.Exchange
+
+
 def test_serializer_pieces():
     assert pagi_ref.status_line(200) == b"HTTP/1.1 200 OK\r\n"
     assert pagi_ref.status_line(599) == b"HTTP/1.1 599 \r\n"

@@ -4808,9 +4808,9 @@ class WebSocketConnection(Connection):
         self.status = event["status"]
         # The server frames the denial and closes after it: the
         # application's framing fields are dropped (PAGI HTTP).
-        self.denial = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()
-                       if bytes(n) not in (b"content-length", b"transfer-encoding",
-                                           b"connection")]
+        headers = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()]
+        self.denial = [(n, v) for n, v in headers
+                       if n not in (b"content-length", b"transfer-encoding", b"connection")]
         return _NO_WAIT
 
     def _websocket_http_response_body(self, event):

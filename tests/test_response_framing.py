@@ -1,6 +1,6 @@
 """Section 4, response framing: frame_response, one pure function for every
 head the server writes, tested as a table of inputs -> exact head bytes and
-framing decision.
+framing decision (body mode, Content-Length, keep-alive).
 
 RFC 9112 §6.1-§6.3 (message body length), §7.1 (chunked), §9.3
 (persistence); RFC 9110 §6.4.1 and §15.2 (1xx), §7.8 (101 and Upgrade),
@@ -32,7 +32,7 @@ CL5 = [(b"content-type", b"text/plain"), (b"content-length", b"5")]
 CL5_LINES = CT_LINE + b"content-length: 5\r\n"
 
 # (id, status, headers, keyword arguments,
-#  head after the status line, body mode, Framing.length, keep_alive)
+#  head after the status line, body mode, Content-Length, keep_alive)
 TABLE = [
     # known size, HTTP/1.1: Content-Length, persistent, no Connection field
     ("1.1 known size", 200, CT, dict(final_size=5),
@@ -116,22 +116,22 @@ TABLE = [
 def test_frame_response_table(case):
     _id, status, headers, kwargs, lines, mode, length, keep_alive = case
     given = list(headers)
-    framing = frame_response(status, headers, stamp=STAMP, **kwargs)
-    assert framing.head == pagi_ref.status_line(status) + lines + b"\r\n"
-    assert (framing.body, framing.length, framing.keep_alive) == (mode, length, keep_alive)
+    head, fields, body, content_length, persists = frame_response(
+        status, headers, stamp=STAMP, **kwargs)
+    assert head == pagi_ref.status_line(status) + lines + b"\r\n"
+    assert (body, content_length, persists) == (mode, length, keep_alive)
     assert headers == given, "frame_response changed the caller's list"
-    fields = b"".join(n + b": " + v + b"\r\n" for n, v in framing.fields)
-    assert fields == lines
+    assert b"".join(n + b": " + v + b"\r\n" for n, v in fields) == lines
 
 
 def test_stamp_off_and_told_what_the_headers_hold():
     off = pagi_ref.ResponseStamp(server=False, date=False)
-    assert frame_response(200, [], final_size=0, stamp=off).head == (
+    assert frame_response(200, [], final_size=0, stamp=off)[0] == (
         b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
     # has_server/has_date given: the headers are not searched again
-    framing = frame_response(200, [], final_size=0, stamp=STAMP, has_server=True,
-                             has_date=False)
-    assert framing.head == b"HTTP/1.1 200 OK\r\ndate: " + DATE + b"\r\ncontent-length: 0\r\n\r\n"
+    head = frame_response(200, [], final_size=0, stamp=STAMP, has_server=True,
+                          has_date=False)[0]
+    assert head == b"HTTP/1.1 200 OK\r\ndate: " + DATE + b"\r\ncontent-length: 0\r\n\r\n"
 
 
 def test_error_response_is_framed_by_frame_response():

@@ -211,7 +211,7 @@ def test_cookie_crumbs_are_joined():
 
 def test_event_stream_accept_is_noted():
     events, _, _ = three_ways(req(extra=[(b"accept", b"text/event-stream")]))
-    assert events[0].head.event_stream
+    assert events[0].head.accept == b"text/event-stream"
 
 
 def test_request_with_body_and_end_stream():

@@ -788,14 +788,10 @@ def test_preface_byte_by_byte_is_http2():
 
 # -- TLS (ALPN h2) and interop -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl (the command) makes the test certificates")
-    from test_tls import certs as make
-    return make.__wrapped__(tmp_path_factory)
+from test_tls import certs     # noqa: E402,F401 -- the module's certificates, a fixture
 
 
+@needs_openssl
 def test_h2_over_tls_by_alpn(certs):
     config = dict(ssl_certfile=certs["server.pem"], ssl_keyfile=certs["server.key"], **H2)
     with serve(scope_app, **config) as srv:
@@ -809,6 +805,7 @@ def test_h2_over_tls_by_alpn(certs):
     assert info["http_version"] == "2" and info["scheme"] == "https"
 
 
+@needs_openssl
 def test_tls_without_http2_offers_only_http11(certs):
     config = dict(ssl_certfile=certs["server.pem"], ssl_keyfile=certs["server.key"])
     with serve(scope_app, http2=False, **config) as srv:
@@ -840,6 +837,7 @@ def test_curl_prior_knowledge():
     assert head.stdout.startswith(b"HTTP/2 200")
 
 
+@needs_openssl
 @needs_curl
 def test_curl_http2_over_tls(certs):
     config = dict(ssl_certfile=certs["server.pem"], ssl_keyfile=certs["server.key"], **H2)

@@ -460,6 +460,33 @@ def test_send_suspends_on_the_stream_window_and_resumes_on_window_update():
             client.close()
 
 
+def test_stream_transport_fires_its_own_high_water_and_drain():
+    """Each stream's pagi.transport has its own edges: the stream whose
+    window is shut crosses high, and drains once the window opens."""
+    marks = queue.Queue()
+
+    def app(scope, receive, send):
+        transport = scope["pagi.transport"]
+        transport.on_high_water(lambda: marks.put(("high", scope["path"])))
+        transport.on_drain(lambda: marks.put(("drain", scope["path"])))
+        yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200})
+        yield send({"type": "http.response.body", "body": b"h" * 100000})
+        marks.put(("done", scope["path"]))
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port, settings_pairs=[(4, 1000)], auto_window=False)
+        try:
+            sid = client.request(path="/shut")
+            assert marks.get(timeout=10) == ("high", "/shut")
+            client.send(window_update(sid, 200000) + window_update(0, 200000))
+            assert marks.get(timeout=10) == ("drain", "/shut")
+            assert marks.get(timeout=10) == ("done", "/shut")
+            assert len(client.response(sid).body) == 100000
+        finally:
+            client.close()
+
+
 def test_large_windows_never_push_past_the_outgoing_buffer():
     """A client with windows of 2^31-1: two streams of several MB, each sent in
     one event, go into the connection's buffer a piece at a time up to the

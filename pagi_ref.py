@@ -2986,7 +2986,7 @@ _H2_OPEN, _H2_HALF_CLOSED_REMOTE, _H2_HALF_CLOSED_LOCAL, _H2_CLOSED = \
 
 class _H2StreamState:
     __slots__ = ("stream_id", "state", "send_window", "recv_window", "unacked",
-                 "headers_done", "content_length", "received")
+                 "content_length", "received")
 
     def __init__(self, stream_id, send_window, recv_window):
         self.stream_id = stream_id
@@ -2994,7 +2994,6 @@ class _H2StreamState:
         self.send_window = send_window     # bytes we may still send (client's window)
         self.recv_window = recv_window     # bytes the client may still send us
         self.unacked = 0                   # bytes consumed but not yet granted back
-        self.headers_done = False          # the request head arrived
         self.content_length = None         # declared content-length (§8.1.1)
         self.received = 0                  # body bytes received
 
@@ -3052,7 +3051,6 @@ class H2Protocol:
         self.ended = False                 # a connection error happened: read no more
         self.flood_budget = _H2_FLOOD_BUDGET
         self.reset_budget = 2 * max_concurrent_streams   # rapid reset (CVE-2023-44487)
-        self.streams_opened = 0
 
     def __repr__(self):
         return "<H2Protocol streams=%d highest=%d%s>" % (
@@ -3179,10 +3177,6 @@ class H2Protocol:
         closed[stream_id] = reset_by_us
         if len(closed) > _H2_CLOSED_MEMORY:
             closed.popitem(last=False)
-
-    @property
-    def open_streams(self):
-        return len(self.streams)
 
     # -- input -------------------------------------------------------------------
 
@@ -3413,7 +3407,6 @@ class H2Protocol:
         if self.goaway_sent:
             return               # §6.8: streams after our GOAWAY are ignored
         self.highest_stream_id = stream_id
-        self.streams_opened += 1
         self.flood_budget = min(_H2_FLOOD_BUDGET, self.flood_budget + _H2_FLOOD_REFILL)
         if priority_error:
             self._remember_closed(stream_id, True)
@@ -3426,7 +3419,6 @@ class H2Protocol:
             return
         stream = self.streams[stream_id] = _H2StreamState(
             stream_id, self.peer_initial_window, self.local_window)
-        stream.headers_done = True
         if end_stream:
             self._transition(stream, "recv END_STREAM")
         if too_large:

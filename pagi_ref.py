@@ -6315,7 +6315,7 @@ class H2Connection(Connection):
         exchange = h2stream.exchange = kind(h2stream, head)
         if event.end_stream:
             exchange.body_complete = True
-        start_application(self.app, exchange, self.log)
+        start_stream_application(self.app, exchange, self.log)
 
     def _on_too_large(self, event):
         h2stream = self.streams[event.stream_id] = H2Stream(self, event.stream_id)
@@ -6540,7 +6540,7 @@ _H2_EVENT_HANDLERS = {
 }
 
 
-def start_application(app, exchange, log):
+def start_stream_application(app, exchange, log):
     """Call the application for an exchange and drive it as a Task; a call
     that raises, or returns neither a generator nor a coroutine, is a 500."""
     head = exchange.head

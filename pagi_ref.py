@@ -6562,16 +6562,19 @@ def start_stream_application(app, exchange, log):
     Task(coro, exchange.conn.loop, on_exit=exchange.app_exited)
 
 
-class ProtocolChoice(Connection):
+class ProtocolChoice:
     """A new connection before it is known to speak HTTP/1.1 or HTTP/2.
 
     On TLS, the handshake's ALPN result decides (RFC 7301, RFC 9113 §3.2);
     on cleartext, the first bytes, read without taking them (MSG_PEEK):
     the client preface is HTTP/2 with prior knowledge (RFC 9113 §3.3),
     anything else HTTP/1.1.  The chosen connection then reads the socket
-    from the start.  Until then this holds the slot, under header_timeout."""
+    from the start.  Until then this holds the slot, under header_timeout.
+    It is not a Connection (it never reads, writes or lingers), only what
+    the server asks of one: check_timeouts, shutdown, abort, evict, closed."""
 
-    transport = None
+    closed = False          # decided (handed over) or closed
+    closing = False
 
     def __init__(self, server, stream):
         self.server = server

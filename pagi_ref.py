@@ -5691,7 +5691,6 @@ class Server:
                  clock=time.monotonic):
         self.app = app
         self.worker_num = worker_num  # 1..N under a Supervisor, else None
-        self.supervisor_pid = None    # a worker's parent: if it dies, shut down
         self.config = config or Config()
         self.log = logger or logging.getLogger("pagi_ref")
         # The loop (or the clock of the one made here) can be injected, so
@@ -6083,13 +6082,6 @@ class Server:
         for conn in list(self.connections):
             if not conn.closed:
                 conn.check_timeouts(now, config)
-        if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
-            # The supervisor is gone (even SIGKILL): a worker must not go on
-            # alone, holding the port.
-            self.log.warning("the supervisor (pid %d) is gone; shutting down",
-                             self.supervisor_pid)
-            self.supervisor_pid = None
-            self._shutdown(None)
         if self.access_log is not None:
             self.access_log.report_drops()
         loop.call_later(_SWEEP_INTERVAL, self._sweep)
@@ -6306,7 +6298,7 @@ class Supervisor:
                          + b"\n")
                 return _WORKER_CANNOT_LOAD
         server = Server(app, self.config, logger=self.log, worker_num=slot)
-        server.supervisor_pid = os.getppid()
+        supervisor = os.getppid()
         for listener in self.listeners:
             server.use_listener(listener)     # a fork's copy: the file stays the supervisor's
         # Ctrl-C reaches the whole process group, and a terminal hang-up
@@ -6328,6 +6320,15 @@ class Supervisor:
         interval = _watch_interval(self.config)
 
         def heartbeat():
+            # The supervisor's watch, both ways: it hears the beat, and the
+            # beat checks that it is still there.  When it is gone (even by
+            # SIGKILL) the worker has been re-parented: it must not go on
+            # alone, holding the port, so it shuts down as a signal would.
+            if os.getppid() != supervisor:
+                server.log.warning("the supervisor (pid %d) is gone; shutting down",
+                                   supervisor)
+                server.stop()
+                return
             _tell(pipe, b".")
             server.loop.call_later(interval, heartbeat)
         server.loop.call_soon(heartbeat)
@@ -6620,7 +6621,7 @@ def _tell(fd, message):
     except (BlockingIOError, InterruptedError):
         pass
     except OSError:
-        pass    # the supervisor is gone: the sweep notices
+        pass    # the supervisor is gone: the heartbeat notices
 
 
 def _kill(pid, signum):

@@ -1049,6 +1049,24 @@ def spawn(coro, name=None):
     return Task(coro, name=name)
 
 
+class NotACoroutine(TypeError):
+    """An application's call returned neither a generator nor a coroutine."""
+
+
+def start_application(app, scope, receive, send, loop, on_exit=None, name=None):
+    """Call ``app(scope, receive, send)`` and drive what it returns as a
+    Task (whose first step runs now).  Raises what the call raised, or
+    NotACoroutine when it returned neither a generator nor a coroutine:
+    each scope's owner decides what the client sees then (docs/spec.md,
+    "An application that cannot start")."""
+    coro = app(scope, receive, send)
+    if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+        raise NotACoroutine("the application must return a generator or a coroutine, it "
+                        "returned %s (is it missing a 'yield' or 'async def'?)"
+                        % type(coro).__name__)
+    return Task(coro, loop, name=name, on_exit=on_exit)
+
+
 def wait_any(*futures):
     """A Future resolving to the first of ``futures`` (Futures or coroutines)
     to finish; the others keep running."""
@@ -2925,6 +2943,30 @@ class ConnectionState:
             self._call(callback)
 
 
+class AccessEntry:
+    """What one access-log line says about one request, WebSocket session
+    or event stream; a connection hands it to ``server.log_access`` and
+    section 10 formats it (AccessLog, Apache's tokens in brackets)."""
+
+    __slots__ = ("client", "received", "duration", "request_line", "status", "size",
+                 "request_headers", "response_headers", "bytes_in", "bytes_out", "end")
+
+    def __init__(self, client, received, duration, request_line, status, size,
+                 request_headers=(), response_headers=(), bytes_in=0, bytes_out=0,
+                 end="done"):
+        self.client = client                  # (host, port) or None (%h)
+        self.received = received              # time.time() at arrival (%t)
+        self.duration = duration              # seconds (%D, %T)
+        self.request_line = request_line      # str (%r)
+        self.status = status                  # int, or None (%s)
+        self.size = size                      # body bytes that reached the socket (%b)
+        self.request_headers = request_headers    # (%{Name}i)
+        self.response_headers = response_headers  # (%{Name}o)
+        self.bytes_in = bytes_in              # bytes received (%I)
+        self.bytes_out = bytes_out            # bytes written (%O)
+        self.end = end                        # how it ended (%{end}x)
+
+
 # -- the exchange -----------------------------------------------------------------
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -3000,30 +3042,18 @@ class Exchange:
 
     def scope(self):
         conn = self.conn
-        head = self.head
-        scope = {
-            "type": "http",
-            "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
-            "http_version": head.http_version,
-            "method": head.method,
-            "scheme": "https" if conn.stream.scheme_secure else "http",
-            "path": decode_path(head.path),
-            "raw_path": head.path,
-            "query_string": head.query_string,
-            "root_path": conn.config.root_path,
-            "headers": head.headers,
-            "client": list(conn.client) if conn.client else None,
-            "server": list(conn.server_address),
-            "state": dict(conn.server.state),
-            "extensions": {"fullflush": {}} if conn.stream.tls is None
-            else _with_tls({"fullflush": {}}, conn.stream),
-            "pagi.connection": self.state,
-            "pagi.transport": conn.transport,
-        }
+        scope = conn.base_scope("http", self.head,
+                                "https" if conn.stream.scheme_secure else "http",
+                                {"fullflush": {}})
+        scope["method"] = self.head.method
+        scope["pagi.connection"] = self.state
         if conn.server.trusted_peers is not None:
-            apply_proxy_headers(scope, conn.client, conn.server.trusted_peers)
             self.proxied_client = scope["client"]
         return scope
+
+    def what(self):
+        """The request, as the error log names it."""
+        return "%s %s" % (self.head.method, self.head.target.decode("latin-1"))
 
     # -- receive ------------------------------------------------------------------
 
@@ -3361,12 +3391,11 @@ class Exchange:
         # the connection went) -- chunk framing of the lost part aside.
         unwritten = transport.bytes_queued - transport.bytes_written
         client = conn.client if self.proxied_client is False else self.proxied_client
-        access_log.record(client, self.received, time.monotonic() - self.t0,
-                          head.request_line(), self.status,
-                          max(0, self.bytes_out - unwritten), head.headers, self.headers,
-                          bytes_in=conn.bytes_in - self.in_start,
-                          bytes_out=transport.bytes_written - self.wire_start,
-                          end=self.access_end())
+        conn.server.log_access(AccessEntry(
+            client, self.received, time.monotonic() - self.t0, head.request_line(),
+            self.status, max(0, self.bytes_out - unwritten), head.headers, self.headers,
+            bytes_in=conn.bytes_in - self.in_start,
+            bytes_out=transport.bytes_written - self.wire_start, end=self.access_end()))
 
     def access_end(self):
         """How the exchange ended, for the access log's %{end}x."""
@@ -3480,13 +3509,143 @@ class _Linger:
 
 class Connection:
     """What every kind of client connection shares: its stream and Transport,
-    and the two ways it ends -- abort() now, dropping what is queued, or
-    close_after_flush(), which lets the queued bytes out and then lingers
-    (_Linger) so that the last response is not destroyed by a reset."""
+    reading (the reader callback, pause and resume), the common part of its
+    scope, starting its application, and the two ways it ends -- abort()
+    now, dropping what is queued, or close_after_flush(), which lets the
+    queued bytes out and then lingers (_Linger) so that the last response is
+    not destroyed by a reset.
+
+    A subclass supplies _received(data) (bytes arrived), _on_eof() (the
+    client sent FIN), _advance() (hand on what the parser holds), abort()
+    and check_timeouts(); it reads and writes nothing else of the socket.
+
+    What a connection may use of its server (section 10), and nothing more
+    (docs/architecture.md, "The server around it"):
+
+    - read only: ``loop``, ``log``, ``config``, ``app``, ``state``,
+      ``stamp``, ``trusted_peers``, ``upgrades``, ``event_stream_exchange``,
+      ``shutting_down``, and ``access_log`` (None: no access log is kept);
+    - calls: connection_opened(conn) (a connection made by an upgrade takes
+      its slot), connection_closed(conn) (the slot's descriptor is closed,
+      lingering or handed on), linger(stream), log_access(entry) (one
+      AccessEntry), max_requests_reached();
+    - two per-request touches, attributes rather than calls because they
+      are on the common path: ``requests`` (add one per request begun,
+      then compare with ``max_requests``) and ``idle`` (an ordered dict: a
+      keep-alive connection between requests enters it, and leaves it when
+      the next head's first bytes arrive).
+    """
 
     closed = False          # the socket is closed (or handed to a _Linger)
     closing = False         # no more requests: flushing, then closing
     reading = False         # the reader callback is registered
+    peer_eof = False        # the client sent FIN
+    advancing = False       # inside _advance (no re-entry)
+    paused_at = None        # when reading last paused (None: reading)
+    paused_for = 0.0        # seconds spent paused since the clock was last reset
+
+    def __init__(self, server, stream, transport):
+        self.server = server
+        self.loop = server.loop
+        self.log = server.log
+        self.config = server.config
+        self.stream = stream
+        self.fd = stream.fd
+        self.client = stream.peer_address         # the scope's client ...
+        self.server_address = stream.local_address  # ... and server
+        self.transport = transport
+        transport.on_error = self._write_failed
+        self.last_activity = self.loop.now        # last byte received
+        self.bytes_in = 0                         # bytes received on this socket
+
+    # -- reading ------------------------------------------------------------------
+
+    def resume_reading(self):
+        if not self.reading and not self.closed and not self.peer_eof:
+            self.reading = True
+            if self.paused_at is not None:
+                self.paused_for += self.loop.now - self.paused_at
+                self.paused_at = None
+            self.loop.add_reader(self.fd, self._on_readable)
+            # What was parked may need no more bytes (an end of message).
+            if not self.advancing:
+                self.loop.call_soon(self._advance)
+
+    def pause_reading(self):
+        if self.reading:
+            self.reading = False
+            self.paused_at = self.loop.now
+            self.loop.remove_reader(self.fd)
+
+    def _on_readable(self):
+        try:
+            data = self.stream.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (ConnectionResetError, ConnectionAbortedError):
+            self.abort("client_closed")   # the client reset: it is gone
+            return
+        except OSError as exc:
+            # A failed TLS handshake comes here too (ssl.SSLError): the
+            # client's doing, so DEBUG, where an operator can find why.
+            self.log.debug("%s: read failed: %s", self.client, exc)
+            self.abort("read_error")
+            return
+        self.last_activity = self.loop.now
+        if data:
+            self._received(data)
+        else:
+            self.peer_eof = True
+            self.pause_reading()
+            self._on_eof()
+
+    def _write_failed(self, exc):
+        self.abort(_write_failure_reason(exc, self.peer_eof))
+
+    # -- the scope and the application ----------------------------------------------
+
+    def base_scope(self, scope_type, head, scheme, extensions):
+        """The keys every scope of a connection has (PAGI HTTP "Connection
+        Scope", WebSocket "Connection Scope"), from the request head;
+        --proxy-headers applied."""
+        scope = {
+            "type": scope_type,
+            "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
+            "http_version": head.http_version,
+            "scheme": scheme,
+            "path": decode_path(head.path),
+            "raw_path": head.path,
+            "query_string": head.query_string,
+            "root_path": self.config.root_path,
+            "headers": head.headers,
+            "client": list(self.client) if self.client else None,
+            "server": list(self.server_address) if self.server_address else None,
+            "state": dict(self.server.state),
+            "extensions": extensions if self.stream.tls is None
+            else _with_tls(extensions, self.stream),
+            "pagi.transport": self.transport,
+        }
+        trusted = self.server.trusted_peers
+        if trusted is not None:
+            apply_proxy_headers(scope, self.client, trusted)
+        return scope
+
+    def start_app(self, scope, receive, send, on_exit, what):
+        """Start the application on ``scope`` (start_application); its Task,
+        or None when it cannot start -- the call raised, or returned
+        neither a generator nor a coroutine -- which is logged at ERROR
+        naming ``what()`` (the request); the caller then answers 500."""
+        try:
+            return start_application(self.server.app, scope, receive, send, self.loop,
+                                     on_exit)
+        except NotACoroutine as exc:
+            self.log.error("TypeError: %s, for %s", exc, what())
+        except Exception:
+            self.log.error("application raised when called: %s\n%s", what(),
+                           traceback.format_exc().rstrip())
+        return None
+
+    # -- the end --------------------------------------------------------------------
 
     def close_after_flush(self):
         if self.closing or self.closed:
@@ -3550,36 +3709,22 @@ class HTTPConnection(Connection):
     """One client socket: parser in, transport out, one exchange at a time."""
 
     def __init__(self, server, stream):
-        self.server = server
-        self.loop = server.loop
-        self.log = server.log
-        self.config = config = server.config
-        self.app = server.app
-        self.stream = stream
-        self.fd = stream.fd
-        self.client = stream.peer_address
-        self.server_address = stream.local_address
+        config = server.config
+        Connection.__init__(self, server, stream, Transport(
+            stream, server.loop, config.write_high_watermark, config.write_low_watermark,
+            None, config.write_buffer_limit))
         self.parser = RequestParser(config)
-        self.transport = Transport(stream, self.loop, config.write_high_watermark,
-                                   config.write_low_watermark, self._write_failed,
-                                   config.write_buffer_limit)
         self.exchange = None          # the request being served
         self.socket_open = [True]     # shared by this socket's pagi.connection objects
-        self.peer_eof = False         # the client sent FIN
-        self.advancing = False        # inside _advance (no re-entry)
         self.requests = 0             # requests begun on this connection
-        now = self.loop.now
-        self.last_activity = now      # last byte received
-        self.head_started = now       # when the current head began to arrive
+        self.idle_set = server.idle   # the server's evictable connections (section 10)
+        self.head_started = self.last_activity  # when the current head began to arrive
         # The minimum data rates (section 1): byte counts, and the body's
-        # clock, which runs only while the server waits for body bytes.
-        self.bytes_in = 0             # bytes received on this socket
-        self.idle_set = server.idle   # the server's idle connections (section 10)
+        # clock, which runs only while the server waits for body bytes
+        # (paused_at and paused_for, kept by Connection, leave out pauses).
         self.head_base = 0            # bytes_in when the current head began
         self.body_started = None      # when the wait for this body began (None: not yet)
         self.body_base = 0            # bytes_in then
-        self.paused_at = None         # when reading last paused (None: reading)
-        self.paused_for = 0.0         # seconds of this body's wait spent paused
 
     def loop_context(self):
         if self.exchange is not None:
@@ -3597,23 +3742,6 @@ class HTTPConnection(Connection):
 
     # -- reading ------------------------------------------------------------------
 
-    def resume_reading(self):
-        if not self.reading and not self.closed and not self.peer_eof:
-            self.reading = True
-            if self.paused_at is not None:
-                self.paused_for += self.loop.now - self.paused_at
-                self.paused_at = None
-            self.loop.add_reader(self.fd, self._on_readable)
-            # What was parked may need no more bytes (an end of message).
-            if not self.advancing:
-                self.loop.call_soon(self._advance)
-
-    def pause_reading(self):
-        if self.reading:
-            self.reading = False
-            self.paused_at = self.loop.now
-            self.loop.remove_reader(self.fd)
-
     def start_body_clock(self):
         """The server now waits for body bytes: the body's minimum rate
         counts from here.  Bytes that came with the head are the body's."""
@@ -3629,30 +3757,13 @@ class HTTPConnection(Connection):
             paused += now - self.paused_at
         return now - self.body_started - paused
 
-    def _on_readable(self):
-        try:
-            data = self.stream.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (ConnectionResetError, ConnectionAbortedError):
-            self.abort("client_closed")   # the client reset: it is gone
-            return
-        except OSError as exc:
-            # A failed TLS handshake comes here too (ssl.SSLError): the
-            # client's doing, so DEBUG, where an operator can find why.
-            self.log.debug("%s: read failed: %s", self.client, exc)
-            self.abort("read_error")
-            return
-        now = self.last_activity = self.loop.now
-        if not data:
-            self._on_eof()
-            return
+    def _received(self, data):
         if self.closing:
             return        # a closing connection drops what still arrives
         parser = self.parser
         if parser.in_head and not parser.buffered:
             # The first bytes of a head: the connection is no longer idle.
-            self.head_started = now
+            self.head_started = self.last_activity
             self.head_base = self.bytes_in
             self.idle_set.pop(self, None)
         self.bytes_in += len(data)
@@ -3660,8 +3771,6 @@ class HTTPConnection(Connection):
         self._advance()
 
     def _on_eof(self):
-        self.peer_eof = True
-        self.pause_reading()
         exchange = self.exchange
         if exchange is None or self.closing:
             self.close()          # idle, or between requests: nothing is lost
@@ -3751,22 +3860,12 @@ class HTTPConnection(Connection):
             self.body_started = None      # the client waits for the 100 (Exchange.receive)
         else:
             self.start_body_clock()
-        try:
-            coro = self.app(exchange.scope(), exchange.receive, exchange.send)
-        except Exception as exc:
-            self.log.error("application raised when called: %s %s\n%s", head.method,
-                           head.target.decode("latin-1"), traceback.format_exc().rstrip())
-            coro = exc
-        if not (hasattr(coro, "send") and hasattr(coro, "throw")):
-            if not isinstance(coro, Exception):
-                self.log.error("TypeError: the application must return a generator or "
-                               "a coroutine, it returned %s (is it missing a 'yield' or "
-                               "'async def'?)", type(coro).__name__)
+        if self.start_app(exchange.scope(), exchange.receive, exchange.send,
+                          exchange.app_exited, exchange.what) is None:
+            # PAGI HTTP "Application Produced No Response": the backstop 500.
             exchange.app_done = True
             exchange.state._started = True
             self.respond_error(500, "Internal Server Error", "server_error")
-            return
-        Task(coro, self.loop, on_exit=exchange.app_exited)
 
     def _hand_over(self, upgrade, head):
         """RFC 9110 §7.8: the socket now speaks another protocol; its new
@@ -3777,10 +3876,9 @@ class HTTPConnection(Connection):
         self.closed = True                # this object is done with the socket
         self.reading = False
         self.loop.remove_reader(self.fd)
-        self.server.connections.discard(self)
+        self.server.connection_closed(self)   # the new owner takes the slot
         leftover = self.parser.take_buffered()
-        upgrade(self.server, self.stream, self.client, self.server_address,
-                self.transport, head, leftover)
+        upgrade(self.server, self.stream, self.transport, head, leftover)
 
     def check_timeouts(self, now, config):
         """The server's sweep: which timeout, if any, has this connection hit?"""
@@ -3892,7 +3990,7 @@ class HTTPConnection(Connection):
         buffered = self.parser.buffered
         if not buffered:
             # Idle: a candidate for eviction at max_connections (section 10).
-            # The next head's first bytes set head_base (_on_readable).
+            # The next head's first bytes set head_base (_received).
             self.idle_set[self] = None
         else:
             self.head_base = self.bytes_in - buffered   # pipelined: already here
@@ -3914,20 +4012,17 @@ class HTTPConnection(Connection):
             exchange.headers = None
             exchange.disconnected(reason)
         elif self.server.access_log is not None:
-            self.server.access_log.record(
+            self.server.log_access(AccessEntry(
                 self.client, time.time(), 0.0, head.request_line() if head is not None else "-",
                 status, len(response) - response.index(b"\r\n\r\n") - 4,
-                head.headers if head is not None else (), (),
-                bytes_in=self.bytes_in - self.head_base, bytes_out=len(response))
+                head.headers if head is not None else (),
+                bytes_in=self.bytes_in - self.head_base, bytes_out=len(response)))
         self.log.debug("%s: answered %d %s", self.client, status, message)
         self.close_after_flush()
 
     def abort_after_flush(self, exchange, reason):
         exchange.disconnected(reason)
         self.close_after_flush()
-
-    def _write_failed(self, exc):
-        self.abort(_write_failure_reason(exc, self.peer_eof))
 
     def abort(self, reason):
         """An abnormal end: the socket closes now and queued bytes are dropped."""
@@ -4434,23 +4529,16 @@ def _websocket_handshake_error(head):
 class WebSocketConnection(Connection):
     """One upgraded socket: the ``websocket`` scope, frames in and out."""
 
-    def __init__(self, server, stream, client, server_address, transport, head, leftover):
-        self.server = server
-        self.loop = loop = server.loop
-        self.log = server.log
-        self.config = server.config
-        self.stream = stream
-        self.fd = stream.fd
-        self.client = client
-        self.access_client = client   # %h: the scope's client (--proxy-headers)
+    def __init__(self, server, stream, transport, head, leftover):
+        Connection.__init__(self, server, stream, transport)
+        server.connection_opened(self)   # the slot the HTTPConnection held
+        loop = self.loop
+        self.access_client = self.client   # %h: the scope's client (--proxy-headers)
         self.head = head
-        self.transport = transport
-        transport.on_error = self._write_failed
         self.state = _CONNECTING
         self.queue = collections.deque([{"type": "websocket.connect"}])
         self.waiter = None            # a pending receive()
         self.disconnect = None        # the websocket.disconnect event, once decided
-        self.peer_eof = False
         self.parser = FrameParser(self.config.ws_max_message_size)
         self.parser.feed(leftover)
         self.denial = None            # [status, headers, head_sent, chunked] of a denial
@@ -4463,7 +4551,6 @@ class WebSocketConnection(Connection):
         self.ping_due = loop.now + self.keepalive[0] if self.keepalive[0] > 0 else None
         self.pong_due = None          # when the pong to the last ping is late
         self.close_due = None         # when the client's close frame is late
-        self.last_activity = loop.now
         # For the access log's one line per session, written when it ends.
         self.status = None            # 101, or the status of the refusal or denial
         self.bytes_in = len(leftover)  # bytes received after the handshake's head
@@ -4478,7 +4565,6 @@ class WebSocketConnection(Connection):
             self.state = _CLOSED
             self.close_after_flush()
             return
-        server.connections.add(self)
         subprotocols = []
         for name, value in head.headers:
             if name == b"sec-websocket-protocol":
@@ -4492,52 +4578,29 @@ class WebSocketConnection(Connection):
             if self.deflate is not None:
                 self.parser.deflate = self.deflate
                 extensions[_PERMESSAGE_DEFLATE] = self.deflate.scope_entry()
-        scope = {
-            "type": "websocket",
-            "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
-            "http_version": "1.1",
-            "scheme": "wss" if stream.scheme_secure else "ws",
-            "path": decode_path(head.path),
-            "raw_path": head.path,
-            "query_string": head.query_string,
-            "root_path": self.config.root_path,
-            "headers": head.headers,
-            "client": list(client) if client else None,
-            "server": list(server_address),
-            "subprotocols": subprotocols,
-            "state": dict(server.state),
-            "extensions": _with_tls(extensions, stream),
-            "pagi.transport": transport,
-        }
-        if server.trusted_peers is not None:
-            apply_proxy_headers(scope, client, server.trusted_peers)
-            self.access_client = scope["client"]
-        try:
-            coro = server.app(scope, self.receive, self.send)
-            if not (hasattr(coro, "send") and hasattr(coro, "throw")):
-                raise TypeError("the application must return a generator or a coroutine, "
-                                "it returned %s" % type(coro).__name__)
-        except Exception:
-            self.log.error("application failed on a websocket scope\n%s",
-                           traceback.format_exc().rstrip())
+        scope = self.base_scope("websocket", head, "wss" if stream.scheme_secure else "ws",
+                                extensions)
+        scope["subprotocols"] = subprotocols
+        self.access_client = scope["client"]
+        self.resume_reading()
+        if self.start_app(scope, self.receive, self.send, self._app_exited,
+                          lambda: "websocket %s" % head.target.decode("latin-1")) is None:
+            # Not accepted: the handshake's answer is the backstop 500.
             self._refuse(500, "Internal Server Error")
-            return
-        self._resume_reading()
-        Task(coro, loop, name="websocket", on_exit=self._app_exited)
 
     def __repr__(self):
         return "<WebSocketConnection fd=%d %s>" % (self.fd, self.state)
 
     def _release(self):
         """The session is over: its one access-log line, then the socket."""
-        access_log = self.server.access_log
-        if access_log is not None:
+        if self.server.access_log is not None:
             code = self.disconnect["code"] if self.disconnect is not None else None
-            access_log.record(self.access_client, self.received, time.monotonic() - self.t0,
-                              self.head.request_line(), self.status, 0, self.head.headers, (),
-                              bytes_in=self.bytes_in,
-                              bytes_out=self.transport.bytes_written - self.wire_start,
-                              end="close:%d" % code if code is not None else "done")
+            self.server.log_access(AccessEntry(
+                self.access_client, self.received, time.monotonic() - self.t0,
+                self.head.request_line(), self.status, 0, self.head.headers,
+                bytes_in=self.bytes_in,
+                bytes_out=self.transport.bytes_written - self.wire_start,
+                end="close:%d" % code if code is not None else "done"))
         Connection._release(self)
 
     def loop_context(self):
@@ -4550,8 +4613,7 @@ class WebSocketConnection(Connection):
             self._fail(*self.failure)     # the messages before the bad frame are had
         if self.queue:
             if not self.reading and self.state in (_OPEN, _CLOSING) and self.failure is None:
-                self._resume_reading()
-                self.loop.call_soon(self._advance)    # frames parked in the parser
+                self.resume_reading()     # and _advance, for frames parked in the parser
             return _resolved(self.queue.popleft())
         if self.disconnect is not None:
             return _resolved(dict(self.disconnect))
@@ -4618,7 +4680,7 @@ class WebSocketConnection(Connection):
         lines.append(self.server.stamp.lines(headers))
         self.transport.write(b"".join(lines) + b"\r\n")
         self.state = _OPEN
-        self._resume_reading()
+        self.resume_reading()
         self.loop.call_soon(self._advance)   # frames that came early
         return self.transport.suspend()
 
@@ -4749,41 +4811,19 @@ class WebSocketConnection(Connection):
 
     # -- frames in ----------------------------------------------------------------
 
-    def _resume_reading(self):
-        if not self.reading and not self.closed and not self.peer_eof:
-            self.reading = True
-            self.loop.add_reader(self.fd, self._on_readable)
-
-    def _on_readable(self):
-        try:
-            data = self.stream.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (ConnectionResetError, ConnectionAbortedError):
-            self.abort("client_closed")
-            return
-        except OSError:
-            self.abort("read_error")
-            return
-        self.last_activity = self.loop.now
-        if not data:
-            self.peer_eof = True
-            if self.state == _CLOSED:
-                self.close()
-            else:
-                self.abort("client_closed")
-            return
+    def _received(self, data):
         self.bytes_in += len(data)
         self.parser.feed(data)
         if self.state == _CONNECTING and len(self.parser._buf) > _PIPELINE_BUFFER:
-            self._pause_reading()     # a client talking before the 101: wait
+            self.pause_reading()     # a client talking before the 101: wait
             return
         self._advance()
 
-    def _pause_reading(self):
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.fd)
+    def _on_eof(self):
+        if self.state == _CLOSED:
+            self.close()
+        else:
+            self.abort("client_closed")
 
     def _advance(self):
         if self.state not in (_OPEN, _CLOSING) or self.closed or self.failure is not None:
@@ -4792,12 +4832,12 @@ class WebSocketConnection(Connection):
         while self.state in (_OPEN, _CLOSING):
             if len(self.queue) >= limit:
                 # Inbound backpressure: stop reading until the app catches up.
-                self._pause_reading()
+                self.pause_reading()
                 return
             if self.transport.buffered_amount() >= self.transport.high_water_mark():
                 # What we answer (pongs) is not being read: stop reading
                 # until the client drains its side.
-                self._pause_reading()
+                self.pause_reading()
                 self.transport.suspend().add_done_callback(self._drained)
                 return
             try:
@@ -4834,7 +4874,7 @@ class WebSocketConnection(Connection):
 
     def _drained(self, _future):
         if self.state in (_OPEN, _CLOSING) and not self.closed and self.failure is None:
-            self._resume_reading()
+            self.resume_reading()
             self._advance()
 
     def _start_close(self, code, reason):
@@ -4854,7 +4894,7 @@ class WebSocketConnection(Connection):
             self._fail(code, message)
             return
         self.failure = (code, message)
-        self._pause_reading()
+        self.pause_reading()
 
     def _fail(self, code, message):
         """RFC 6455 §7.1.7: fail the connection with a close frame."""
@@ -4903,9 +4943,6 @@ class WebSocketConnection(Connection):
             # An application that ends its session closes it: 1000 normally,
             # 1011 (internal error) when it raised.
             self._start_close(1011 if exc is not None else 1000, "")
-
-    def _write_failed(self, exc):
-        self.abort(_write_failure_reason(exc, self.peer_eof))
 
     def abort(self, reason):
         """The connection ends without a close handshake: code 1006."""
@@ -5182,14 +5219,10 @@ class Lifespan:
         """Call the application; run this on the running loop (its first
         step may use sleep, to_thread...)."""
         try:
-            coro = self.app(self.scope, self.receive, self.send)
-            if not (hasattr(coro, "send") and hasattr(coro, "throw")):
-                raise TypeError("the application returned %s, not a generator or a "
-                                "coroutine" % type(coro).__name__)
+            self.task = start_application(self.app, self.scope, self.receive, self.send,
+                                          self.loop, self._exited, "lifespan")
         except Exception as exc:
-            self._decline(exc)
-            return
-        self.task = Task(coro, self.loop, name="lifespan", on_exit=self._exited)
+            self._decline(exc)      # a lifespan that cannot start is declined
 
     def receive(self):
         if self.queue:
@@ -5365,21 +5398,21 @@ class AccessLog:
             parts.append(fmt[pos:])
         return parts
 
-    def record(self, client, received, duration, request_line, status, size,
-               request_headers=(), response_headers=(), bytes_in=0, bytes_out=0, end="done"):
-        """Format and queue one line; never blocks."""
+    def record(self, entry):
+        """Format one AccessEntry (section 6) and queue the line; never blocks."""
         if len(self._queue) >= _ACCESS_LOG_QUEUE:
             self.dropped += 1
             self.dropped_total += 1
             return
+        status, size, duration = entry.status, entry.size, entry.duration
         out = []
         for part in self._render:
             if part.__class__ is tuple:
                 where, name = part
                 if where == "x":
-                    out.append(_log_escape(end) if name == b"end" else "-")
+                    out.append(_log_escape(entry.end) if name == b"end" else "-")
                     continue
-                headers = request_headers if where == "i" else response_headers
+                headers = entry.request_headers if where == "i" else entry.response_headers
                 value = "-"
                 for k, v in headers or ():
                     if k == name:
@@ -5388,13 +5421,13 @@ class AccessLog:
                 out.append(value)
             elif len(part) == 1 and part in "hlutrsbDTIO":
                 if part == "h":
-                    out.append(client[0] if client else "-")
+                    out.append(entry.client[0] if entry.client else "-")
                 elif part in "lu":
                     out.append("-")
                 elif part == "t":
-                    out.append(_clf_time(received))
+                    out.append(_clf_time(entry.received))
                 elif part == "r":
-                    out.append(_log_escape(request_line))
+                    out.append(_log_escape(entry.request_line))
                 elif part == "s":
                     out.append(str(status) if status else "-")
                 elif part == "b":
@@ -5402,9 +5435,9 @@ class AccessLog:
                 elif part == "D":
                     out.append(str(int(duration * 1e6)))
                 elif part == "I":
-                    out.append(str(bytes_in))
+                    out.append(str(entry.bytes_in))
                 elif part == "O":
-                    out.append(str(bytes_out))
+                    out.append(str(entry.bytes_out))
                 else:
                     out.append(str(int(duration)))
             else:
@@ -5932,13 +5965,25 @@ class Server:
             # closes (a disconnect event, say) get to see it.
             self.loop.call_soon(self.loop.call_soon, self.loop.stop)
 
+    # -- what a connection may call (section 6, Connection's docstring) ----------
+
+    def connection_opened(self, conn):
+        """A connection made by an upgrade (section 7) takes a slot."""
+        self.connections.add(conn)
+
     def connection_closed(self, conn):
+        """The connection's descriptor is closed, lingering, or handed on."""
         self.connections.discard(conn)
         self.idle.pop(conn, None)
         if self._backoff_timer is not None:
             self._end_backoff()    # a descriptor was freed: try again now
         if self.shutting_down:
             self._maybe_finished()
+
+    def log_access(self, entry):
+        """One access-log line (an AccessEntry), if an access log is kept."""
+        if self.access_log is not None:
+            self.access_log.record(entry)
 
     def linger(self, stream):
         """A closed connection's stream drains (RFC 9112 §9.6) in its slot."""

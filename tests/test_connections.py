@@ -437,3 +437,54 @@ def test_keep_alive_requests_leave_no_cyclic_garbage():
             gc.enable()
         client.close()
     assert garbage < 50, "%d objects in reference cycles after 500 requests" % garbage
+
+
+# -- an application that cannot start (Connection.start_app) ---------------------
+#
+# One helper starts every application (start_application, section 3); what
+# the client sees when the call raises or returns neither a generator nor
+# a coroutine is decided per scope (docs/spec.md, CORE-APP-4): http and sse
+# get the 500 backstop and the connection closes; a WebSocket handshake,
+# not accepted yet, gets the same 500 (a 1011 needs an open session).
+
+def _not_an_app(scope, receive, send):
+    return None
+
+
+def _raises_when_called(scope, receive, send):
+    raise RuntimeError("cannot start")
+
+
+@pytest.mark.parametrize("app,logged", [(_not_an_app, "TypeError: the application must "
+                                         "return a generator or a coroutine"),
+                                        (_raises_when_called, "application raised when called")])
+@pytest.mark.parametrize("kind", ["http", "sse", "websocket"])
+def test_an_application_that_cannot_start_gets_a_500_and_a_close(app, logged, kind):
+    from spec_wire import Client, ws_handshake
+    with serve(app) as srv:
+        addr = ("127.0.0.1", srv.port)
+        if kind == "websocket":
+            c, resp = ws_handshake(addr, "/x?y=1")
+            c.reader.read_exact(int(resp.header("content-length")))
+        else:
+            c = Client(addr)
+            accept = [("Accept", "text/event-stream")] if kind == "sse" else []
+            resp = c.request("GET", "/x?y=1", headers=accept)
+        with c:
+            assert resp.status == 500
+            assert (resp.header("connection") or b"").lower() == b"close"
+            assert c.closed()
+        what = "websocket /x?y=1" if kind == "websocket" else "GET /x?y=1"
+        assert any(logged in l and what in l for l in srv.errors), srv.errors
+
+
+def test_a_lifespan_that_cannot_start_is_declined_and_the_server_serves():
+    def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            return 42
+        return echo_path(scope, receive, send)
+
+    with serve(app, lifespan="auto") as srv, connect(srv.port) as s:
+        s.sendall(req("/after"))
+        assert Reader(s).read_response().body == b"/after"
+    assert any("declined lifespan (NotACoroutine" in l for l in srv.log), srv.log

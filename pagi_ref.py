@@ -1049,19 +1049,23 @@ def spawn(coro, name=None):
     return Task(coro, name=name)
 
 
-class NotACoroutine(TypeError):
-    """An application's call returned neither a generator nor a coroutine."""
+class CannotStart(Exception):
+    """The application could not start on a scope: its call raised (the
+    exception is the ``__cause__``), or it returned neither a generator nor
+    a coroutine (``__cause__`` None)."""
 
 
 def start_application(app, scope, receive, send, loop, on_exit=None, name=None):
     """Call ``app(scope, receive, send)`` and drive what it returns as a
-    Task (whose first step runs now).  Raises what the call raised, or
-    NotACoroutine when it returned neither a generator nor a coroutine:
+    Task (whose first step runs now).  Raises CannotStart when it cannot:
     each scope's owner decides what the client sees then (docs/spec.md,
-    "An application that cannot start")."""
-    coro = app(scope, receive, send)
+    CORE-APP-4).  What the Task's first step raises is not caught here."""
+    try:
+        coro = app(scope, receive, send)
+    except Exception as exc:
+        raise CannotStart("the application raised when called: %r" % exc) from exc
     if not (hasattr(coro, "send") and hasattr(coro, "throw")):
-        raise NotACoroutine("the application must return a generator or a coroutine, it "
+        raise CannotStart("the application must return a generator or a coroutine, it "
                         "returned %s (is it missing a 'yield' or 'async def'?)"
                         % type(coro).__name__)
     return Task(coro, loop, name=name, on_exit=on_exit)
@@ -2642,6 +2646,17 @@ class Transport:
 # wait in the parser until the current exchange is over -- its response
 # delivered and its application returned.  An Exchange is one request and its
 # response: the scope, receive(), send(), and the pagi.connection object.
+#
+# Their phases are named, and the moves between them are tables of data
+# (h11's model, "the state machines" below): an exchange has three machines
+# (the request body, the response, the application), a connection one;
+# Exchange._settle alone decides that an exchange is over.  Connection is
+# what HTTP and WebSocket (section 7) share: the socket side, the common
+# scope, the start of an application, and the short list of what a
+# connection may use of its server (section 10), in its docstring.
+#
+# What must not go in here: response framing (section 4), socket calls
+# (section 5), and anything about listeners, admission or supervisors.
 # ============================================================================
 
 class EventError(ValueError):
@@ -2714,7 +2729,8 @@ def _expect(ok, etype, field, what, value):
 
 
 def _check_bytes(etype, field, value):
-    _expect(isinstance(value, _BYTES_TYPES), etype, field, "bytes", value)
+    if value.__class__ is not bytes:          # bytes: the common case, no call
+        _expect(isinstance(value, _BYTES_TYPES), etype, field, "bytes", value)
 
 
 def _check_flag(etype, field, value):
@@ -2722,7 +2738,9 @@ def _check_flag(etype, field, value):
 
 
 def _check_status(etype, field, value):
-    _expect(isinstance(value, int) and not isinstance(value, bool), etype, field, "int", value)
+    if value.__class__ is not int:            # an int: the common case, no call
+        _expect(isinstance(value, int) and not isinstance(value, bool), etype, field,
+                "int", value)
     # RFC 9110 §15: 1xx are interim responses, which PAGI has no event
     # for; http.response.start carries the final one (docs/deviations.md).
     if not 200 <= value <= 599:
@@ -2967,6 +2985,118 @@ class AccessEntry:
         self.end = end                        # how it ended (%{end}x)
 
 
+# -- the state machines -------------------------------------------------------------
+#
+# h11's model: what each party of a connection has done so far is a named
+# phase, and the moves between phases are a table of data, (phase, event,
+# next phase).  Every move is one lookup in its machine's table,
+#
+#     self.response_phase = RESPONSE_MOVES[self.response_phase]["complete"]
+#
+# and a move the table lacks raises StateError there (a bug in pagi_ref,
+# never the client's or the application's doing).  No phase is assigned any
+# other way (tests/test_connection_state.py reads the module to check), and
+# docs/architecture.md draws its diagrams from these tables
+# (tests/test_docs.py keeps them equal).
+#
+# Discussion: why a lookup and not a method.  A keep-alive GET makes six
+# moves (four of its exchange, two of its connection).  Measured with
+# bench/instructions.py, a method call per move cost about 1,000 CPU
+# instructions, six of them 3% of the request; the lookup costs a third of
+# that.  What a move sets off (h11's "state-triggered transitions") is
+# written beside the few moves that can set it off: Exchange._settle.
+
+class StateError(RuntimeError):
+    """A move its machine's table does not allow: a bug in pagi_ref.  The
+    message names the machine, the phase and the event."""
+
+
+class _Moves(dict):
+    """The moves out of one phase of one machine: event -> next phase."""
+
+    __slots__ = ("machine", "phase")
+
+    def __missing__(self, event):
+        raise StateError("%s machine: no transition from %s on %r (from %s: %s)"
+                         % (self.machine, self.phase, event, self.phase,
+                            ", ".join(sorted(self)) if self else "none, it is final"))
+
+
+class Machine:
+    """One transition table: ``rows`` of (phase, event, next phase), the
+    phases an object may start in (``initial``), and the attribute that
+    holds its phase (``attr``).  ``moves[phase][event]`` is the next phase."""
+
+    __slots__ = ("name", "attr", "initial", "rows", "moves")
+
+    def __init__(self, name, attr, initial, rows):
+        self.name = name
+        self.attr = attr
+        self.initial = tuple(initial)
+        self.rows = tuple(rows)
+        self.moves = {}
+        for phase in self.phases():
+            moves = self.moves[phase] = _Moves()
+            moves.machine, moves.phase = name, phase
+        for phase, event, new in self.rows:
+            if event in self.moves[phase]:
+                raise ValueError("%s machine: two moves from %s on %r" % (name, phase, event))
+            self.moves[phase][event] = new
+
+    def __repr__(self):
+        return "<Machine %s>" % self.name
+
+    def phases(self):
+        """Every phase: the initial ones, those with moves out (in the order
+        of the rows), then the final ones."""
+        froms = [row[0] for row in self.rows]
+        seen = [p for p in self.initial if p in froms]
+        for p in froms + list(self.initial) + [row[2] for row in self.rows]:
+            if p not in seen:
+                seen.append(p)
+        return seen
+
+
+# The phases of an exchange (one request and its response), three machines:
+# the client's request body, the response, and the application's task.
+BODY, DISCARDING, BODY_DONE = "BODY", "DISCARDING", "BODY_DONE"
+NOT_STARTED, START_PENDING, HEAD_SENT, TRAILERS_DUE, DONE, DELIVERED, ANSWERED = (
+    "NOT_STARTED", "START_PENDING", "HEAD_SENT", "TRAILERS_DUE", "DONE", "DELIVERED", "ANSWERED")
+RUNNING, RETURNED = "RUNNING", "RETURNED"
+
+REQUEST_MACHINE = Machine("request", "request_phase", (BODY, BODY_DONE), [
+    # Initial: BODY when the head announces a body, else BODY_DONE.
+    (BODY, "end_of_body", BODY_DONE),       # the parser's EndOfMessage
+    (BODY, "discard", DISCARDING),          # over without reading it all (RFC 9112 §9.3)
+    (DISCARDING, "end_of_body", BODY_DONE),
+])
+
+RESPONSE_MACHINE = Machine("response", "response_phase", (NOT_STARTED,), [
+    (NOT_STARTED, "start", START_PENDING),  # http.response.start accepted; no byte written
+    (NOT_STARTED, "server_answer", ANSWERED),   # the server answered instead (a 500, a 4xx)
+    (START_PENDING, "server_answer", ANSWERED),
+    (START_PENDING, "head", HEAD_SENT),     # the head is written; the body goes on
+    (START_PENDING, "last_body", TRAILERS_DUE),   # head and last body; trailers=1
+    (START_PENDING, "complete", DONE),      # head and last body in one event
+    (HEAD_SENT, "last_body", TRAILERS_DUE),
+    (HEAD_SENT, "complete", DONE),          # the more=0 body event (or a file)
+    (TRAILERS_DUE, "complete", DONE),       # http.response.trailers
+    (DONE, "flushed", DELIVERED),           # its last byte left the buffer
+])
+
+APPLICATION_MACHINE = Machine("application", "app_phase", (RUNNING,), [
+    (RUNNING, "returned", RETURNED),        # the Task ended (or never started)
+])
+
+REQUEST_MOVES = REQUEST_MACHINE.moves
+RESPONSE_MOVES = RESPONSE_MACHINE.moves
+APPLICATION_MOVES = APPLICATION_MACHINE.moves
+
+_HEAD_OUT = frozenset((HEAD_SENT, TRAILERS_DUE, DONE, DELIVERED))   # the head is written
+_BODY_ENDED = frozenset((TRAILERS_DUE, DONE, DELIVERED))   # the last body event is had
+_RESPONSE_DONE = frozenset((DONE, DELIVERED))               # the final event is had
+
+
 # -- the exchange -----------------------------------------------------------------
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -2976,8 +3106,13 @@ _COMBINE_LIMIT = 16384     # bodies up to this size share the head's write
 class Exchange:
     """One request and its response: the ``http`` scope, receive() and send().
 
+    Its phases are three machines (REQUEST_MACHINE, RESPONSE_MACHINE,
+    APPLICATION_MACHINE); _settle, reached when the response is delivered,
+    the application returns or a body being discarded ends, is the one place
+    that decides the exchange is over.
+
     Discussion: the state below is declared once on the class, so that an
-    exchange starts with the defaults and its __init__ sets only the four
+    exchange starts with the defaults and its __init__ sets only the
     attributes that differ per request -- fewer stores on the path of every
     keep-alive GET.  Assigning an attribute on the instance shadows the
     class default, as usual.
@@ -2986,10 +3121,12 @@ class Exchange:
     REQUEST = "http.request"      # the type of request-body events
     FIN_ENDS_RESPONSE = False     # a FIN after the request is a half-close, not a leave
     ANNOUNCE_KEEP_ALIVE = False   # say "Connection: keep-alive" in HTTP/1.1 too
+    # the phases (section 6, "the state machines")
+    request_phase = BODY_DONE     # REQUEST_MACHINE: BODY when the head announced a body
+    response_phase = NOT_STARTED  # RESPONSE_MACHINE
+    app_phase = RUNNING           # APPLICATION_MACHINE
     # request side
-    body_complete = False         # the whole request body was parsed
     final_given = False           # the more=0 event was handed out
-    discarding = False            # the app is done: unread body is dropped
     waiter = None                 # a pending receive() Future
     continue_sent = False         # the interim 100 went out
     # response side
@@ -3000,15 +3137,9 @@ class Exchange:
     has_server = False            # the application sent a Server
     length = None                 # declared Content-Length, if any
     sent = 0                      # body bytes accepted
-    head_pending = False          # start accepted, head not yet written
-    head_sent = False             # the head is in the outgoing buffer
     chunked = False               # the body goes out in chunked coding
     no_body = False               # HEAD, 204, 304
     trailers = False              # trailers=1 on the start event
-    body_ended = False            # the more=0 body event was accepted
-    response_done = False         # the final event was accepted
-    delivered = False             # the response's bytes all left
-    app_done = False              # the application's coroutine returned
     bytes_out = 0                 # body bytes, for the access log
     logged = False                # the access-log line was written
     received = 0.0                # time.time() at arrival (access log %t)
@@ -3023,6 +3154,8 @@ class Exchange:
         self.state = ConnectionState(conn.log, conn.socket_open)
         self.queue = collections.deque()   # http.request events not yet received
         self.keep_alive = head.keep_alive  # the connection may carry another request
+        if head.chunked or head.content_length:
+            self.request_phase = BODY
         if conn.server.access_log is not None:
             self.received = time.time()
             self.t0 = time.monotonic()
@@ -3030,8 +3163,9 @@ class Exchange:
             self.in_start = conn.head_base                  # this request's first byte
 
     def __repr__(self):
-        return "<Exchange %s %r status=%d done=%s>" % (
-            self.head.method, self.head.target, self.status, self.response_done)
+        return "<Exchange %s %r status=%d request=%s response=%s app=%s>" % (
+            self.head.method, self.head.target, self.status, self.request_phase,
+            self.response_phase, self.app_phase)
 
     scope_type = "http"
 
@@ -3064,20 +3198,21 @@ class Exchange:
             if not event["more"]:
                 self.final_given = True
             conn = self.conn
-            if not conn.reading and not conn.closed:
+            if not conn.reading and conn.phase is BUSY:
                 conn.resume_reading()
             return _resolved(event)
-        if self.body_complete and not self.final_given:
+        if self.request_phase is BODY_DONE and not self.final_given:
             self.final_given = True
             return _resolved({"type": self.REQUEST, "body": b"", "more": 0})
-        if self.state._reason is not None or self.response_done:
+        if self.state._reason is not None or self.response_phase in _RESPONSE_DONE:
             # PAGI HTTP "Disconnect": after the response, or once gone.
             return _resolved(self.disconnect_event())
         if self.waiter is not None:
             return _failed(RuntimeError("receive() called while another receive() is pending"))
         # RFC 9110 §10.1.1: the interim 100 goes out when the application
         # first asks for the body, and never once it has answered.
-        if self.head.expect_continue and not self.continue_sent and not self.head_sent:
+        if (self.head.expect_continue and not self.continue_sent
+                and self.response_phase not in _HEAD_OUT):
             self.continue_sent = True
             self.conn.transport.write(_CONTINUE)
             self.conn.start_body_clock()
@@ -3100,16 +3235,17 @@ class Exchange:
         self.queue.append(event)
 
     def push_body(self, data, more=1):
-        if self.discarding:
+        if self.request_phase is DISCARDING:
             return
         if not more and self.waiter is not None:
             self.final_given = True
         self._deliver({"type": self.REQUEST, "body": data, "more": more})
 
     def end_body(self):
-        self.body_complete = True
-        if self.discarding:
-            self.conn.exchange_progress(self)
+        phase = self.request_phase
+        self.request_phase = REQUEST_MOVES[phase]["end_of_body"]
+        if phase is DISCARDING:
+            self._settle()
         elif self.final_given:
             pass
         elif self.queue:
@@ -3131,7 +3267,7 @@ class Exchange:
     # -- send -------------------------------------------------------------------
 
     def send(self, event):
-        if self.state._reason is not None or self.conn.closed:
+        if self.state._reason is not None or self.conn.phase is CLOSED:
             return _NO_WAIT      # PAGI core: send after a disconnect is a no-op
         try:
             etype = validate_event(event, _HTTP_SEND_SCHEMA)
@@ -3146,7 +3282,7 @@ class Exchange:
             return _failed(exc)
 
     def _send_start(self, event):
-        if self.state._started:
+        if self.response_phase is not NOT_STARTED:
             raise EventError("http.response.start: the response has already started")
         headers = []
         for name, value in event.get("headers") or ():
@@ -3181,7 +3317,7 @@ class Exchange:
             self.length = None
             headers[:] = [(n, v) for n, v in headers if n != b"content-length"]
         self.state._started = True
-        self.head_pending = True
+        self.response_phase = RESPONSE_MOVES[self.response_phase]["start"]
         return _NO_WAIT
 
     def _build_head(self, final_size):
@@ -3192,7 +3328,7 @@ class Exchange:
         keep_alive = (self.keep_alive and not self.app_close and not conn.peer_eof
                       and not conn.server.shutting_down)
         # An unread body we never asked for (no 100 sent): do not wait for it.
-        if head.expect_continue and not self.continue_sent and not self.body_complete:
+        if head.expect_continue and not self.continue_sent and self.request_phase is not BODY_DONE:
             keep_alive = False
         headers = self.headers       # the application's, then the server's own
         conn.server.stamp.add_to(headers, self.has_server, self.has_date)
@@ -3217,17 +3353,16 @@ class Exchange:
         else:
             headers.append((b"connection", b"keep-alive" if keep_alive else b"close"))
         self.keep_alive = keep_alive
-        self.head_pending = False
-        self.head_sent = True
         return b"".join([status_line(self.status)]
                         + [name + b": " + value + b"\r\n" for name, value in headers]
                         + [b"\r\n"])
 
     def _send_body(self, event):
-        if not self.state._started:
+        phase = self.response_phase
+        if phase is NOT_STARTED:
             raise EventError("http.response.body: the response has not started "
                              "(send http.response.start first)")
-        if self.body_ended:
+        if phase in _BODY_ENDED:
             raise EventError("http.response.body: the response body is already complete")
         if "file" in event or "fh" in event:
             sources = [k for k in ("body", "file", "fh") if event.get(k) is not None]
@@ -3247,7 +3382,7 @@ class Exchange:
                              % (self.length, self.sent))
         self.sent += size
         transport = self.conn.transport
-        out = self._build_head(None if more else size) if self.head_pending else b""
+        out = self._build_head(None if more else size) if phase is START_PENDING else b""
         if self.no_body:
             body = b""
         elif self.chunked:
@@ -3262,10 +3397,13 @@ class Exchange:
             if out:
                 transport.write(out)
             transport.write(body)
-        if not more:
-            self.body_ended = True
-            if not self.trailers:
-                self._response_end()
+        if more:
+            if phase is START_PENDING:
+                self.response_phase = RESPONSE_MOVES[phase]["head"]
+        elif self.trailers:
+            self.response_phase = RESPONSE_MOVES[phase]["last_body"]
+        else:
+            self._response_end()
         return transport.suspend()
 
     def _send_file(self, event, source):
@@ -3303,9 +3441,10 @@ class Exchange:
                              "content-length (%d bytes)" % self.length)
         self.sent += count
         transport = self.conn.transport
-        if self.head_pending:
+        if self.response_phase is START_PENDING:
             transport.write(self._build_head(count))
-        self.body_ended = True
+        if self.trailers:     # a file is the last body
+            self.response_phase = RESPONSE_MOVES[self.response_phase]["last_body"]
         if self.no_body or count == 0:
             if self.chunked and not self.trailers:
                 transport.write(LAST_CHUNK)
@@ -3330,10 +3469,10 @@ class Exchange:
         if not self.trailers:
             raise EventError("http.response.trailers: the start event did not "
                              "announce trailers (trailers=1)")
-        if not self.body_ended:
-            raise EventError("http.response.trailers: the body is not complete yet")
-        if self.response_done:
+        if self.response_phase in _RESPONSE_DONE:
             raise EventError("http.response.trailers: trailers were already sent")
+        if self.response_phase is not TRAILERS_DUE:
+            raise EventError("http.response.trailers: the body is not complete yet")
         transport = self.conn.transport
         if self.chunked:
             transport.write(trailer_section(event.get("headers") or ()))
@@ -3343,17 +3482,18 @@ class Exchange:
         return transport.suspend()
 
     def _send_fullflush(self):
-        if not self.state._started:
+        if self.response_phase is NOT_STARTED:
             raise EventError("http.fullflush: the response has not started")
         transport = self.conn.transport
-        if self.head_pending:
+        if self.response_phase is START_PENDING:
             transport.write(self._build_head(None))
+            self.response_phase = RESPONSE_MOVES[self.response_phase]["head"]
         future = Future(self.conn.loop)
         transport.when_flushed(lambda: future.done() or future.set_result(None))
         return future
 
     def _response_end(self):
-        self.response_done = True
+        self.response_phase = RESPONSE_MOVES[self.response_phase]["complete"]
         self.state._complete = True
         if self.length is not None and self.sent < self.length and not self.no_body:
             # Fewer bytes than declared: the client would wait for the rest.
@@ -3366,16 +3506,22 @@ class Exchange:
         self.conn.transport.when_flushed(self._delivered)
 
     def _delivered(self):
-        if self.delivered or self.state._reason is not None:
+        if self.response_phase is not DONE or self.state._reason is not None:
             return
-        self.delivered = True
-        self.state._completed()
-        self.log_access()
-        if self.waiter is not None and self.body_complete and self.final_given:
+        state = self.state
+        if state._complete_callbacks is not None:
+            state._completed()
+        else:
+            state._ended = True                 # (_completed, without callbacks to call)
+        if self.conn.server.access_log is not None:
+            self.log_access()
+        if self.waiter is not None and self.request_phase is BODY_DONE and self.final_given:
             # PAGI HTTP "Disconnect": a receive() still waiting once the
             # response has been sent gets http.disconnect.
             self._deliver(self.disconnect_event())
-        self.conn.exchange_progress(self)
+        self.response_phase = RESPONSE_MOVES[DONE]["flushed"]
+        if self.app_phase is RETURNED:
+            self._settle()
 
     def log_access(self):
         access_log = self.conn.server.access_log
@@ -3405,36 +3551,43 @@ class Exchange:
     # -- the application's end ----------------------------------------------------
 
     def app_exited(self, task):
-        self.app_done = True
         conn = self.conn
         exc = task._exception
-        if self.state._reason is not None or conn.closed:
+        phase = self.response_phase
+        if self.state._reason is not None or conn.phase is CLOSED:
             if exc is not None:
                 conn.log.debug("application raised after the client left: %r", exc)
-            conn.exchange_progress(self)
-            return
-        if exc is not None:
-            conn.log.error("application raised: %s %s\n%s", self.head.method,
-                           self.head.target.decode("latin-1"),
+            phase = None                 # PAGI HTTP: not an application error
+        elif exc is not None:
+            conn.log.error("application raised: %s\n%s", self.what(),
                            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
-        elif not self.state._started:
-            conn.log.error("application returned without starting a response: %s %s "
-                           "(500 sent)", self.head.method, self.head.target.decode("latin-1"))
-        elif not self.response_done:
-            conn.log.error("application returned before its response was complete: %s %s",
-                           self.head.method, self.head.target.decode("latin-1"))
+        elif phase is NOT_STARTED:
+            conn.log.error("application returned without starting a response: %s "
+                           "(500 sent)", self.what())
+        elif phase not in _RESPONSE_DONE:
+            conn.log.error("application returned before its response was complete: %s",
+                           self.what())
         else:
-            conn.exchange_progress(self)
-            return
-        if not self.head_sent:
+            phase = None                 # a clean end
+        if phase is NOT_STARTED or phase is START_PENDING:
             # Nothing of the response is on the wire yet: the client gets a
             # 500 (PAGI HTTP "Application Produced No Response").
-            self.state._started = True
             conn.respond_error(500, "Internal Server Error", "server_error")
-        else:
+        elif phase is not None and conn.phase is not CLOSED:
             # The head is out: truncate -- no terminating chunk, and the
             # connection closes, so the client can tell.
             conn.abort("server_error")
+        self.app_phase = APPLICATION_MOVES[self.app_phase]["returned"]
+        if self.response_phase is DELIVERED:
+            self._settle()
+
+    def _settle(self):
+        """Reached when the response is delivered, the application returns,
+        or a discarded body ends: the one place that decides the exchange is
+        over -- its response delivered and its application returned.  What
+        follows is the connection's (exchange_over)."""
+        if self.app_phase is RETURNED and self.response_phase is DELIVERED:
+            self.conn.exchange_over(self)
 
 
 # -- the connection ---------------------------------------------------------------
@@ -3507,6 +3660,35 @@ class _Linger:
             self.on_closed(self)
 
 
+# The phases of a connection.  An HTTP connection serves one exchange at a
+# time and loops through IDLE and BUSY while it is kept alive; every kind
+# ends CLOSING (flushing what is queued: close_after_flush) and CLOSED (the
+# socket closed, or lingering in a _Linger that the server holds in the
+# connection's slot), or hands its socket to another protocol (UPGRADED).
+IDLE, BUSY, OPEN, CLOSING, CLOSED, UPGRADED = (
+    "IDLE", "BUSY", "OPEN", "CLOSING", "CLOSED", "UPGRADED")
+
+HTTP_CONNECTION_MACHINE = Machine("http connection", "phase", (IDLE,), [
+    (IDLE, "request", BUSY),                # a request head is parsed (_begin)
+    (BUSY, "keep_alive", IDLE),             # the exchange is over, the connection persists
+    (IDLE, "upgrade", UPGRADED),            # RFC 9110 §7.8: handed over (_hand_over)
+    (IDLE, "close_after_flush", CLOSING),   # no more requests: flush, then linger
+    (BUSY, "close_after_flush", CLOSING),
+    (IDLE, "close", CLOSED),                # closed now (close, abort), or lingering
+    (BUSY, "close", CLOSED),
+    (CLOSING, "close", CLOSED),
+])
+HTTP_CONNECTION_MOVES = HTTP_CONNECTION_MACHINE.moves
+
+# A WebSocket's socket: the protocol's own phases are WEBSOCKET_MACHINE
+# (section 7); this one is only the socket's.
+SOCKET_MACHINE = Machine("websocket socket", "phase", (OPEN,), [
+    (OPEN, "close_after_flush", CLOSING),
+    (OPEN, "close", CLOSED),
+    (CLOSING, "close", CLOSED),
+])
+
+
 class Connection:
     """What every kind of client connection shares: its stream and Transport,
     reading (the reader callback, pause and resume), the common part of its
@@ -3536,8 +3718,8 @@ class Connection:
       the next head's first bytes arrive).
     """
 
-    closed = False          # the socket is closed (or handed to a _Linger)
-    closing = False         # no more requests: flushing, then closing
+    MACHINE = SOCKET_MACHINE  # the socket's phases; ``phase`` holds one
+    phase = OPEN
     reading = False         # the reader callback is registered
     peer_eof = False        # the client sent FIN
     advancing = False       # inside _advance (no re-entry)
@@ -3557,6 +3739,16 @@ class Connection:
         transport.on_error = self._write_failed
         self.last_activity = self.loop.now        # last byte received
         self.bytes_in = 0                         # bytes received on this socket
+
+    @property
+    def closed(self):
+        """The socket is closed, lingering, or handed to another owner."""
+        return self.phase is CLOSED or self.phase is UPGRADED
+
+    @property
+    def closing(self):
+        """No more requests: what is queued is flushed, then the socket lingers."""
+        return self.phase is CLOSING
 
     # -- reading ------------------------------------------------------------------
 
@@ -3630,27 +3822,22 @@ class Connection:
             apply_proxy_headers(scope, self.client, trusted)
         return scope
 
-    def start_app(self, scope, receive, send, on_exit, what):
-        """Start the application on ``scope`` (start_application); its Task,
-        or None when it cannot start -- the call raised, or returned
-        neither a generator nor a coroutine -- which is logged at ERROR
-        naming ``what()`` (the request); the caller then answers 500."""
-        try:
-            return start_application(self.server.app, scope, receive, send, self.loop,
-                                     on_exit)
-        except NotACoroutine as exc:
-            self.log.error("TypeError: %s, for %s", exc, what())
-        except Exception:
-            self.log.error("application raised when called: %s\n%s", what(),
-                           traceback.format_exc().rstrip())
-        return None
+    def cannot_start(self, exc, what):
+        """start_application raised CannotStart for the request ``what``.
+        Logged at ERROR; the caller answers 500 (docs/spec.md, CORE-APP-4)."""
+        cause = exc.__cause__
+        if cause is None:
+            self.log.error("TypeError: %s, for %s", exc, what)
+        else:
+            self.log.error("application raised when called: %s\n%s", what, "".join(
+                traceback.format_exception(type(cause), cause, cause.__traceback__)).rstrip())
 
     # -- the end --------------------------------------------------------------------
 
     def close_after_flush(self):
-        if self.closing or self.closed:
+        if self.phase is CLOSING or self.closed:
             return
-        self.closing = True
+        self.phase = self.MACHINE.moves[self.phase]["close_after_flush"]
         self.transport.when_flushed(self._linger)
 
     def _linger(self):
@@ -3666,7 +3853,7 @@ class Connection:
             self.stream.close()
 
     def _release(self):
-        self.closed = True
+        self.phase = self.MACHINE.moves[self.phase]["close"]
         self.reading = False
         self.transport.close()
         self.loop.forget(self.fd)
@@ -3706,7 +3893,11 @@ def apply_proxy_headers(scope, peer, trusted):
 
 
 class HTTPConnection(Connection):
-    """One client socket: parser in, transport out, one exchange at a time."""
+    """One client socket: parser in, transport out, one exchange at a time
+    (HTTP_CONNECTION_MACHINE)."""
+
+    MACHINE = HTTP_CONNECTION_MACHINE
+    phase = IDLE
 
     def __init__(self, server, stream):
         config = server.config
@@ -3733,9 +3924,7 @@ class HTTPConnection(Connection):
 
     def __repr__(self):
         return "<HTTPConnection fd=%d client=%r requests=%d %s>" % (
-            self.fd, self.client, self.requests,
-            "closed" if self.closed else "closing" if self.closing else
-            "busy" if self.exchange else "idle")
+            self.fd, self.client, self.requests, self.phase)
 
     def start(self):
         self.resume_reading()
@@ -3758,7 +3947,7 @@ class HTTPConnection(Connection):
         return now - self.body_started - paused
 
     def _received(self, data):
-        if self.closing:
+        if self.phase is CLOSING:
             return        # a closing connection drops what still arrives
         parser = self.parser
         if parser.in_head and not parser.buffered:
@@ -3772,10 +3961,10 @@ class HTTPConnection(Connection):
 
     def _on_eof(self):
         exchange = self.exchange
-        if exchange is None or self.closing:
+        if self.phase is not BUSY:
             self.close()          # idle, or between requests: nothing is lost
-        elif not exchange.body_complete or (exchange.FIN_ENDS_RESPONSE
-                                            and not exchange.response_done):
+        elif exchange.request_phase is not BODY_DONE or (
+                exchange.FIN_ENDS_RESPONSE and exchange.response_phase not in _RESPONSE_DONE):
             self.abort("client_closed")
         # Otherwise the request is complete and the client only half-closed:
         # the response still goes out, then the connection closes.  (A client
@@ -3796,7 +3985,7 @@ class HTTPConnection(Connection):
     def _advance_loop(self):
         parser = self.parser
         limit = self.config.max_receive_queue
-        while not self.closed and not self.closing:
+        while self.phase is IDLE or self.phase is BUSY:
             exchange = self.exchange
             if exchange is None:
                 try:
@@ -3809,7 +3998,7 @@ class HTTPConnection(Connection):
                     return
                 self._begin(event)
                 continue
-            if exchange.body_complete:
+            if exchange.request_phase is BODY_DONE:
                 # Bytes of pipelined requests wait in the parser until this
                 # exchange is over; past a bound, stop reading them.
                 if parser.buffered > _PIPELINE_BUFFER:
@@ -3851,21 +4040,23 @@ class HTTPConnection(Connection):
                 self._hand_over(upgrade, head)
                 return
         self.requests += 1
+        self.phase = HTTP_CONNECTION_MOVES[self.phase]["request"]
         kind = self.server.event_stream_exchange if head.event_stream else Exchange
-        exchange = self.exchange = kind(self, head)
+        exchange = self.exchange = kind(self, head)    # its request phase is BODY_DONE ...
         if not head.chunked and not head.content_length:
-            self.parser.next_event()      # the EndOfMessage of a body-less request
-            exchange.body_complete = True
+            self.parser.next_event()      # ... after the EndOfMessage of a body-less request
         elif head.expect_continue:
             self.body_started = None      # the client waits for the 100 (Exchange.receive)
         else:
             self.start_body_clock()
-        if self.start_app(exchange.scope(), exchange.receive, exchange.send,
-                          exchange.app_exited, exchange.what) is None:
+        try:
+            start_application(server.app, exchange.scope(), exchange.receive, exchange.send,
+                              self.loop, exchange.app_exited)
+        except CannotStart as exc:
+            self.cannot_start(exc, exchange.what())
             # PAGI HTTP "Application Produced No Response": the backstop 500.
-            exchange.app_done = True
-            exchange.state._started = True
             self.respond_error(500, "Internal Server Error", "server_error")
+            exchange.app_phase = APPLICATION_MOVES[exchange.app_phase]["returned"]
 
     def _hand_over(self, upgrade, head):
         """RFC 9110 §7.8: the socket now speaks another protocol; its new
@@ -3873,7 +4064,7 @@ class HTTPConnection(Connection):
         self.requests += 1
         if not head.chunked and not head.content_length:
             self.parser.next_event()      # the EndOfMessage of the handshake
-        self.closed = True                # this object is done with the socket
+        self.phase = HTTP_CONNECTION_MOVES[self.phase]["upgrade"]   # done with the socket
         self.reading = False
         self.loop.remove_reader(self.fd)
         self.server.connection_closed(self)   # the new owner takes the slot
@@ -3904,7 +4095,7 @@ class HTTPConnection(Connection):
                     self.respond_error(408, "Request Timeout", None)
             elif now - self.last_activity > config.keepalive_timeout:
                 self.close()
-        elif exchange.body_complete:
+        elif exchange.request_phase is BODY_DONE:
             pass
         elif self.reading and now - max(
                 self.last_activity, transport.last_progress) > config.client_timeout:
@@ -3956,34 +4147,35 @@ class HTTPConnection(Connection):
 
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""
-        if exchange.head_sent or exchange.response_done:
+        if exchange.response_phase in _HEAD_OUT:
             self.abort(err.reason)
         else:
-            exchange.state._started = True
             self.respond_error(err.status, err.message, err.reason)
 
     # -- the end of an exchange ----------------------------------------------------
 
-    def exchange_progress(self, exchange):
-        """Called when the response is delivered, the application returns, or a
-        discarded body ends: once all are done, go on to the next request."""
-        if exchange is not self.exchange or self.closed:
-            return
-        if not (exchange.app_done and exchange.delivered):
+    def exchange_over(self, exchange):
+        """The exchange is over (Exchange._settle decides): its response
+        delivered and its application returned.  Go on to the next request
+        -- after dropping what is left of its body -- or close."""
+        if exchange is not self.exchange or self.phase is not BUSY:
             return
         if not exchange.keep_alive or self.peer_eof or self.server.shutting_down:
             self.close_after_flush()
             return
-        if not exchange.body_complete:
-            # The application did not read the whole body: drop the rest
-            # before the next request can be read (RFC 9112 §9.3).
-            exchange.discarding = True
-            exchange.queue.clear()
-            self.resume_reading()
-            if not self.advancing:
-                self.loop.call_soon(self._advance)
+        if exchange.request_phase is not BODY_DONE:
+            if exchange.request_phase is BODY:
+                # The application did not read the whole body: drop the rest
+                # before the next request can be read (RFC 9112 §9.3); its
+                # end enters BODY_DONE, and this runs again.
+                exchange.request_phase = REQUEST_MOVES[BODY]["discard"]
+                exchange.queue.clear()
+                self.resume_reading()
+                if not self.advancing:
+                    self.loop.call_soon(self._advance)
             return
         self.exchange = None
+        self.phase = HTTP_CONNECTION_MOVES[self.phase]["keep_alive"]
         self.transport.forget_callbacks()   # they belonged to that request
         self.last_activity = self.head_started = self.loop.now
         self.resume_reading()
@@ -4008,6 +4200,8 @@ class HTTPConnection(Connection):
         self.transport.write(response)
         exchange = self.exchange
         if exchange is not None and reason is not None:
+            exchange.response_phase = RESPONSE_MOVES[exchange.response_phase]["server_answer"]
+            exchange.state._started = True
             exchange.status = status
             exchange.headers = None
             exchange.disconnected(reason)
@@ -4065,6 +4259,20 @@ _OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
 _WS_CLOSE_TIMEOUT = 5.0    # seconds to wait for the client's close frame
 _PERMESSAGE_DEFLATE = "websocket.permessage-deflate"   # its scope["extensions"] key
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = "connecting", "open", "closing", "closed"
+
+# RFC 6455's phases of one session, as WebSocketConnection keeps them in
+# ``state`` (its socket's phase is Connection's SOCKET_MACHINE).
+WEBSOCKET_MACHINE = Machine("websocket", "state", (_CONNECTING,), [
+    (_CONNECTING, "accept", _OPEN),         # websocket.accept: the 101 is written
+    (_CONNECTING, "refuse", _CLOSED),       # a bad handshake, websocket.close, 403/500/503
+    (_CONNECTING, "denied", _CLOSED),       # the application's denial response ended
+    (_CONNECTING, "ended", _CLOSED),        # the client left before an answer
+    (_OPEN, "close", _CLOSING),             # our close frame is sent (§7.1.2)
+    (_OPEN, "ended", _CLOSED),              # websocket.disconnect decided
+    (_CLOSING, "ended", _CLOSED),
+    (_CLOSED, "ended", _CLOSED),            # the disconnect event decided after a refusal
+])
+WEBSOCKET_MOVES = WEBSOCKET_MACHINE.moves
 
 
 class FrameError(Exception):
@@ -4535,7 +4743,7 @@ class WebSocketConnection(Connection):
         loop = self.loop
         self.access_client = self.client   # %h: the scope's client (--proxy-headers)
         self.head = head
-        self.state = _CONNECTING
+        self.state = _CONNECTING      # WEBSOCKET_MACHINE
         self.queue = collections.deque([{"type": "websocket.connect"}])
         self.waiter = None            # a pending receive()
         self.disconnect = None        # the websocket.disconnect event, once decided
@@ -4562,7 +4770,7 @@ class WebSocketConnection(Connection):
             status, message, headers = error
             self.status = status
             transport.write(error_response(status, message, headers, server.stamp))
-            self.state = _CLOSED
+            self.state = WEBSOCKET_MOVES[self.state]["refuse"]
             self.close_after_flush()
             return
         subprotocols = []
@@ -4583,8 +4791,11 @@ class WebSocketConnection(Connection):
         scope["subprotocols"] = subprotocols
         self.access_client = scope["client"]
         self.resume_reading()
-        if self.start_app(scope, self.receive, self.send, self._app_exited,
-                          lambda: "websocket %s" % head.target.decode("latin-1")) is None:
+        try:
+            start_application(server.app, scope, self.receive, self.send, loop,
+                              self._app_exited, "websocket")
+        except CannotStart as exc:
+            self.cannot_start(exc, "websocket %s" % head.target.decode("latin-1"))
             # Not accepted: the handshake's answer is the backstop 500.
             self._refuse(500, "Internal Server Error")
 
@@ -4635,7 +4846,7 @@ class WebSocketConnection(Connection):
         """Decide the websocket.disconnect event (once) and deliver it."""
         if self.disconnect is not None:
             return
-        self.state = _CLOSED
+        self.state = WEBSOCKET_MOVES[self.state]["ended"]
         self.ping_due = self.pong_due = self.close_due = None
         self.disconnect = {"type": "websocket.disconnect", "code": code, "reason": reason}
         self._deliver(dict(self.disconnect))
@@ -4679,7 +4890,7 @@ class WebSocketConnection(Connection):
         lines += [name + b": " + value + b"\r\n" for name, value in headers]
         lines.append(self.server.stamp.lines(headers))
         self.transport.write(b"".join(lines) + b"\r\n")
-        self.state = _OPEN
+        self.state = WEBSOCKET_MOVES[self.state]["accept"]
         self.resume_reading()
         self.loop.call_soon(self._advance)   # frames that came early
         return self.transport.suspend()
@@ -4804,7 +5015,7 @@ class WebSocketConnection(Connection):
         if not more:
             # The WebSocket never opened: no websocket.disconnect is owed,
             # but a receive() still gets one rather than waiting forever.
-            self.state = _CLOSED
+            self.state = WEBSOCKET_MOVES[self.state]["denied"]
             self.disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
             self.close_after_flush()
         return self.transport.suspend()
@@ -4879,7 +5090,7 @@ class WebSocketConnection(Connection):
 
     def _start_close(self, code, reason):
         self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code, reason)))
-        self.state = _CLOSING
+        self.state = WEBSOCKET_MOVES[self.state]["close"]
         self.close_due = self.loop.now + _WS_CLOSE_TIMEOUT
 
     def _protocol_error(self, code, message):
@@ -4909,7 +5120,7 @@ class WebSocketConnection(Connection):
     def _refuse(self, status, message):
         self.status = status
         self.transport.write(error_response(status, message, stamp=self.server.stamp))
-        self.state = _CLOSED
+        self.state = WEBSOCKET_MOVES[self.state]["refuse"]
         self.close_after_flush()
 
     def _app_exited(self, task):
@@ -5139,7 +5350,7 @@ class SSEExchange(Exchange):
         if self.keepalive_timer is not None:
             self.keepalive_timer.cancel()
             self.keepalive_timer = None
-        if not self.body_ended:
+        if self.response_phase not in _BODY_ENDED:
             self._send_body({"body": b"", "more": 0})
 
     def disconnected(self, reason):
@@ -5156,7 +5367,7 @@ class SSEExchange(Exchange):
             return
         self.disconnected("server_shutdown")
         self.stream_closed = True
-        if not self.body_ended:
+        if self.response_phase not in _BODY_ENDED:
             self._send_body({"body": b"", "more": 0})
         self.conn.close_after_flush()
 
@@ -5221,8 +5432,8 @@ class Lifespan:
         try:
             self.task = start_application(self.app, self.scope, self.receive, self.send,
                                           self.loop, self._exited, "lifespan")
-        except Exception as exc:
-            self._decline(exc)      # a lifespan that cannot start is declined
+        except CannotStart as exc:
+            self._decline(exc.__cause__ or exc)   # a lifespan that cannot start is declined
 
     def receive(self):
         if self.queue:

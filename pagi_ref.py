@@ -15,6 +15,7 @@ Contents (each section uses only the sections above it):
      2. Reactor                -- a selectors loop: ready queue, timers, self-pipe
      3. Futures and tasks      -- Future, Task, sleep, spawn, wait_any, wait_all
      4. HTTP/1.1 wire format   -- sans-I/O request parser, response serializer
+    4a. HPACK                  -- RFC 7541: header compression for HTTP/2
      5. Outgoing buffer        -- counted bytes, watermarks, pagi.transport
      6. Connections            -- the http scope, receive/send, pagi.connection
      7. WebSocket              -- RFC 6455: handshake, frame codec, the session;
@@ -109,6 +110,7 @@ __all__ = [
     "Loop", "get_loop",
     "Future", "Task", "CancelledError", "sleep", "spawn", "wait_any", "wait_all", "to_thread",
     "HTTPError", "EventError", "RequestParser", "RequestHead", "EndOfMessage",
+    "HPACKDecoder", "HPACKEncoder", "HPACKError", "HeaderListTooLarge",
     "SocketStream", "TLSStream", "Transport", "ConnectionState", "Exchange", "HTTPConnection",
     "FrameParser", "FrameError", "PerMessageDeflate", "WebSocketConnection",
     "SSEExchange", "Lifespan", "LifespanFailed",
@@ -1984,6 +1986,697 @@ def decode_path(raw_path):
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")
+
+
+# ============================================================================
+# 4a. HPACK: header compression for HTTP/2 (RFC 7541)
+#
+# HTTP/2 sends every header list compressed.  Each direction of a
+# connection has an encoding context at the sender and a decoding context
+# at the receiver, each with a dynamic table (RFC 7541 §2.3.2) that the
+# representations in a header block change in step, so a context must see
+# every block of its direction, in order.  Names and values are bytes,
+# either literal or Huffman-coded with the static code of Appendix B.
+#
+#   HPACKDecoder.decode(block) -> [(name, value), ...]   the peer's blocks
+#   HPACKEncoder.encode([(name, value), ...]) -> block   our blocks
+#
+# A block is a whole field block: HEADERS plus its CONTINUATION frames,
+# joined by the caller.  What must not go in here: frames, streams,
+# SETTINGS, sockets, PAGI.  HPACK knows header lists, not requests: whether
+# a name is lower-case, a pseudo-header allowed, a value free of CR and LF
+# is the HTTP/2 layer's question (RFC 9113 §8.2); this section says only
+# what the block held, and never reports "never indexed" flags (a server
+# does not forward fields, so it has no use for them).
+#
+# Before you edit -- what tests/test_hpack.py holds this section to:
+#
+#   * Only HPACKError leaves decode(), whatever the bytes.  Every HPACKError
+#     is a COMPRESSION_ERROR (RFC 9113 §4.3), a connection error: the table
+#     can no longer be trusted, so the decoder refuses every later block --
+#     except HeaderListTooLarge.  That one is raised after the whole block
+#     was read and its table changes applied, so the table is still in step
+#     with the peer's and the connection can refuse just the stream (RFC
+#     9113 §10.5.1: 431, or RST_STREAM).
+#   * Linear time and bounded memory on any block.  An integer ends within
+#     four continuation octets; a Huffman string is decoded by a table, one
+#     step per 4 bits; a header list past max_header_list_size is counted,
+#     not kept, so a small block that names a big table entry a thousand
+#     times (an "HPACK bomb") costs a thousand lookups, not a thousand copies.
+# ============================================================================
+
+class HPACKError(Exception):
+    """A header block that cannot be decoded: RFC 9113 §4.3 makes it a
+    connection error of type COMPRESSION_ERROR.  The message says what was
+    wrong; the decoder that raised it refuses every later block."""
+
+
+class HeaderListTooLarge(HPACKError):
+    """The decoded header list is larger than ``max_header_list_size``
+    (RFC 9113 §6.5.2: the sum of len(name) + len(value) + 32 per field).
+
+    Unlike its parent this is not a connection error: the block was decoded
+    to its end, its dynamic table changes applied and its fields dropped,
+    so the connection can answer the stream with 431 or RST_STREAM (RFC
+    9113 §10.5.1) and go on decoding.  ``size`` is the list's size, ``limit``
+    the limit it broke.
+    """
+
+    def __init__(self, size, limit):
+        HPACKError.__init__(self, "header list of %d octets is larger than the limit of %d "
+                            "(SETTINGS_MAX_HEADER_LIST_SIZE, RFC 9113 §10.5.1)" % (size, limit))
+        self.size = size
+        self.limit = limit
+
+
+# RFC 7541 Appendix A: the static table.  Index 1 is STATIC_TABLE[0].
+STATIC_TABLE = (
+    (b":authority", b""),                       # 1
+    (b":method", b"GET"),                       # 2
+    (b":method", b"POST"),                      # 3
+    (b":path", b"/"),                           # 4
+    (b":path", b"/index.html"),                 # 5
+    (b":scheme", b"http"),                      # 6
+    (b":scheme", b"https"),                     # 7
+    (b":status", b"200"),                       # 8
+    (b":status", b"204"),                       # 9
+    (b":status", b"206"),                       # 10
+    (b":status", b"304"),                       # 11
+    (b":status", b"400"),                       # 12
+    (b":status", b"404"),                       # 13
+    (b":status", b"500"),                       # 14
+    (b"accept-charset", b""),                   # 15
+    (b"accept-encoding", b"gzip, deflate"),     # 16
+    (b"accept-language", b""),                  # 17
+    (b"accept-ranges", b""),                    # 18
+    (b"accept", b""),                           # 19
+    (b"access-control-allow-origin", b""),      # 20
+    (b"age", b""),                              # 21
+    (b"allow", b""),                            # 22
+    (b"authorization", b""),                    # 23
+    (b"cache-control", b""),                    # 24
+    (b"content-disposition", b""),              # 25
+    (b"content-encoding", b""),                 # 26
+    (b"content-language", b""),                 # 27
+    (b"content-length", b""),                   # 28
+    (b"content-location", b""),                 # 29
+    (b"content-range", b""),                    # 30
+    (b"content-type", b""),                     # 31
+    (b"cookie", b""),                           # 32
+    (b"date", b""),                             # 33
+    (b"etag", b""),                             # 34
+    (b"expect", b""),                           # 35
+    (b"expires", b""),                          # 36
+    (b"from", b""),                             # 37
+    (b"host", b""),                             # 38
+    (b"if-match", b""),                         # 39
+    (b"if-modified-since", b""),                # 40
+    (b"if-none-match", b""),                    # 41
+    (b"if-range", b""),                         # 42
+    (b"if-unmodified-since", b""),              # 43
+    (b"last-modified", b""),                    # 44
+    (b"link", b""),                             # 45
+    (b"location", b""),                         # 46
+    (b"max-forwards", b""),                     # 47
+    (b"proxy-authenticate", b""),               # 48
+    (b"proxy-authorization", b""),              # 49
+    (b"range", b""),                            # 50
+    (b"referer", b""),                          # 51
+    (b"refresh", b""),                          # 52
+    (b"retry-after", b""),                      # 53
+    (b"server", b""),                           # 54
+    (b"set-cookie", b""),                       # 55
+    (b"strict-transport-security", b""),        # 56
+    (b"transfer-encoding", b""),                # 57
+    (b"user-agent", b""),                       # 58
+    (b"vary", b""),                             # 59
+    (b"via", b""),                              # 60
+    (b"www-authenticate", b""),                 # 61
+)
+# The encoder's lookups: a whole field, and a name (its first index).
+_STATIC_FIELD_INDEX = {field: i + 1 for i, field in enumerate(STATIC_TABLE)}
+_STATIC_NAME_INDEX = {}
+for _i, (_name, _value) in enumerate(STATIC_TABLE):
+    _STATIC_NAME_INDEX.setdefault(_name, _i + 1)
+del _i, _name, _value
+
+# RFC 7541 Appendix B: the Huffman code, as (code, length in bits) for the
+# symbols 0 to 255 and EOS (256) -- the appendix's "code as hex aligned to
+# LSB" and "len in bits" columns, four symbols a row.
+_HUFFMAN_CODE = (
+    (0x1ff8, 13), (0x7fffd8, 23), (0xfffffe2, 28), (0xfffffe3, 28),        # 0-3
+    (0xfffffe4, 28), (0xfffffe5, 28), (0xfffffe6, 28), (0xfffffe7, 28),    # 4-7
+    (0xfffffe8, 28), (0xffffea, 24), (0x3ffffffc, 30), (0xfffffe9, 28),    # 8-11
+    (0xfffffea, 28), (0x3ffffffd, 30), (0xfffffeb, 28), (0xfffffec, 28),   # 12-15
+    (0xfffffed, 28), (0xfffffee, 28), (0xfffffef, 28), (0xffffff0, 28),    # 16-19
+    (0xffffff1, 28), (0xffffff2, 28), (0x3ffffffe, 30), (0xffffff3, 28),   # 20-23
+    (0xffffff4, 28), (0xffffff5, 28), (0xffffff6, 28), (0xffffff7, 28),    # 24-27
+    (0xffffff8, 28), (0xffffff9, 28), (0xffffffa, 28), (0xffffffb, 28),    # 28-31
+    (0x14, 6), (0x3f8, 10), (0x3f9, 10), (0xffa, 12),                      # ' ' '!' '"' '#'
+    (0x1ff9, 13), (0x15, 6), (0xf8, 8), (0x7fa, 11),                       # '$' '%' '&' "'"
+    (0x3fa, 10), (0x3fb, 10), (0xf9, 8), (0x7fb, 11),                      # '(' ')' '*' '+'
+    (0xfa, 8), (0x16, 6), (0x17, 6), (0x18, 6),                            # ',' '-' '.' '/'
+    (0x0, 5), (0x1, 5), (0x2, 5), (0x19, 6),                               # '0' '1' '2' '3'
+    (0x1a, 6), (0x1b, 6), (0x1c, 6), (0x1d, 6),                            # '4' '5' '6' '7'
+    (0x1e, 6), (0x1f, 6), (0x5c, 7), (0xfb, 8),                            # '8' '9' ':' ';'
+    (0x7ffc, 15), (0x20, 6), (0xffb, 12), (0x3fc, 10),                     # '<' '=' '>' '?'
+    (0x1ffa, 13), (0x21, 6), (0x5d, 7), (0x5e, 7),                         # '@' 'A' 'B' 'C'
+    (0x5f, 7), (0x60, 7), (0x61, 7), (0x62, 7),                            # 'D' 'E' 'F' 'G'
+    (0x63, 7), (0x64, 7), (0x65, 7), (0x66, 7),                            # 'H' 'I' 'J' 'K'
+    (0x67, 7), (0x68, 7), (0x69, 7), (0x6a, 7),                            # 'L' 'M' 'N' 'O'
+    (0x6b, 7), (0x6c, 7), (0x6d, 7), (0x6e, 7),                            # 'P' 'Q' 'R' 'S'
+    (0x6f, 7), (0x70, 7), (0x71, 7), (0x72, 7),                            # 'T' 'U' 'V' 'W'
+    (0xfc, 8), (0x73, 7), (0xfd, 8), (0x1ffb, 13),                         # 'X' 'Y' 'Z' '['
+    (0x7fff0, 19), (0x1ffc, 13), (0x3ffc, 14), (0x22, 6),                  # '\' ']' '^' '_'
+    (0x7ffd, 15), (0x3, 5), (0x23, 6), (0x4, 5),                           # '`' 'a' 'b' 'c'
+    (0x24, 6), (0x5, 5), (0x25, 6), (0x26, 6),                             # 'd' 'e' 'f' 'g'
+    (0x27, 6), (0x6, 5), (0x74, 7), (0x75, 7),                             # 'h' 'i' 'j' 'k'
+    (0x28, 6), (0x29, 6), (0x2a, 6), (0x7, 5),                             # 'l' 'm' 'n' 'o'
+    (0x2b, 6), (0x76, 7), (0x2c, 6), (0x8, 5),                             # 'p' 'q' 'r' 's'
+    (0x9, 5), (0x2d, 6), (0x77, 7), (0x78, 7),                             # 't' 'u' 'v' 'w'
+    (0x79, 7), (0x7a, 7), (0x7b, 7), (0x7ffe, 15),                         # 'x' 'y' 'z' '{'
+    (0x7fc, 11), (0x3ffd, 14), (0x1ffd, 13), (0xffffffc, 28),              # '|' '}' '~' 127
+    (0xfffe6, 20), (0x3fffd2, 22), (0xfffe7, 20), (0xfffe8, 20),           # 128-131
+    (0x3fffd3, 22), (0x3fffd4, 22), (0x3fffd5, 22), (0x7fffd9, 23),        # 132-135
+    (0x3fffd6, 22), (0x7fffda, 23), (0x7fffdb, 23), (0x7fffdc, 23),        # 136-139
+    (0x7fffdd, 23), (0x7fffde, 23), (0xffffeb, 24), (0x7fffdf, 23),        # 140-143
+    (0xffffec, 24), (0xffffed, 24), (0x3fffd7, 22), (0x7fffe0, 23),        # 144-147
+    (0xffffee, 24), (0x7fffe1, 23), (0x7fffe2, 23), (0x7fffe3, 23),        # 148-151
+    (0x7fffe4, 23), (0x1fffdc, 21), (0x3fffd8, 22), (0x7fffe5, 23),        # 152-155
+    (0x3fffd9, 22), (0x7fffe6, 23), (0x7fffe7, 23), (0xffffef, 24),        # 156-159
+    (0x3fffda, 22), (0x1fffdd, 21), (0xfffe9, 20), (0x3fffdb, 22),         # 160-163
+    (0x3fffdc, 22), (0x7fffe8, 23), (0x7fffe9, 23), (0x1fffde, 21),        # 164-167
+    (0x7fffea, 23), (0x3fffdd, 22), (0x3fffde, 22), (0xfffff0, 24),        # 168-171
+    (0x1fffdf, 21), (0x3fffdf, 22), (0x7fffeb, 23), (0x7fffec, 23),        # 172-175
+    (0x1fffe0, 21), (0x1fffe1, 21), (0x3fffe0, 22), (0x1fffe2, 21),        # 176-179
+    (0x7fffed, 23), (0x3fffe1, 22), (0x7fffee, 23), (0x7fffef, 23),        # 180-183
+    (0xfffea, 20), (0x3fffe2, 22), (0x3fffe3, 22), (0x3fffe4, 22),         # 184-187
+    (0x7ffff0, 23), (0x3fffe5, 22), (0x3fffe6, 22), (0x7ffff1, 23),        # 188-191
+    (0x3ffffe0, 26), (0x3ffffe1, 26), (0xfffeb, 20), (0x7fff1, 19),        # 192-195
+    (0x3fffe7, 22), (0x7ffff2, 23), (0x3fffe8, 22), (0x1ffffec, 25),       # 196-199
+    (0x3ffffe2, 26), (0x3ffffe3, 26), (0x3ffffe4, 26), (0x7ffffde, 27),    # 200-203
+    (0x7ffffdf, 27), (0x3ffffe5, 26), (0xfffff1, 24), (0x1ffffed, 25),     # 204-207
+    (0x7fff2, 19), (0x1fffe3, 21), (0x3ffffe6, 26), (0x7ffffe0, 27),       # 208-211
+    (0x7ffffe1, 27), (0x3ffffe7, 26), (0x7ffffe2, 27), (0xfffff2, 24),     # 212-215
+    (0x1fffe4, 21), (0x1fffe5, 21), (0x3ffffe8, 26), (0x3ffffe9, 26),      # 216-219
+    (0xffffffd, 28), (0x7ffffe3, 27), (0x7ffffe4, 27), (0x7ffffe5, 27),    # 220-223
+    (0xfffec, 20), (0xfffff3, 24), (0xfffed, 20), (0x1fffe6, 21),          # 224-227
+    (0x3fffe9, 22), (0x1fffe7, 21), (0x1fffe8, 21), (0x7ffff3, 23),        # 228-231
+    (0x3fffea, 22), (0x3fffeb, 22), (0x1ffffee, 25), (0x1ffffef, 25),      # 232-235
+    (0xfffff4, 24), (0xfffff5, 24), (0x3ffffea, 26), (0x7ffff4, 23),       # 236-239
+    (0x3ffffeb, 26), (0x7ffffe6, 27), (0x3ffffec, 26), (0x3ffffed, 26),    # 240-243
+    (0x7ffffe7, 27), (0x7ffffe8, 27), (0x7ffffe9, 27), (0x7ffffea, 27),    # 244-247
+    (0x7ffffeb, 27), (0xffffffe, 28), (0x7ffffec, 27), (0x7ffffed, 27),    # 248-251
+    (0x7ffffee, 27), (0x7ffffef, 27), (0x7fffff0, 27), (0x3ffffee, 26),    # 252-255
+    (0x3fffffff, 30),                                                      # EOS
+)
+_HUFFMAN_EOS = 256
+# For the encoder: each octet's code as a string of "0" and "1", and its
+# length in bits as a bytes.translate table.
+_HUFFMAN_BIT_STRINGS = tuple(format(code, "0%db" % bits) for code, bits in _HUFFMAN_CODE[:256])
+_HUFFMAN_LENGTHS = bytes(bits for _code, bits in _HUFFMAN_CODE[:256])
+
+
+def huffman_encode(data):
+    """RFC 7541 §5.2: ``data`` Huffman-coded, the last octet padded with the
+    most significant bits of EOS (ones)."""
+    bits = "".join(map(_HUFFMAN_BIT_STRINGS.__getitem__, data))
+    padding = -len(bits) % 8
+    # int() of a base-2 string has no digit limit and takes linear time.
+    return int(bits + "1" * padding, 2).to_bytes((len(bits) + padding) // 8, "big") \
+        if bits else b""
+
+
+def huffman_length(data):
+    """The length in octets of huffman_encode(data), without encoding it."""
+    return (sum(data.translate(_HUFFMAN_LENGTHS)) + 7) // 8
+
+
+@functools.lru_cache(maxsize=None)
+def _huffman_decoder():
+    """The Huffman decoder as a state machine that reads 4 bits a step,
+    built from _HUFFMAN_CODE on first use (a few milliseconds, once per
+    process; a server that never speaks HTTP/2 never pays it).
+
+    A state is an inner node of the code's binary tree: the bits read since
+    the last whole symbol.  ``steps[state + nibble]`` is ``(next state,
+    symbol or -1)``; states are numbered in steps of 16 so that the lookup
+    is one addition.  No code is shorter than 5 bits, so a step ends at most
+    one symbol.  EOS leads to a dead state that every step keeps.
+    ``verdicts[state >> 4]`` is None where a string may end -- the root, or
+    up to 7 bits that are all ones (RFC 7541 §5.2) -- else the error."""
+    # The tree: children[node] = [child for bit 0, child for bit 1]; a
+    # child is a node number, or ~symbol for a leaf.  Node 0 is the root.
+    children = [[None, None]]
+    for symbol, (code, bits) in enumerate(_HUFFMAN_CODE):
+        node = 0
+        for shift in range(bits - 1, 0, -1):
+            bit = code >> shift & 1
+            if children[node][bit] is None:
+                children[node][bit] = len(children)
+                children.append([None, None])
+            node = children[node][bit]
+        children[node][code & 1] = ~symbol
+    dead = len(children)
+    steps = []
+    for node in range(dead):
+        for nibble in range(16):
+            at, symbol = node, -1
+            for shift in (3, 2, 1, 0):
+                at = children[at][nibble >> shift & 1]
+                if at == ~_HUFFMAN_EOS:
+                    at = dead
+                    break
+                if at < 0:
+                    symbol, at = ~at, 0
+            steps.append((at * 16, symbol))
+    steps.extend([(dead * 16, -1)] * 16)
+    # RFC 7541 §5.2: "A padding strictly longer than 7 bits MUST be treated
+    # as a decoding error.  A padding not corresponding to the most
+    # significant bits of the code for the EOS symbol MUST be treated as a
+    # decoding error.  A Huffman-encoded string literal containing the EOS
+    # symbol MUST be treated as a decoding error."
+    verdicts = ["Huffman string ends inside a symbol, or with padding that is not all "
+                "ones (RFC 7541 §5.2)"] * dead
+    verdicts.append("Huffman string contains the EOS symbol (RFC 7541 §5.2)")
+    node = 0
+    for ones in range(32):
+        verdicts[node] = None if ones <= 7 else (
+            "Huffman string ends with more than 7 bits of padding (RFC 7541 §5.2)")
+        node = children[node][1]
+        if node < 0:
+            break
+    return tuple(steps), tuple(verdicts)
+
+
+def huffman_decode(data):
+    """RFC 7541 §5.2: the octets Huffman-coded in ``data``; HPACKError for
+    bad padding or an EOS symbol."""
+    steps, verdicts = _huffman_decoder()
+    out = bytearray()
+    append = out.append
+    state = 0
+    for octet in data:
+        state, symbol = steps[state + (octet >> 4)]
+        if symbol >= 0:
+            append(symbol)
+        state, symbol = steps[state + (octet & 15)]
+        if symbol >= 0:
+            append(symbol)
+    verdict = verdicts[state >> 4]
+    if verdict is not None:
+        raise HPACKError(verdict)
+    return bytes(out)
+
+
+# RFC 7541 §7.4: "An implementation has to set a limit for the values it
+# accepts for integers, as well as for the encoded length."  Four
+# continuation octets carry 28 bits: more than any index, length or table
+# size a block we accept can hold.
+_INTEGER_MAX_CONTINUATION = 4
+
+
+def _encode_integer(value, prefix_bits, flags=0):
+    """RFC 7541 §5.1: ``value`` in the low ``prefix_bits`` of an octet whose
+    high bits are ``flags``; past the prefix, 7 bits per octet, least
+    significant first, the high bit set on all octets but the last."""
+    full = (1 << prefix_bits) - 1
+    if value < full:
+        return bytes((flags | value,))
+    out = bytearray((flags | full,))
+    value -= full
+    while value >= 128:
+        out.append(value & 0x7f | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _decode_integer(data, pos, prefix_bits):
+    """RFC 7541 §5.1: the integer whose prefix is in ``data[pos]``, as
+    (value, position after it)."""
+    full = (1 << prefix_bits) - 1
+    value = data[pos] & full
+    pos += 1
+    if value < full:
+        return value, pos
+    shift = 0
+    last = pos + _INTEGER_MAX_CONTINUATION
+    while pos < len(data):
+        if pos == last:
+            raise HPACKError("integer runs past %d continuation octets (RFC 7541 §7.4)"
+                             % _INTEGER_MAX_CONTINUATION)
+        octet = data[pos]
+        pos += 1
+        value += (octet & 0x7f) << shift
+        if octet < 0x80:
+            return value, pos
+        shift += 7
+    raise HPACKError("header block ends inside an integer (RFC 7541 §5.1)")
+
+
+def _decode_string(data, pos):
+    """RFC 7541 §5.2: the string literal at ``data[pos]`` -- a Huffman flag,
+    a 7-bit-prefix length, the octets -- as (bytes, position after it)."""
+    if pos >= len(data):
+        raise HPACKError("header block ends before a string literal (RFC 7541 §5.2)")
+    huffman = data[pos] & 0x80
+    length, pos = _decode_integer(data, pos, 7)
+    end = pos + length
+    if end > len(data):
+        raise HPACKError("string literal of %d octets runs past the end of the header block "
+                         "(RFC 7541 §5.2)" % length)
+    if huffman:
+        return huffman_decode(data[pos:end]), end
+    return data[pos:end], end
+
+
+def _encode_string(data):
+    """RFC 7541 §5.2: ``data`` as a string literal, Huffman-coded when that
+    is shorter."""
+    length = huffman_length(data)
+    if length < len(data):
+        return _encode_integer(length, 7, 0x80) + huffman_encode(data)
+    return _encode_integer(len(data), 7) + data
+
+
+# RFC 7541 §4.1: "The size of an entry is the sum of its name's length in
+# octets ..., its value's length in octets, and 32."  RFC 9113 §6.5.2
+# counts a header list's size the same way.
+_ENTRY_OVERHEAD = 32
+
+
+class HPACKDecoder:
+    """The decoding context of the header blocks one peer sends on one
+    HTTP/2 connection.
+
+    ``max_table_size`` is the SETTINGS_HEADER_TABLE_SIZE we advertised:
+    the most a dynamic table size update may ask for (RFC 7541 §6.3).  Set
+    it when the peer acknowledges a new value; a value below the table's
+    current size requires the peer's next block to begin with a size update
+    (RFC 7541 §4.2).  ``max_header_list_size`` is the largest header list
+    decode() returns (RFC 9113 §6.5.2); a larger one raises
+    HeaderListTooLarge.
+    """
+
+    def __init__(self, max_table_size=4096, max_header_list_size=65536):
+        self.max_header_list_size = max_header_list_size
+        self._entries = collections.deque()     # (name, value), newest first: index 62 is [0]
+        self._size = 0                          # RFC 7541 §4.1 size of the entries
+        self._limit = max_table_size            # the table's maximum size, as last signalled
+        self._max_table_size = max_table_size   # the most a size update may signal
+        self._reduced_to = None                 # smallest max_table_size below _limit since
+                                                # the last block: the next must signal it
+        self._error = None                      # the HPACKError that ended this context
+
+    @property
+    def max_table_size(self):
+        return self._max_table_size
+
+    @max_table_size.setter
+    def max_table_size(self, size):
+        # RFC 7541 §4.2: "the smallest maximum table size that occurs in
+        # that interval MUST be signaled in a dynamic table size update";
+        # the peer need not signal a limit it already keeps under.
+        self._max_table_size = size
+        if size < self._limit:
+            self._reduced_to = size if self._reduced_to is None else min(self._reduced_to, size)
+
+    @property
+    def table_size(self):
+        """The dynamic table's size in octets (RFC 7541 §4.1)."""
+        return self._size
+
+    @property
+    def dynamic_table(self):
+        """The dynamic table's entries, newest (index 62) first."""
+        return list(self._entries)
+
+    def decode(self, block):
+        """The header list in ``block``, one whole field block, as a list of
+        (name, value) pairs of bytes in the order they were sent."""
+        if self._error is not None:
+            raise HPACKError("decoding context unusable after an earlier error: %s" % self._error)
+        try:
+            return self._decode(bytes(block))
+        except HeaderListTooLarge:
+            raise
+        except HPACKError as exc:
+            self._error = exc
+            raise
+
+    def _decode(self, data):
+        end = len(data)
+        pos = 0
+        # RFC 7541 §4.2: "This dynamic table size update MUST occur at the
+        # beginning of the first header block following the change to the
+        # dynamic table size."  One or more (§4.2: the smallest, then the
+        # final size), before the first field.
+        signalled = None
+        while pos < end and data[pos] & 0xe0 == 0x20:
+            size, pos = _decode_integer(data, pos, 5)
+            # RFC 7541 §6.3: "The new maximum size MUST be lower than or
+            # equal to the limit determined by the protocol using HPACK.  A
+            # value that exceeds this limit MUST be treated as a decoding
+            # error."
+            if size > self._max_table_size:
+                raise HPACKError("dynamic table size update to %d, above the %d advertised in "
+                                 "SETTINGS_HEADER_TABLE_SIZE (RFC 7541 §6.3)"
+                                 % (size, self._max_table_size))
+            self._limit = size
+            self._evict(size)
+            signalled = size if signalled is None else min(signalled, size)
+        if self._reduced_to is not None:
+            if signalled is None or signalled > self._reduced_to:
+                raise HPACKError("header block does not begin with a dynamic table size update "
+                                 "to %d or less after SETTINGS_HEADER_TABLE_SIZE was lowered "
+                                 "(RFC 7541 §4.2)" % self._reduced_to)
+            self._reduced_to = None
+        headers = []
+        listed = 0                              # RFC 9113 §6.5.2 size of the list so far
+        limit = self.max_header_list_size
+        entries = self._entries
+        while pos < end:
+            octet = data[pos]
+            if octet & 0x80:
+                # RFC 7541 §6.1: an indexed header field, 1 + 7-bit index.
+                if octet != 0xff:
+                    index = octet & 0x7f
+                    pos += 1
+                else:
+                    index, pos = _decode_integer(data, pos, 7)
+                if 0 < index <= 61:
+                    field = STATIC_TABLE[index - 1]
+                elif 61 < index <= 61 + len(entries):
+                    field = entries[index - 62]
+                else:
+                    field = self._bad_index(index)
+            elif octet & 0x40:
+                # RFC 7541 §6.2.1: a literal with incremental indexing, 01 +
+                # 6-bit name index (0: a literal name follows), then the value.
+                field, pos = self._literal(data, pos, 6)
+                self._add(field)
+            elif octet & 0x20:
+                raise HPACKError("dynamic table size update after a header field "
+                                 "(RFC 7541 §4.2)")
+            else:
+                # RFC 7541 §6.2.2 and §6.2.3: a literal without indexing
+                # (0000) or never indexed (0001), with a 4-bit name index.
+                field, pos = self._literal(data, pos, 4)
+            listed += len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
+            if listed <= limit:
+                headers.append(field)
+            elif headers is not None:
+                headers = None                  # past the limit: count, keep nothing
+        if headers is None:
+            raise HeaderListTooLarge(listed, limit)
+        return headers
+
+    def _literal(self, data, pos, prefix_bits):
+        """A literal field's name (indexed or literal) and value: ((name,
+        value), position after them)."""
+        index, pos = _decode_integer(data, pos, prefix_bits)
+        if index:
+            if index <= 61:
+                name = STATIC_TABLE[index - 1][0]
+            elif index <= 61 + len(self._entries):
+                name = self._entries[index - 62][0]
+            else:
+                name = self._bad_index(index)[0]
+        else:
+            name, pos = _decode_string(data, pos)
+        value, pos = _decode_string(data, pos)
+        return (name, value), pos
+
+    def _bad_index(self, index):
+        # RFC 7541 §6.1: "The index value of 0 is not used.  It MUST be
+        # treated as a decoding error if found in an indexed header field
+        # representation."  §2.3.3: "Indices strictly greater than the sum of
+        # the lengths of both tables MUST be treated as a decoding error."
+        if index == 0:
+            raise HPACKError("indexed header field with index 0 (RFC 7541 §6.1)")
+        raise HPACKError("index %d is past the end of the tables (61 static and %d dynamic "
+                         "entries; RFC 7541 §2.3.3)" % (index, len(self._entries)))
+
+    def _add(self, field):
+        # RFC 7541 §4.4: evict from the end until the new entry fits; an
+        # entry larger than the maximum size empties the table and is not
+        # added.  The name was copied out before, so evicting the entry it
+        # came from is harmless.
+        size = len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
+        self._evict(self._limit - size)
+        if size <= self._limit:
+            self._entries.appendleft(field)
+            self._size += size
+
+    def _evict(self, room):
+        """Drop the oldest entries until the table is at most ``room``
+        octets (RFC 7541 §4.3, §4.4)."""
+        entries = self._entries
+        while entries and self._size > room:
+            name, value = entries.pop()
+            self._size -= len(name) + len(value) + _ENTRY_OVERHEAD
+
+
+# The encoder's choices, which RFC 7541 leaves to it (§2.1, §7.1).
+#
+# RFC 7541 §7.1.3: "An encoder might also choose not to index values for
+# header fields that are considered to be highly valuable or sensitive to
+# recovery, such as the Cookie or Authorization header fields."  Credentials
+# are sent as never-indexed literals, which also binds intermediaries
+# (§6.2.3); so are cookies shorter than 20 octets, whose values are few
+# enough to guess (§7.1.3: "short or low-entropy values are more readily
+# recovered").  A longer cookie is indexed like any field: a guess must
+# match its whole value.
+_NEVER_INDEXED_NAMES = frozenset((b"authorization", b"proxy-authorization"))
+_SHORT_SENSITIVE_NAMES = frozenset((b"cookie", b"set-cookie"))
+_SHORT_SENSITIVE_LENGTH = 20
+# Fields whose values differ from one message to the next are sent without
+# indexing: storing them would only evict entries that do repeat.
+_UNINDEXED_NAMES = frozenset((b":path", b"content-length", b"content-range"))
+# The most of the peer's SETTINGS_HEADER_TABLE_SIZE the encoder uses, in
+# octets: RFC 7541 §4.2 lets an encoder use less than the decoder allows,
+# and a peer that allows a megabyte gets the default 4 KiB of memory from
+# us, not a megabyte.
+_ENCODER_TABLE_CAP = 4096
+
+
+class HPACKEncoder:
+    """The encoding context of the header blocks we send on one HTTP/2
+    connection.  Blocks must be sent in the order encode() made them.
+
+    Each field becomes the shortest of: an index (a whole match in the
+    static or the dynamic table), a literal with incremental indexing (the
+    usual case: the next identical field costs one octet), a literal
+    without indexing (_UNINDEXED_NAMES, and a field larger than 3/4 of the
+    table, which would evict nearly everything), or a never-indexed literal
+    (_NEVER_INDEXED_NAMES, short _SHORT_SENSITIVE_NAMES).  A literal's name
+    is an index when either table has it; strings are Huffman-coded when
+    that is shorter.
+    """
+
+    def __init__(self):
+        self._entries = collections.deque()     # (name, value), newest first: index 62 is [0]
+        self._size = 0                          # RFC 7541 §4.1 size of the entries
+        self._limit = 4096                      # the table's maximum size (RFC 9113 §6.5.2:
+                                                # SETTINGS_HEADER_TABLE_SIZE starts at 4096)
+        self._added = 0                         # entries ever added; the newest is number
+                                                # _added - 1, at index 62
+        self._by_field = {}                     # (name, value) -> number of its newest entry
+        self._by_name = {}                      # name -> number of its newest entry
+        self._update = None                     # (smallest, final) sizes to signal at the
+                                                # start of the next block, or None
+
+    @property
+    def table_size(self):
+        """The dynamic table's size in octets (RFC 7541 §4.1)."""
+        return self._size
+
+    @property
+    def dynamic_table(self):
+        """The dynamic table's entries, newest (index 62) first."""
+        return list(self._entries)
+
+    def set_max_table_size(self, size):
+        """The peer's SETTINGS_HEADER_TABLE_SIZE changed to ``size``: the
+        table will use min(size, _ENCODER_TABLE_CAP), signalled at the start
+        of the next block (RFC 7541 §6.3)."""
+        size = min(size, _ENCODER_TABLE_CAP)
+        if self._update is not None:
+            # RFC 7541 §4.2: "If this change in maximum size is reduced
+            # more than once between two header blocks, the smallest
+            # maximum table size that occurs in that interval MUST be
+            # signaled"; then the final one.
+            self._update = (min(self._update[0], size), size)
+        elif size != self._limit:
+            self._update = (size, size)
+
+    def encode(self, headers):
+        """``headers``, a list of (name, value) pairs of bytes, as one header
+        block.  Names go as given: HTTP/2 wants them lower-case (RFC 9113
+        §8.2.1), which is the caller's business."""
+        out = bytearray()
+        if self._update is not None:
+            smallest, final = self._update
+            self._update = None
+            for size in ((smallest, final) if smallest < final else (final,)):
+                out += _encode_integer(size, 5, 0x20)    # RFC 7541 §6.3: 001 + 5-bit size
+                self._limit = size
+                self._evict(size)
+        for name, value in headers:
+            out += self._field(bytes(name), bytes(value))
+        return bytes(out)
+
+    def _index(self, number):
+        """The index of dynamic entry ``number`` (_evict forgets the numbers
+        of the entries it drops, so the entry is still there)."""
+        return 62 + self._added - 1 - number
+
+    def _field(self, name, value):
+        sensitive = name in _NEVER_INDEXED_NAMES or (
+            name in _SHORT_SENSITIVE_NAMES and len(value) < _SHORT_SENSITIVE_LENGTH)
+        if not sensitive:
+            index = _STATIC_FIELD_INDEX.get((name, value))
+            if index is None and (name, value) in self._by_field:
+                index = self._index(self._by_field[(name, value)])
+            if index is not None:
+                return _encode_integer(index, 7, 0x80)   # RFC 7541 §6.1
+        name_index = _STATIC_NAME_INDEX.get(name)
+        if name_index is None and name in self._by_name:
+            name_index = self._index(self._by_name[name])
+        size = len(name) + len(value) + _ENTRY_OVERHEAD
+        if sensitive:
+            head = _encode_integer(name_index or 0, 4, 0x10)     # §6.2.3: never indexed
+        elif name in _UNINDEXED_NAMES or size > self._limit * 3 // 4:
+            head = _encode_integer(name_index or 0, 4, 0x00)     # §6.2.2: without indexing
+        else:
+            head = _encode_integer(name_index or 0, 6, 0x40)     # §6.2.1: incremental indexing
+            self._add(name, value, size)
+        if name_index is None:
+            head += _encode_string(name)
+        return head + _encode_string(value)
+
+    def _add(self, name, value, size):
+        # RFC 7541 §4.4, as the decoder does it (the caller keeps fields no
+        # larger than the table).
+        self._evict(self._limit - size)
+        number = self._added
+        self._added += 1
+        self._entries.appendleft((name, value))
+        self._size += size
+        self._by_field[(name, value)] = number
+        self._by_name[name] = number
+
+    def _evict(self, room):
+        entries = self._entries
+        while entries and self._size > room:
+            number = self._added - len(entries)      # the oldest entry's number
+            name, value = entries.pop()
+            self._size -= len(name) + len(value) + _ENTRY_OVERHEAD
+            if self._by_field.get((name, value)) == number:
+                del self._by_field[(name, value)]
+            if self._by_name.get(name) == number:
+                del self._by_name[name]
 
 
 # ============================================================================

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(BENCH)
 VENV = os.path.join(BENCH, ".venv")
 VENV_PY = os.path.join(VENV, "bin", "python")
 RESULTS = os.path.join(BENCH, "results")
-PEER_PACKAGES = ["uvicorn", "httptools", "uvloop", "h11"]
+PEER_PACKAGES = ["uvicorn", "httptools", "uvloop", "h11", "hypercorn", "h2"]
 HOST = "127.0.0.1"
 HELLO = b"Hello, world!"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -55,6 +55,7 @@ FULL = dict(
     e8_conns=10_000,
     e9_requests=1_000_000, e9_warm=10_000,
     e4_repeat=5, quiet_wait=30,
+    e1h2_requests=100_000,
 )
 QUICK = dict(
     e1_wrk=3, e1_hey=2, e1_warm=0, e1_repeat=1,
@@ -67,6 +68,7 @@ QUICK = dict(
     e8_conns=2_000,
     e9_requests=30_000, e9_warm=2_000,
     e4_repeat=3, quiet_wait=0,
+    e1h2_requests=10_000,
 )
 STREAM_PATH = "/stream?chunks=20&interval=0.1"   # 20 chunks, 100 ms apart: 2 s
 
@@ -291,6 +293,14 @@ class ServerSpec:
             return argv
         if self.kind == "ceiling":
             return [sys.executable, os.path.join(BENCH, "ceiling.py"), "--host", HOST, "--port", str(port)]
+        if self.kind == "hypercorn":      # HTTP/2 (h2c with prior knowledge, or ALPN h2) and 1.1
+            argv = [VENV_PY, "-m", "hypercorn", "bench.asgi_apps:app", "--bind",
+                    "%s:%d" % (HOST, port), "--workers", str(workers)]
+            if tls:
+                argv += ["--certfile", tls[0], "--keyfile", tls[1]]
+            if keepalive:
+                argv += ["--keep-alive", str(keepalive)]
+            return argv
         http, loop = {"uvicorn-httptools": ("httptools", "uvloop"),
                       "uvicorn-h11": ("h11", "asyncio")}[self.key]
         argv = [VENV_PY, "-m", "uvicorn", "asgi_apps:app", "--app-dir", BENCH,
@@ -338,13 +348,15 @@ class Bench:
         self.exit_codes = {}
         self.noisy = []          # "E1 pagi_ref: 35%": other processes' CPU during a measurement
         self.profile = None      # text of the --profile section
+        self.extra_specs = []    # peers of one experiment only (hypercorn, E1H2)
 
     # ---- setup -----------------------------------------------------------
 
     def ensure_tools(self):
-        for tool in ("wrk", "hey", "curl"):
+        for tool in ("wrk", "hey", "curl", "h2load"):
             self.tools[tool] = shutil.which(tool)
-        missing = [t for t in ("wrk", "hey") if not self.tools[t]]
+        missing = [t for t in ("wrk", "hey", "h2load") if not self.tools[t]]
+        package = {"h2load": "nghttp2-client"}
         if missing and not self.args.no_install:
             if os.geteuid() == 0 and shutil.which("apt-get"):
                 log("installing %s with apt-get" % " ".join(missing))
@@ -352,7 +364,8 @@ class Bench:
                 subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for tool in missing:  # one at a time: a missing package must not block the other
-                    subprocess.run(["apt-get", "install", "-y", "-qq", tool], env=env, timeout=600,
+                    subprocess.run(["apt-get", "install", "-y", "-qq", package.get(tool, tool)],
+                                   env=env, timeout=600,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     self.tools[tool] = shutil.which(tool)
             else:
@@ -602,6 +615,58 @@ class Bench:
             return out
 
         self.each("E1", specs, run)
+
+    def e1h2(self, specs):
+        """E1 over HTTP/2: h2load, 10 connections of 10 concurrent streams
+        each, cleartext with prior knowledge, against pagi_ref and
+        hypercorn (the Python server one would pick for HTTP/2; uvicorn
+        has none)."""
+        if not self.tools["h2load"]:
+            self.results["E1H2"] = {s.key: "not available: h2load is not installed "
+                                    "(apt-get install -y nghttp2-client)" for s in specs}
+            return
+        have = self.versions
+        ok = "hypercorn" in have
+        peer = ServerSpec("hypercorn", "hypercorn (h2)", "hypercorn", ok,
+                          "" if ok else "hypercorn is not installed in bench/.venv")
+        self.extra_specs.append(peer)
+        h2specs = [s for s in specs if s.kind == "pagi_ref"] + [peer]
+        n = self.p["e1h2_requests"]
+
+        def run(srv):
+            runs = []
+            for i in range(self.args.repeat or self.p["e1_repeat"]):
+                if i:
+                    self.wait_quiet()
+                s0 = srv.stats()
+                r = self.h2load(srv.port, n)
+                r["cpu"] = cpu_percent(s0, srv.stats())
+                runs.append(r)
+            best = max(runs, key=lambda r: r["rps"])
+            best["all"] = [round(r["rps"]) for r in runs]
+            best["rss"] = srv.stats()["rss"]
+            return best
+
+        self.each("E1H2", h2specs, run)
+
+    def h2load(self, port, requests, connections=10, streams=10, path="/"):
+        """h2load's requests/s, and p50/p99 from its per-request log."""
+        logfile = os.path.join(self.tmp, "h2load-%d.log" % port)
+        argv = ["h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams),
+                "--log-file", logfile, "http://%s:%d%s" % (HOST, port, path)]
+        rc, out, err, _ = run_tool(argv, max(120, requests // 200), self.pin)
+        if rc != 0:
+            raise RuntimeError("h2load failed (rc=%s): %s" % (rc, (err or out).strip()[-300:]))
+        res = parse_h2load(out)
+        with open(logfile) as f:
+            rows = [line.split("\t") for line in f if line.strip()]
+        os.unlink(logfile)
+        latencies = sorted(int(r[2]) / 1000.0 for r in rows if len(r) >= 3)
+        if latencies:
+            res["p50"] = latencies[len(latencies) // 2]
+            res["p99"] = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        res["non200"] = sum(1 for r in rows if len(r) >= 2 and r[1] != "200")
+        return res
 
     def e2(self, specs):
         p = self.p
@@ -936,6 +1001,20 @@ def parse_wrk(text):
     return out
 
 
+def parse_h2load(text):
+    """h2load's summary: requests/s, succeeded, failed, errored."""
+    out = {"rps": 0.0, "ok": 0, "errors": 0}
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+    if m:
+        out["rps"] = float(m.group(1))
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+                  r"(\d+) errored, (\d+) timeout", text)
+    if m:
+        out["ok"] = int(m.group(1))
+        out["errors"] = int(m.group(2)) + int(m.group(3)) + int(m.group(4))
+    return out
+
+
 def parse_hey(text):
     """Requests/s, latency percentiles (ms), 200 count, non-200, errors."""
     out = {"rps": 0.0, "errors": 0, "ok": 0, "non200": 0}
@@ -1051,6 +1130,16 @@ FIGURES = {
         ("file", "from a file MB/s", f_int, "high"),
         ("hwm", "server peak RSS", f_mb, "low"),
     ]),
+    "E1H2": ("Trivial response over HTTP/2", "`h2load -n {e1h2_requests} -c 10 -m 10` on `/`, "
+             "cleartext with prior knowledge (h2c): 10 connections, 10 concurrent streams each; "
+             "p50/p99 from h2load's per-request log; hypercorn (with `h2`) is the peer.", [
+        ("rps", "requests/s", f_int, "high"),
+        ("p50", "p50", f_ms, "low"),
+        ("p99", "p99", f_ms, "low"),
+        ("errors", "errors", f_int, "low"),
+        ("non200", "non-200", f_int, "low"),
+        ("cpu", "server CPU %", f_pct, "low"),
+    ]),
     "E5": ("50 concurrent downloads", "{e5_clients} concurrent downloads of {e5_mb:.0f} MB each "
            "from `/bytes`.", [
         ("mbps", "aggregate MB/s", f_int, "high"),
@@ -1102,7 +1191,7 @@ FIGURES = {
 }
 
 COLORS = {"pagi_ref": "#d62728", "uvicorn-httptools": "#1f77b4", "uvicorn-h11": "#2ca02c",
-          "ceiling": "#7f7f7f"}
+          "ceiling": "#7f7f7f", "hypercorn": "#9467bd"}
 
 
 def _ratio(a, b, better):
@@ -1232,6 +1321,8 @@ def _display_argv(spec):
         return ["python", "pagi_ref.py", "bench/apps.py:app", "--port", "P", "--no-access-log"]
     if spec.kind == "ceiling":
         return ["python", "bench/ceiling.py", "--port", "P"]
+    if spec.kind == "hypercorn":
+        return ["hypercorn", "bench.asgi_apps:app", "--bind", "127.0.0.1:P"]
     a = spec.argv(0)
     return ["uvicorn", "asgi_apps:app", "--app-dir", "bench"] + a[a.index("--http"):]
 
@@ -1257,8 +1348,9 @@ def machine_lines(bench):
     return [
         "CPU: %s, nproc %d; memory %s; kernel %s" % (model, os.cpu_count(), mem, platform.release()),
         "Python %s (pagi_ref and the ceiling run on `%s`)" % (platform.python_version(), sys.executable),
-        "Peers: uvicorn %s, httptools %s, uvloop %s, h11 %s (bench/.venv)" % tuple(
-            v.get(k, "missing") for k in ("uvicorn", "httptools", "uvloop", "h11")),
+        "Peers: uvicorn %s, httptools %s, uvloop %s, h11 %s; hypercorn %s with h2 %s "
+        "(bench/.venv)" % tuple(v.get(k, "missing") for k in
+                                ("uvicorn", "httptools", "uvloop", "h11", "hypercorn", "h2")),
         "Load: %s, %s, bench/loadgen.py" % (v.get("wrk", "wrk missing"), v.get("hey", "hey missing")),
         "Pinning: %s; RLIMIT_NOFILE %d/%d" % (bench.pin.describe(), soft, hard),
     ]
@@ -1414,7 +1506,7 @@ def _esc(s):
 # main
 # --------------------------------------------------------------------------
 
-EXPERIMENTS = ["E1", "E2", "E3", "E4", "E4T", "E5", "E6", "E7", "E8", "E9"]
+EXPERIMENTS = ["E1", "E1H2", "E2", "E3", "E4", "E4T", "E5", "E6", "E7", "E8", "E9"]
 
 
 def main(argv=None):
@@ -1464,7 +1556,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stem = started.strftime("%Y-%m-%d-%H%M") + ("-quick" if args.quick else "")
     svg_name = stem + ".svg"
-    shown = [s for s in specs if any(s.key in t for t in bench.results.values())]
+    shown = [s for s in specs + bench.extra_specs
+             if any(s.key in t for t in bench.results.values())]
     with open(os.path.join(args.out, svg_name), "w") as f:
         f.write(render_svg(bench, shown))
     report = os.path.join(args.out, stem + ".md")

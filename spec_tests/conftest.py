@@ -31,6 +31,7 @@ import collections
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,7 +48,7 @@ if HERE not in sys.path:
 
 LISTENING = re.compile(r"pagi_ref: listening on https?://([^\s:]+|\[[^\]]+\]):(\d+)")
 CLAUSE_LINE = re.compile(
-    r"^- \*\*([A-Z]+(?:-[A-Z]+)*-\d+)\*\* · (MUST NOT|MUST|SHOULD NOT|SHOULD|MAY) · "
+    r"^- \*\*([A-Z][A-Z0-9]*(?:-[A-Z][A-Z0-9]*)*-\d+)\*\* · (MUST NOT|MUST|SHOULD NOT|SHOULD|MAY) · "
     r"(wire|log|process|app)(?: \(([^)]*)\))?(?: · (PAGI|RFC|REF)((?: [^—]*?)?))? —")
 SPEC_PATH = os.path.join(ROOT, "docs", "spec.md")
 
@@ -213,6 +214,20 @@ def own_server(request):
 def _external_addr(config):
     text = config.getoption("--server") or os.environ.get("PAGI_SPEC_SERVER")
     return _parse_addr(text) if text else None
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    """(certfile, keyfile) of a self-signed certificate for localhost."""
+    if shutil.which("openssl") is None:
+        pytest.skip("not observable: the openssl command makes the test certificate")
+    d = str(tmp_path_factory.mktemp("spec-tls"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem",
+                    "-out", "cert.pem", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   cwd=d, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,8 @@ library's `ssl` module; the /scope routes of the spec app (APP.md) report
 the extension's fields with their kinds.
 """
 import json
-import os
-import shutil
 import socket
 import ssl
-import subprocess
 
 import pytest
 
@@ -22,20 +19,6 @@ clause = pytest.mark.clause
 TLS_KINDS = {"server_cert": ("text", "null"), "client_cert_chain": ("list",),
              "client_cert_name": ("text", "null"), "client_cert_error": ("text", "null"),
              "tls_version": ("integer", "null"), "cipher_suite": ("integer", "null")}
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """(certfile, keyfile) of a self-signed certificate for localhost."""
-    if shutil.which("openssl") is None:
-        pytest.skip("not observable: the openssl command makes the test certificate")
-    d = str(tmp_path_factory.mktemp("spec-tls"))
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem",
-                    "-out", "cert.pem", "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   cwd=d, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
 
 
 @pytest.fixture

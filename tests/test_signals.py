@@ -92,7 +92,7 @@ def journal(appdir, kind=None):
     return [l for l in lines if kind is None or l[0] == kind]
 
 
-def wait_for(predicate, timeout=15.0, what="condition"):
+def wait_for(predicate, timeout=60.0, what="condition"):
     """Poll a condition another process sets (bounded); fail naming it."""
     deadline = time.monotonic() + timeout
     while True:

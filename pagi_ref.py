@@ -6204,6 +6204,11 @@ class Lifespan:
 # allows) the listener is unwatched for a short back-off instead of
 # spinning.  Timeouts are a periodic sweep over last-activity times and
 # byte counts, so a busy connection pays nothing per read or write for them.
+#
+# Connections (sections 6 and 7) use only what Connection's docstring lists
+# ("what a connection may call", below).  What must not go in here:
+# anything about supervisors and workers (section 11 installs its own hooks
+# on a worker's loop), or about a protocol's framing.
 # ============================================================================
 
 # -- the access log ------------------------------------------------------------

@@ -3891,7 +3891,7 @@ class Exchange:
             if not event["more"]:
                 self.final_given = True
             conn = self.conn
-            if not conn.reading and conn.phase is BUSY:
+            if not conn.reading and not conn.closed:
                 conn.resume_reading()
             return _resolved(event)
         if self.request_phase is BODY_DONE and not self.final_given:

@@ -4013,16 +4013,29 @@ class Exchange:
         self.response_phase = RESPONSE_MOVES[self.response_phase]["start"]
         return _NO_WAIT
 
+    def may_persist(self):
+        """Keep-alive, decided here only (RFC 9112 §9.3, §9.6): may the
+        connection carry another request after this exchange?  Not if the
+        client did not ask for it (RequestHead.keep_alive: HTTP/1.1 without
+        Connection: close, HTTP/1.0 with Connection: keep-alive), has
+        half-closed, or the server is shutting down; not while a body we
+        never asked for (Expect: 100-continue unanswered) may be on its way;
+        and never once the head said close (``keep_alive``, which
+        _build_head sets with the response's own say: the application's
+        Connection: close, a body delimited by the close).  Asked when the
+        head is written and again when the exchange is over."""
+        conn = self.conn
+        head = self.head
+        return (self.keep_alive and not conn.peer_eof and not conn.server.shutting_down
+                and not (head.expect_continue and not self.continue_sent
+                         and self.request_phase is not BODY_DONE))
+
     def _build_head(self, final_size):
         """The response head, once the framing is known.  ``final_size`` is
         the body size when the first body event is also the last."""
         head = self.head
         conn = self.conn
-        keep_alive = (self.keep_alive and not self.app_close and not conn.peer_eof
-                      and not conn.server.shutting_down)
-        # An unread body we never asked for (no 100 sent): do not wait for it.
-        if head.expect_continue and not self.continue_sent and self.request_phase is not BODY_DONE:
-            keep_alive = False
+        keep_alive = self.may_persist() and not self.app_close
         headers = self.headers       # the application's, then the server's own
         conn.server.stamp.add_to(headers, self.has_server, self.has_date)
         if self.length is not None:
@@ -4853,7 +4866,7 @@ class HTTPConnection(Connection):
         -- after dropping what is left of its body -- or close."""
         if exchange is not self.exchange or self.phase is not BUSY:
             return
-        if not exchange.keep_alive or self.peer_eof or self.server.shutting_down:
+        if not exchange.may_persist():
             self.close_after_flush()
             return
         if exchange.request_phase is not BODY_DONE:

@@ -439,7 +439,7 @@ def test_keep_alive_requests_leave_no_cyclic_garbage():
     assert garbage < 50, "%d objects in reference cycles after 500 requests" % garbage
 
 
-# -- an application that cannot start (Connection.start_app) ---------------------
+# -- an application that cannot start (start_application, CannotStart) ---------------------
 #
 # One helper starts every application (start_application, section 3); what
 # the client sees when the call raises or returns neither a generator nor

@@ -1065,6 +1065,28 @@ def spawn(coro, name=None):
     return Task(coro, name=name)
 
 
+class CannotStart(Exception):
+    """The application could not start on a scope: its call raised (the
+    exception is the ``__cause__``), or it returned neither a generator nor
+    a coroutine (``__cause__`` None)."""
+
+
+def start_application(app, scope, receive, send, loop, on_exit=None, name=None):
+    """Call ``app(scope, receive, send)`` and drive what it returns as a
+    Task (whose first step runs now).  Raises CannotStart when it cannot:
+    each scope's owner decides what the client sees then (docs/spec.md,
+    CORE-APP-4).  What the Task's first step raises is not caught here."""
+    try:
+        coro = app(scope, receive, send)
+    except Exception as exc:
+        raise CannotStart("the application raised when called: %r" % exc) from exc
+    if not (hasattr(coro, "send") and hasattr(coro, "throw")):
+        raise CannotStart("the application must return a generator or a coroutine, it "
+                        "returned %s (is it missing a 'yield' or 'async def'?)"
+                        % type(coro).__name__)
+    return Task(coro, loop, name=name, on_exit=on_exit)
+
+
 def wait_any(*futures):
     """A Future resolving to the first of ``futures`` (Futures or coroutines)
     to finish; the others keep running."""
@@ -4347,6 +4369,17 @@ class Transport:
 # wait in the parser until the current exchange is over -- its response
 # delivered and its application returned.  An Exchange is one request and its
 # response: the scope, receive(), send(), and the pagi.connection object.
+#
+# Their phases are named, and the moves between them are tables of data
+# (h11's model, "the state machines" below): an exchange has three machines
+# (the request body, the response, the application), a connection one;
+# Exchange._settle alone decides that an exchange is over.  Connection is
+# what HTTP and WebSocket (section 7) share: the socket side, the common
+# scope, the start of an application, and the short list of what a
+# connection may use of its server (section 10), in its docstring.
+#
+# What must not go in here: response framing (section 4), socket calls
+# (section 5), and anything about listeners, admission or supervisors.
 # ============================================================================
 
 class EventError(ValueError):
@@ -4419,7 +4452,8 @@ def _expect(ok, etype, field, what, value):
 
 
 def _check_bytes(etype, field, value):
-    _expect(isinstance(value, _BYTES_TYPES), etype, field, "bytes", value)
+    if value.__class__ is not bytes:          # bytes: the common case, no call
+        _expect(isinstance(value, _BYTES_TYPES), etype, field, "bytes", value)
 
 
 def _check_flag(etype, field, value):
@@ -4427,7 +4461,9 @@ def _check_flag(etype, field, value):
 
 
 def _check_status(etype, field, value):
-    _expect(isinstance(value, int) and not isinstance(value, bool), etype, field, "int", value)
+    if value.__class__ is not int:            # an int: the common case, no call
+        _expect(isinstance(value, int) and not isinstance(value, bool), etype, field,
+                "int", value)
     # RFC 9110 §15: 1xx are interim responses, which PAGI has no event
     # for; http.response.start carries the final one (docs/deviations.md).
     if not 200 <= value <= 599:
@@ -4642,6 +4678,143 @@ class ConnectionState:
             self._call(callback)
 
 
+class AccessEntry:
+    """What one access-log line says about one request, WebSocket session
+    or event stream; a connection hands it to ``server.log_access`` and
+    section 10 formats it (AccessLog, Apache's tokens in brackets)."""
+
+    __slots__ = ("client", "received", "duration", "request_line", "status", "size",
+                 "request_headers", "response_headers", "bytes_in", "bytes_out", "end")
+
+    def __init__(self, client, received, duration, request_line, status, size,
+                 request_headers=(), response_headers=(), bytes_in=0, bytes_out=0,
+                 end="done"):
+        self.client = client                  # (host, port) or None (%h)
+        self.received = received              # time.time() at arrival (%t)
+        self.duration = duration              # seconds (%D, %T)
+        self.request_line = request_line      # str (%r)
+        self.status = status                  # int, or None (%s)
+        self.size = size                      # body bytes that reached the socket (%b)
+        self.request_headers = request_headers    # (%{Name}i)
+        self.response_headers = response_headers  # (%{Name}o)
+        self.bytes_in = bytes_in              # bytes received (%I)
+        self.bytes_out = bytes_out            # bytes written (%O)
+        self.end = end                        # how it ended (%{end}x)
+
+
+# -- the state machines -------------------------------------------------------------
+#
+# h11's model: what each party of a connection has done so far is a named
+# phase, and the moves between phases are a table of data, (phase, event,
+# next phase).  Every move is one lookup in its machine's table,
+#
+#     self.response_phase = RESPONSE_MOVES[self.response_phase]["complete"]
+#
+# and a move the table lacks raises StateError there (a bug in pagi_ref,
+# never the client's or the application's doing).  No phase is assigned any
+# other way (tests/test_connections.py reads the module to check), and
+# docs/architecture.md draws its diagrams from these tables
+# (tests/test_docs.py keeps them equal).
+#
+# Discussion: why a lookup and not a method.  A keep-alive GET makes six
+# moves (four of its exchange, two of its connection).  Under callgrind a
+# move costs about 450 CPU instructions as this lookup, 1,000 as a method
+# call, 1,900 as one generic method (getattr/setattr), which, tried first,
+# cost the keep-alive GET 8% in bench/instructions.py.  What a move sets
+# off (h11's "state-triggered transitions") is written beside the few
+# moves that can set it off: Exchange._settle.
+
+class StateError(RuntimeError):
+    """A move its machine's table does not allow: a bug in pagi_ref.  The
+    message names the machine, the phase and the event."""
+
+
+class _Moves(dict):
+    """The moves out of one phase of one machine: event -> next phase."""
+
+    __slots__ = ("machine", "phase")
+
+    def __missing__(self, event):
+        raise StateError("%s machine: no transition from %s on %r (from %s: %s)"
+                         % (self.machine, self.phase, event, self.phase,
+                            ", ".join(sorted(self)) if self else "none, it is final"))
+
+
+class Machine:
+    """One transition table: ``rows`` of (phase, event, next phase), the
+    phases an object may start in (``initial``), and the attribute that
+    holds its phase (``attr``).  ``moves[phase][event]`` is the next phase."""
+
+    __slots__ = ("name", "attr", "initial", "rows", "moves")
+
+    def __init__(self, name, attr, initial, rows):
+        self.name = name
+        self.attr = attr
+        self.initial = tuple(initial)
+        self.rows = tuple(rows)
+        self.moves = {}
+        for phase in self.phases():
+            moves = self.moves[phase] = _Moves()
+            moves.machine, moves.phase = name, phase
+        for phase, event, new in self.rows:
+            if event in self.moves[phase]:
+                raise ValueError("%s machine: two moves from %s on %r" % (name, phase, event))
+            self.moves[phase][event] = new
+
+    def __repr__(self):
+        return "<Machine %s>" % self.name
+
+    def phases(self):
+        """Every phase: the initial ones, those with moves out (in the order
+        of the rows), then the final ones."""
+        froms = [row[0] for row in self.rows]
+        seen = [p for p in self.initial if p in froms]
+        for p in froms + list(self.initial) + [row[2] for row in self.rows]:
+            if p not in seen:
+                seen.append(p)
+        return seen
+
+
+# The phases of an exchange (one request and its response), three machines:
+# the client's request body, the response, and the application's task.
+BODY, DISCARDING, BODY_DONE = "BODY", "DISCARDING", "BODY_DONE"
+NOT_STARTED, START_PENDING, HEAD_SENT, TRAILERS_DUE, DONE, DELIVERED, ANSWERED = (
+    "NOT_STARTED", "START_PENDING", "HEAD_SENT", "TRAILERS_DUE", "DONE", "DELIVERED", "ANSWERED")
+RUNNING, RETURNED = "RUNNING", "RETURNED"
+
+REQUEST_MACHINE = Machine("request", "request_phase", (BODY, BODY_DONE), [
+    # Initial: BODY when the head announces a body, else BODY_DONE.
+    (BODY, "end_of_body", BODY_DONE),       # the parser's EndOfMessage
+    (BODY, "discard", DISCARDING),          # over without reading it all (RFC 9112 §9.3)
+    (DISCARDING, "end_of_body", BODY_DONE),
+])
+
+RESPONSE_MACHINE = Machine("response", "response_phase", (NOT_STARTED,), [
+    (NOT_STARTED, "start", START_PENDING),  # http.response.start accepted; no byte written
+    (NOT_STARTED, "server_answer", ANSWERED),   # the server answered instead (a 500, a 4xx)
+    (START_PENDING, "server_answer", ANSWERED),
+    (START_PENDING, "head", HEAD_SENT),     # the head is written; the body goes on
+    (START_PENDING, "last_body", TRAILERS_DUE),   # head and last body; trailers=1
+    (START_PENDING, "complete", DONE),      # head and last body in one event
+    (HEAD_SENT, "last_body", TRAILERS_DUE),
+    (HEAD_SENT, "complete", DONE),          # the more=0 body event (or a file)
+    (TRAILERS_DUE, "complete", DONE),       # http.response.trailers
+    (DONE, "flushed", DELIVERED),           # its last byte left the buffer
+])
+
+APPLICATION_MACHINE = Machine("application", "app_phase", (RUNNING,), [
+    (RUNNING, "returned", RETURNED),        # the Task ended (or never started)
+])
+
+REQUEST_MOVES = REQUEST_MACHINE.moves
+RESPONSE_MOVES = RESPONSE_MACHINE.moves
+APPLICATION_MOVES = APPLICATION_MACHINE.moves
+
+_HEAD_OUT = frozenset((HEAD_SENT, TRAILERS_DUE, DONE, DELIVERED))   # the head is written
+_BODY_ENDED = frozenset((TRAILERS_DUE, DONE, DELIVERED))   # the last body event is had
+_RESPONSE_DONE = frozenset((DONE, DELIVERED))               # the final event is had
+
+
 # -- the exchange -----------------------------------------------------------------
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -4651,8 +4824,13 @@ _COMBINE_LIMIT = 16384     # bodies up to this size share the head's write
 class Exchange:
     """One request and its response: the ``http`` scope, receive() and send().
 
+    Its phases are three machines (REQUEST_MACHINE, RESPONSE_MACHINE,
+    APPLICATION_MACHINE); _settle, reached when the response is delivered,
+    the application returns or a body being discarded ends, is the one place
+    that decides the exchange is over.
+
     Discussion: the state below is declared once on the class, so that an
-    exchange starts with the defaults and its __init__ sets only the four
+    exchange starts with the defaults and its __init__ sets only the
     attributes that differ per request -- fewer stores on the path of every
     keep-alive GET.  Assigning an attribute on the instance shadows the
     class default, as usual.
@@ -4661,10 +4839,12 @@ class Exchange:
     REQUEST = "http.request"      # the type of request-body events
     FIN_ENDS_RESPONSE = False     # a FIN after the request is a half-close, not a leave
     ANNOUNCE_KEEP_ALIVE = False   # say "Connection: keep-alive" in HTTP/1.1 too
+    # the phases (section 6, "the state machines")
+    request_phase = BODY_DONE     # REQUEST_MACHINE: BODY when the head announced a body
+    response_phase = NOT_STARTED  # RESPONSE_MACHINE
+    app_phase = RUNNING           # APPLICATION_MACHINE
     # request side
-    body_complete = False         # the whole request body was parsed
     final_given = False           # the more=0 event was handed out
-    discarding = False            # the app is done: unread body is dropped
     waiter = None                 # a pending receive() Future
     continue_sent = False         # the interim 100 went out
     # response side
@@ -4675,15 +4855,9 @@ class Exchange:
     has_server = False            # the application sent a Server
     length = None                 # declared Content-Length, if any
     sent = 0                      # body bytes accepted
-    head_pending = False          # start accepted, head not yet written
-    head_sent = False             # the head is in the outgoing buffer
     chunked = False               # the body goes out in chunked coding
     no_body = False               # HEAD, 204, 304
     trailers = False              # trailers=1 on the start event
-    body_ended = False            # the more=0 body event was accepted
-    response_done = False         # the final event was accepted
-    delivered = False             # the response's bytes all left
-    app_done = False              # the application's coroutine returned
     bytes_out = 0                 # body bytes, for the access log
     logged = False                # the access-log line was written
     received = 0.0                # time.time() at arrival (access log %t)
@@ -4698,6 +4872,8 @@ class Exchange:
         self.state = ConnectionState(conn.log, conn.socket_open)
         self.queue = collections.deque()   # http.request events not yet received
         self.keep_alive = head.keep_alive  # the connection may carry another request
+        if head.chunked or head.content_length:
+            self.request_phase = BODY
         if conn.server.access_log is not None:
             self.received = time.time()
             self.t0 = time.monotonic()
@@ -4705,8 +4881,9 @@ class Exchange:
             self.in_start = conn.head_base                  # this request's first byte
 
     def __repr__(self):
-        return "<Exchange %s %r status=%d done=%s>" % (
-            self.head.method, self.head.target, self.status, self.response_done)
+        return "<Exchange %s %r status=%d request=%s response=%s app=%s>" % (
+            self.head.method, self.head.target, self.status, self.request_phase,
+            self.response_phase, self.app_phase)
 
     scope_type = "http"
 
@@ -4717,30 +4894,18 @@ class Exchange:
 
     def scope(self):
         conn = self.conn
-        head = self.head
-        scope = {
-            "type": "http",
-            "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
-            "http_version": head.http_version,
-            "method": head.method,
-            "scheme": "https" if conn.stream.scheme_secure else "http",
-            "path": decode_path(head.path),
-            "raw_path": head.path,
-            "query_string": head.query_string,
-            "root_path": conn.config.root_path,
-            "headers": head.headers,
-            "client": list(conn.client) if conn.client else None,
-            "server": list(conn.server_address),
-            "state": dict(conn.server.state),
-            "extensions": {"fullflush": {}} if conn.stream.tls is None
-            else _with_tls({"fullflush": {}}, conn.stream),
-            "pagi.connection": self.state,
-            "pagi.transport": conn.transport,
-        }
+        scope = conn.base_scope("http", self.head,
+                                "https" if conn.stream.scheme_secure else "http",
+                                {"fullflush": {}})
+        scope["method"] = self.head.method
+        scope["pagi.connection"] = self.state
         if conn.server.trusted_peers is not None:
-            apply_proxy_headers(scope, conn.client, conn.server.trusted_peers)
             self.proxied_client = scope["client"]
         return scope
+
+    def what(self):
+        """The request, as the error log names it."""
+        return "%s %s" % (self.head.method, self.head.target.decode("latin-1"))
 
     # -- receive ------------------------------------------------------------------
 
@@ -4754,17 +4919,18 @@ class Exchange:
             if not conn.reading and not conn.closed:
                 conn.resume_reading()
             return _resolved(event)
-        if self.body_complete and not self.final_given:
+        if self.request_phase is BODY_DONE and not self.final_given:
             self.final_given = True
             return _resolved({"type": self.REQUEST, "body": b"", "more": 0})
-        if self.state._reason is not None or self.response_done:
+        if self.state._reason is not None or self.response_phase in _RESPONSE_DONE:
             # PAGI HTTP "Disconnect": after the response, or once gone.
             return _resolved(self.disconnect_event())
         if self.waiter is not None:
             return _failed(RuntimeError("receive() called while another receive() is pending"))
         # RFC 9110 §10.1.1: the interim 100 goes out when the application
         # first asks for the body, and never once it has answered.
-        if self.head.expect_continue and not self.continue_sent and not self.head_sent:
+        if (self.head.expect_continue and not self.continue_sent
+                and self.response_phase not in _HEAD_OUT):
             self.continue_sent = True
             self.conn.transport.write(_CONTINUE)
             self.conn.start_body_clock()
@@ -4787,16 +4953,17 @@ class Exchange:
         self.queue.append(event)
 
     def push_body(self, data, more=1):
-        if self.discarding:
+        if self.request_phase is DISCARDING:
             return
         if not more and self.waiter is not None:
             self.final_given = True
         self._deliver({"type": self.REQUEST, "body": data, "more": more})
 
     def end_body(self):
-        self.body_complete = True
-        if self.discarding:
-            self.conn.exchange_progress(self)
+        phase = self.request_phase
+        self.request_phase = REQUEST_MOVES[phase]["end_of_body"]
+        if phase is DISCARDING:
+            self._settle()
         elif self.final_given:
             pass
         elif self.queue:
@@ -4818,7 +4985,7 @@ class Exchange:
     # -- send -------------------------------------------------------------------
 
     def send(self, event):
-        if self.state._reason is not None or self.conn.closed:
+        if self.state._reason is not None or self.conn.phase is CLOSED:
             return _NO_WAIT      # PAGI core: send after a disconnect is a no-op
         try:
             etype = validate_event(event, _HTTP_SEND_SCHEMA)
@@ -4833,7 +5000,7 @@ class Exchange:
             return _failed(exc)
 
     def _send_start(self, event):
-        if self.state._started:
+        if self.response_phase is not NOT_STARTED:
             raise EventError("http.response.start: the response has already started")
         headers = []
         for name, value in event.get("headers") or ():
@@ -4865,8 +5032,25 @@ class Exchange:
         # 204 and 304 (frame_response drops a 204's Content-Length).
         self.no_body = self.head.method == "HEAD" or status in (204, 304)
         self.state._started = True
-        self.head_pending = True
+        self.response_phase = RESPONSE_MOVES[self.response_phase]["start"]
         return _NO_WAIT
+
+    def may_persist(self):
+        """Keep-alive, decided here only (RFC 9112 §9.3, §9.6): may the
+        connection carry another request after this exchange?  Not if the
+        client did not ask for it (RequestHead.keep_alive: HTTP/1.1 without
+        Connection: close, HTTP/1.0 with Connection: keep-alive), has
+        half-closed, or the server is shutting down; not while a body we
+        never asked for (Expect: 100-continue unanswered) may be on its way;
+        and never once the head said close (``keep_alive``, which
+        _build_head sets with the response's own say: the application's
+        Connection: close, a body delimited by the close).  Asked when the
+        head is written and again when the exchange is over."""
+        conn = self.conn
+        head = self.head
+        return (self.keep_alive and not conn.peer_eof and not conn.server.shutting_down
+                and not (head.expect_continue and not self.continue_sent
+                         and self.request_phase is not BODY_DONE))
 
     def _build_head(self, final_size):
         """The response head, once the framing is known (frame_response,
@@ -4874,28 +5058,23 @@ class Exchange:
         event is also the last."""
         head = self.head
         conn = self.conn
-        keep_alive = self.keep_alive and not conn.peer_eof and not conn.server.shutting_down
-        # An unread body we never asked for (no 100 sent): do not wait for it.
-        if head.expect_continue and not self.continue_sent and not self.body_complete:
-            keep_alive = False
         out, self.headers, body, length, self.keep_alive = frame_response(
             self.status, self.headers, head.method, head.http_version, self.length,
-            self.app_close, keep_alive, self.trailers, final_size, self.ANNOUNCE_KEEP_ALIVE,
-            conn.server.stamp, self.has_server, self.has_date)
+            self.app_close, self.may_persist(), self.trailers, final_size,
+            self.ANNOUNCE_KEEP_ALIVE, conn.server.stamp, self.has_server, self.has_date)
         # self.headers is now what went out (for the access log).
         if body is BODY_CHUNKED:
             self.chunked = True
         elif body is BODY_LENGTH:
             self.length = length
-        self.head_pending = False
-        self.head_sent = True
         return out
 
     def _send_body(self, event):
-        if not self.state._started:
+        phase = self.response_phase
+        if phase is NOT_STARTED:
             raise EventError("http.response.body: the response has not started "
                              "(send http.response.start first)")
-        if self.body_ended:
+        if phase in _BODY_ENDED:
             raise EventError("http.response.body: the response body is already complete")
         if "file" in event or "fh" in event:
             sources = [k for k in ("body", "file", "fh") if event.get(k) is not None]
@@ -4915,7 +5094,7 @@ class Exchange:
                              % (self.length, self.sent))
         self.sent += size
         transport = self.conn.transport
-        out = self._build_head(None if more else size) if self.head_pending else b""
+        out = self._build_head(None if more else size) if phase is START_PENDING else b""
         if self.no_body:
             body = b""
         elif self.chunked:
@@ -4930,10 +5109,13 @@ class Exchange:
             if out:
                 transport.write(out)
             transport.write(body)
-        if not more:
-            self.body_ended = True
-            if not self.trailers:
-                self._response_end()
+        if more:
+            if phase is START_PENDING:
+                self.response_phase = RESPONSE_MOVES[phase]["head"]
+        elif self.trailers:
+            self.response_phase = RESPONSE_MOVES[phase]["last_body"]
+        else:
+            self._response_end()
         return transport.suspend()
 
     def _send_file(self, event, source):
@@ -4971,9 +5153,10 @@ class Exchange:
                              "content-length (%d bytes)" % self.length)
         self.sent += count
         transport = self.conn.transport
-        if self.head_pending:
+        if self.response_phase is START_PENDING:
             transport.write(self._build_head(count))
-        self.body_ended = True
+        if self.trailers:     # a file is the last body
+            self.response_phase = RESPONSE_MOVES[self.response_phase]["last_body"]
         if self.no_body or count == 0:
             if self.chunked and not self.trailers:
                 transport.write(LAST_CHUNK)
@@ -4998,10 +5181,10 @@ class Exchange:
         if not self.trailers:
             raise EventError("http.response.trailers: the start event did not "
                              "announce trailers (trailers=1)")
-        if not self.body_ended:
-            raise EventError("http.response.trailers: the body is not complete yet")
-        if self.response_done:
+        if self.response_phase in _RESPONSE_DONE:
             raise EventError("http.response.trailers: trailers were already sent")
+        if self.response_phase is not TRAILERS_DUE:
+            raise EventError("http.response.trailers: the body is not complete yet")
         transport = self.conn.transport
         if self.chunked:
             transport.write(trailer_section(event.get("headers") or ()))
@@ -5011,17 +5194,18 @@ class Exchange:
         return transport.suspend()
 
     def _send_fullflush(self):
-        if not self.state._started:
+        if self.response_phase is NOT_STARTED:
             raise EventError("http.fullflush: the response has not started")
         transport = self.conn.transport
-        if self.head_pending:
+        if self.response_phase is START_PENDING:
             transport.write(self._build_head(None))
+            self.response_phase = RESPONSE_MOVES[self.response_phase]["head"]
         future = Future(self.conn.loop)
         transport.when_flushed(lambda: future.done() or future.set_result(None))
         return future
 
     def _response_end(self):
-        self.response_done = True
+        self.response_phase = RESPONSE_MOVES[self.response_phase]["complete"]
         self.state._complete = True
         if self.length is not None and self.sent < self.length and not self.no_body:
             # Fewer bytes than declared: the client would wait for the rest.
@@ -5034,16 +5218,22 @@ class Exchange:
         self.conn.transport.when_flushed(self._delivered)
 
     def _delivered(self):
-        if self.delivered or self.state._reason is not None:
+        if self.response_phase is not DONE or self.state._reason is not None:
             return
-        self.delivered = True
-        self.state._completed()
-        self.log_access()
-        if self.waiter is not None and self.body_complete and self.final_given:
+        state = self.state
+        if state._complete_callbacks is not None:
+            state._completed()
+        else:
+            state._ended = True                 # (_completed, without callbacks to call)
+        if self.conn.server.access_log is not None:
+            self.log_access()
+        if self.waiter is not None and self.request_phase is BODY_DONE and self.final_given:
             # PAGI HTTP "Disconnect": a receive() still waiting once the
             # response has been sent gets http.disconnect.
             self._deliver(self.disconnect_event())
-        self.conn.exchange_progress(self)
+        self.response_phase = RESPONSE_MOVES[DONE]["flushed"]
+        if self.app_phase is RETURNED:
+            self._settle()
 
     def log_access(self):
         access_log = self.conn.server.access_log
@@ -5059,12 +5249,11 @@ class Exchange:
         # the connection went) -- chunk framing of the lost part aside.
         unwritten = transport.bytes_queued - transport.bytes_written
         client = conn.client if self.proxied_client is False else self.proxied_client
-        access_log.record(client, self.received, time.monotonic() - self.t0,
-                          head.request_line(), self.status,
-                          max(0, self.bytes_out - unwritten), head.headers, self.headers,
-                          bytes_in=conn.bytes_in - self.in_start,
-                          bytes_out=transport.bytes_written - self.wire_start,
-                          end=self.access_end())
+        conn.server.log_access(AccessEntry(
+            client, self.received, time.monotonic() - self.t0, head.request_line(),
+            self.status, max(0, self.bytes_out - unwritten), head.headers, self.headers,
+            bytes_in=conn.bytes_in - self.in_start,
+            bytes_out=transport.bytes_written - self.wire_start, end=self.access_end()))
 
     def access_end(self):
         """How the exchange ended, for the access log's %{end}x."""
@@ -5074,36 +5263,43 @@ class Exchange:
     # -- the application's end ----------------------------------------------------
 
     def app_exited(self, task):
-        self.app_done = True
         conn = self.conn
         exc = task._exception
-        if self.state._reason is not None or conn.closed:
+        phase = self.response_phase
+        if self.state._reason is not None or conn.phase is CLOSED:
             if exc is not None:
                 conn.log.debug("application raised after the client left: %r", exc)
-            conn.exchange_progress(self)
-            return
-        if exc is not None:
-            conn.log.error("application raised: %s %s\n%s", self.head.method,
-                           self.head.target.decode("latin-1"),
+            phase = None                 # PAGI HTTP: not an application error
+        elif exc is not None:
+            conn.log.error("application raised: %s\n%s", self.what(),
                            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
-        elif not self.state._started:
-            conn.log.error("application returned without starting a response: %s %s "
-                           "(500 sent)", self.head.method, self.head.target.decode("latin-1"))
-        elif not self.response_done:
-            conn.log.error("application returned before its response was complete: %s %s",
-                           self.head.method, self.head.target.decode("latin-1"))
+        elif phase is NOT_STARTED:
+            conn.log.error("application returned without starting a response: %s "
+                           "(500 sent)", self.what())
+        elif phase not in _RESPONSE_DONE:
+            conn.log.error("application returned before its response was complete: %s",
+                           self.what())
         else:
-            conn.exchange_progress(self)
-            return
-        if not self.head_sent:
+            phase = None                 # a clean end
+        if phase is NOT_STARTED or phase is START_PENDING:
             # Nothing of the response is on the wire yet: the client gets a
             # 500 (PAGI HTTP "Application Produced No Response").
-            self.state._started = True
             conn.respond_error(500, "Internal Server Error", "server_error")
-        else:
+        elif phase is not None and conn.phase is not CLOSED:
             # The head is out: truncate -- no terminating chunk, and the
             # connection closes, so the client can tell.
             conn.abort("server_error")
+        self.app_phase = APPLICATION_MOVES[self.app_phase]["returned"]
+        if self.response_phase is DELIVERED:
+            self._settle()
+
+    def _settle(self):
+        """Reached when the response is delivered, the application returns,
+        or a discarded body ends: the one place that decides the exchange is
+        over -- its response delivered and its application returned.  What
+        follows is the connection's (exchange_over)."""
+        if self.app_phase is RETURNED and self.response_phase is DELIVERED:
+            self.conn.exchange_over(self)
 
 
 # -- the connection ---------------------------------------------------------------
@@ -5176,20 +5372,184 @@ class _Linger:
             self.on_closed(self)
 
 
+# The phases of a connection.  An HTTP connection serves one exchange at a
+# time and loops through IDLE and BUSY while it is kept alive; every kind
+# ends CLOSING (flushing what is queued: close_after_flush) and CLOSED (the
+# socket closed, or lingering in a _Linger that the server holds in the
+# connection's slot), or hands its socket to another protocol (UPGRADED).
+IDLE, BUSY, OPEN, CLOSING, CLOSED, UPGRADED = (
+    "IDLE", "BUSY", "OPEN", "CLOSING", "CLOSED", "UPGRADED")
+
+HTTP_CONNECTION_MACHINE = Machine("http connection", "phase", (IDLE,), [
+    (IDLE, "request", BUSY),                # a request head is parsed (_begin)
+    (BUSY, "keep_alive", IDLE),             # the exchange is over, the connection persists
+    (IDLE, "upgrade", UPGRADED),            # RFC 9110 §7.8: handed over (_hand_over)
+    (IDLE, "close_after_flush", CLOSING),   # no more requests: flush, then linger
+    (BUSY, "close_after_flush", CLOSING),
+    (IDLE, "close", CLOSED),                # closed now (close, abort), or lingering
+    (BUSY, "close", CLOSED),
+    (CLOSING, "close", CLOSED),
+])
+HTTP_CONNECTION_MOVES = HTTP_CONNECTION_MACHINE.moves
+
+# A WebSocket's socket: the protocol's own phases are WEBSOCKET_MACHINE
+# (section 7); this one is only the socket's.
+SOCKET_MACHINE = Machine("websocket socket", "phase", (OPEN,), [
+    (OPEN, "close_after_flush", CLOSING),
+    (OPEN, "close", CLOSED),
+    (CLOSING, "close", CLOSED),
+])
+
+
 class Connection:
     """What every kind of client connection shares: its stream and Transport,
-    and the two ways it ends -- abort() now, dropping what is queued, or
-    close_after_flush(), which lets the queued bytes out and then lingers
-    (_Linger) so that the last response is not destroyed by a reset."""
+    reading (the reader callback, pause and resume), the common part of its
+    scope, starting its application, and the two ways it ends -- abort()
+    now, dropping what is queued, or close_after_flush(), which lets the
+    queued bytes out and then lingers (_Linger) so that the last response is
+    not destroyed by a reset.
 
-    closed = False          # the socket is closed (or handed to a _Linger)
-    closing = False         # no more requests: flushing, then closing
+    A subclass supplies _received(data) (bytes arrived), _on_eof() (the
+    client sent FIN), _advance() (hand on what the parser holds), abort()
+    and check_timeouts(); it reads and writes nothing else of the socket.
+
+    What a connection may use of its server (section 10), and nothing more
+    (docs/architecture.md, "The server around it"):
+
+    - read only: ``loop``, ``log``, ``config``, ``app``, ``state``,
+      ``stamp``, ``trusted_peers``, ``upgrades``, ``exchange_kind``,
+      ``shutting_down``, and ``access_log`` (None: no access log is kept);
+    - calls: connection_opened(conn) (a connection made by an upgrade takes
+      its slot), connection_closed(conn) (the slot's descriptor is closed,
+      lingering or handed on), linger(stream), log_access(entry) (one
+      AccessEntry), max_requests_reached();
+    - two per-request touches, attributes rather than calls because they
+      are on the common path: ``requests`` (add one per request begun,
+      then compare with ``max_requests``) and ``idle`` (an ordered dict: a
+      keep-alive connection between requests enters it, and leaves it when
+      the next head's first bytes arrive).
+    """
+
+    MACHINE = SOCKET_MACHINE  # the socket's phases; ``phase`` holds one
+    phase = OPEN
     reading = False         # the reader callback is registered
+    peer_eof = False        # the client sent FIN
+    advancing = False       # inside _advance (no re-entry)
+    paused_at = None        # when reading last paused (None: reading)
+    paused_for = 0.0        # seconds spent paused since the clock was last reset
+
+    def __init__(self, server, stream, transport):
+        self.server = server
+        self.loop = server.loop
+        self.log = server.log
+        self.config = server.config
+        self.stream = stream
+        self.fd = stream.fd
+        self.client = stream.peer_address         # the scope's client ...
+        self.server_address = stream.local_address  # ... and server
+        self.transport = transport
+        transport.on_error = self._write_failed
+        self.last_activity = self.loop.now        # last byte received
+        self.bytes_in = 0                         # bytes received on this socket
+
+    @property
+    def closed(self):
+        """The socket is closed, lingering, or handed to another owner."""
+        return self.phase is CLOSED or self.phase is UPGRADED
+
+    @property
+    def closing(self):
+        """No more requests: what is queued is flushed, then the socket lingers."""
+        return self.phase is CLOSING
+
+    # -- reading ------------------------------------------------------------------
+
+    def resume_reading(self):
+        if not self.reading and not self.closed and not self.peer_eof:
+            self.reading = True
+            if self.paused_at is not None:
+                self.paused_for += self.loop.now - self.paused_at
+                self.paused_at = None
+            self.loop.add_reader(self.fd, self._on_readable)
+            # What was parked may need no more bytes (an end of message).
+            if not self.advancing:
+                self.loop.call_soon(self._advance)
+
+    def pause_reading(self):
+        if self.reading:
+            self.reading = False
+            self.paused_at = self.loop.now
+            self.loop.remove_reader(self.fd)
+
+    def _on_readable(self):
+        try:
+            data = self.stream.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (ConnectionResetError, ConnectionAbortedError):
+            self.abort("client_closed")   # the client reset: it is gone
+            return
+        except OSError as exc:
+            # A failed TLS handshake comes here too (ssl.SSLError): the
+            # client's doing, so DEBUG, where an operator can find why.
+            self.log.debug("%s: read failed: %s", self.client, exc)
+            self.abort("read_error")
+            return
+        self.last_activity = self.loop.now
+        if data:
+            self._received(data)
+        else:
+            self.peer_eof = True
+            self.pause_reading()
+            self._on_eof()
+
+    def _write_failed(self, exc):
+        self.abort(_write_failure_reason(exc, self.peer_eof))
+
+    # -- the scope and the application ----------------------------------------------
+
+    def base_scope(self, scope_type, head, scheme, extensions):
+        """The keys every scope of a connection has (PAGI HTTP "Connection
+        Scope", WebSocket "Connection Scope"), from the request head;
+        --proxy-headers applied."""
+        scope = {
+            "type": scope_type,
+            "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
+            "http_version": head.http_version,
+            "scheme": scheme,
+            "path": decode_path(head.path),
+            "raw_path": head.path,
+            "query_string": head.query_string,
+            "root_path": self.config.root_path,
+            "headers": head.headers,
+            "client": list(self.client) if self.client else None,
+            "server": list(self.server_address) if self.server_address else None,
+            "state": dict(self.server.state),
+            "extensions": extensions if self.stream.tls is None
+            else _with_tls(extensions, self.stream),
+            "pagi.transport": self.transport,
+        }
+        trusted = self.server.trusted_peers
+        if trusted is not None:
+            apply_proxy_headers(scope, self.client, trusted)
+        return scope
+
+    def cannot_start(self, exc, what):
+        """start_application raised CannotStart for the request ``what``.
+        Logged at ERROR; the caller answers 500 (docs/spec.md, CORE-APP-4)."""
+        cause = exc.__cause__
+        if cause is None:
+            self.log.error("TypeError: %s, for %s", exc, what)
+        else:
+            self.log.error("application raised when called: %s\n%s", what, "".join(
+                traceback.format_exception(type(cause), cause, cause.__traceback__)).rstrip())
+
+    # -- the end --------------------------------------------------------------------
 
     def close_after_flush(self):
-        if self.closing or self.closed:
+        if self.phase is CLOSING or self.closed:
             return
-        self.closing = True
+        self.phase = self.MACHINE.moves[self.phase]["close_after_flush"]
         self.transport.when_flushed(self._linger)
 
     def _linger(self):
@@ -5205,7 +5565,7 @@ class Connection:
             self.stream.close()
 
     def _release(self):
-        self.closed = True
+        self.phase = self.MACHINE.moves[self.phase]["close"]
         self.reading = False
         self.transport.close()
         self.loop.forget(self.fd)
@@ -5253,39 +5613,29 @@ _HTTP_ERROR_REASONS = {
 
 
 class HTTPConnection(Connection):
-    """One client socket: parser in, transport out, one exchange at a time."""
+    """One client socket: parser in, transport out, one exchange at a time
+    (HTTP_CONNECTION_MACHINE)."""
+
+    MACHINE = HTTP_CONNECTION_MACHINE
+    phase = IDLE
 
     def __init__(self, server, stream):
-        self.server = server
-        self.loop = server.loop
-        self.log = server.log
-        self.config = config = server.config
-        self.app = server.app
-        self.stream = stream
-        self.fd = stream.fd
-        self.client = stream.peer_address
-        self.server_address = stream.local_address
+        config = server.config
+        Connection.__init__(self, server, stream, Transport(
+            stream, server.loop, config.write_high_watermark, config.write_low_watermark,
+            None, config.write_buffer_limit))
         self.parser = RequestParser(config)
-        self.transport = Transport(stream, self.loop, config.write_high_watermark,
-                                   config.write_low_watermark, self._write_failed,
-                                   config.write_buffer_limit)
         self.exchange = None          # the request being served
         self.socket_open = [True]     # shared by this socket's pagi.connection objects
-        self.peer_eof = False         # the client sent FIN
-        self.advancing = False        # inside _advance (no re-entry)
         self.requests = 0             # requests begun on this connection
-        now = self.loop.now
-        self.last_activity = now      # last byte received
-        self.head_started = now       # when the current head began to arrive
+        self.idle_set = server.idle   # the server's evictable connections (section 10)
+        self.head_started = self.last_activity  # when the current head began to arrive
         # The minimum data rates (section 1): byte counts, and the body's
-        # clock, which runs only while the server waits for body bytes.
-        self.bytes_in = 0             # bytes received on this socket
-        self.idle_set = server.idle   # the server's idle connections (section 10)
+        # clock, which runs only while the server waits for body bytes
+        # (paused_at and paused_for, kept by Connection, leave out pauses).
         self.head_base = 0            # bytes_in when the current head began
         self.body_started = None      # when the wait for this body began (None: not yet)
         self.body_base = 0            # bytes_in then
-        self.paused_at = None         # when reading last paused (None: reading)
-        self.paused_for = 0.0         # seconds of this body's wait spent paused
 
     def loop_context(self):
         if self.exchange is not None:
@@ -5294,31 +5644,12 @@ class HTTPConnection(Connection):
 
     def __repr__(self):
         return "<HTTPConnection fd=%d client=%r requests=%d %s>" % (
-            self.fd, self.client, self.requests,
-            "closed" if self.closed else "closing" if self.closing else
-            "busy" if self.exchange else "idle")
+            self.fd, self.client, self.requests, self.phase)
 
     def start(self):
         self.resume_reading()
 
     # -- reading ------------------------------------------------------------------
-
-    def resume_reading(self):
-        if not self.reading and not self.closed and not self.peer_eof:
-            self.reading = True
-            if self.paused_at is not None:
-                self.paused_for += self.loop.now - self.paused_at
-                self.paused_at = None
-            self.loop.add_reader(self.fd, self._on_readable)
-            # What was parked may need no more bytes (an end of message).
-            if not self.advancing:
-                self.loop.call_soon(self._advance)
-
-    def pause_reading(self):
-        if self.reading:
-            self.reading = False
-            self.paused_at = self.loop.now
-            self.loop.remove_reader(self.fd)
 
     def start_body_clock(self):
         """The server now waits for body bytes: the body's minimum rate
@@ -5335,30 +5666,13 @@ class HTTPConnection(Connection):
             paused += now - self.paused_at
         return now - self.body_started - paused
 
-    def _on_readable(self):
-        try:
-            data = self.stream.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (ConnectionResetError, ConnectionAbortedError):
-            self.abort("client_closed")   # the client reset: it is gone
-            return
-        except OSError as exc:
-            # A failed TLS handshake comes here too (ssl.SSLError): the
-            # client's doing, so DEBUG, where an operator can find why.
-            self.log.debug("%s: read failed: %s", self.client, exc)
-            self.abort("read_error")
-            return
-        now = self.last_activity = self.loop.now
-        if not data:
-            self._on_eof()
-            return
-        if self.closing:
+    def _received(self, data):
+        if self.phase is CLOSING:
             return        # a closing connection drops what still arrives
         parser = self.parser
         if parser.in_head and not parser.buffered:
             # The first bytes of a head: the connection is no longer idle.
-            self.head_started = now
+            self.head_started = self.last_activity
             self.head_base = self.bytes_in
             self.idle_set.pop(self, None)
         self.bytes_in += len(data)
@@ -5366,13 +5680,11 @@ class HTTPConnection(Connection):
         self._advance()
 
     def _on_eof(self):
-        self.peer_eof = True
-        self.pause_reading()
         exchange = self.exchange
-        if exchange is None or self.closing:
+        if self.phase is not BUSY:
             self.close()          # idle, or between requests: nothing is lost
-        elif not exchange.body_complete or (exchange.FIN_ENDS_RESPONSE
-                                            and not exchange.response_done):
+        elif exchange.request_phase is not BODY_DONE or (
+                exchange.FIN_ENDS_RESPONSE and exchange.response_phase not in _RESPONSE_DONE):
             self.abort("client_closed")
         # Otherwise the request is complete and the client only half-closed:
         # the response still goes out, then the connection closes.  (A client
@@ -5393,7 +5705,7 @@ class HTTPConnection(Connection):
     def _advance_loop(self):
         parser = self.parser
         limit = self.config.max_receive_queue
-        while not self.closed and not self.closing:
+        while self.phase is IDLE or self.phase is BUSY:
             exchange = self.exchange
             if exchange is None:
                 try:
@@ -5406,7 +5718,7 @@ class HTTPConnection(Connection):
                     return
                 self._begin(event)
                 continue
-            if exchange.body_complete:
+            if exchange.request_phase is BODY_DONE:
                 # Bytes of pipelined requests wait in the parser until this
                 # exchange is over; past a bound, stop reading them.
                 if parser.buffered > _PIPELINE_BUFFER:
@@ -5448,33 +5760,25 @@ class HTTPConnection(Connection):
                 self._hand_over(upgrade, head)
                 return
         self.requests += 1
+        self.phase = HTTP_CONNECTION_MOVES[self.phase]["request"]
         # The scope type: a request with Accept is the server's to sort out
         # (an event stream is section 8's, Server.exchange_kind).
         kind = Exchange if head.accept is None else self.server.exchange_kind(head)
-        exchange = self.exchange = kind(self, head)
+        exchange = self.exchange = kind(self, head)    # its request phase is BODY_DONE ...
         if not head.chunked and not head.content_length:
-            self.parser.next_event()      # the EndOfMessage of a body-less request
-            exchange.body_complete = True
+            self.parser.next_event()      # ... after the EndOfMessage of a body-less request
         elif head.expect_continue:
             self.body_started = None      # the client waits for the 100 (Exchange.receive)
         else:
             self.start_body_clock()
         try:
-            coro = self.app(exchange.scope(), exchange.receive, exchange.send)
-        except Exception as exc:
-            self.log.error("application raised when called: %s %s\n%s", head.method,
-                           head.target.decode("latin-1"), traceback.format_exc().rstrip())
-            coro = exc
-        if not (hasattr(coro, "send") and hasattr(coro, "throw")):
-            if not isinstance(coro, Exception):
-                self.log.error("TypeError: the application must return a generator or "
-                               "a coroutine, it returned %s (is it missing a 'yield' or "
-                               "'async def'?)", type(coro).__name__)
-            exchange.app_done = True
-            exchange.state._started = True
+            start_application(server.app, exchange.scope(), exchange.receive, exchange.send,
+                              self.loop, exchange.app_exited)
+        except CannotStart as exc:
+            self.cannot_start(exc, exchange.what())
+            # PAGI HTTP "Application Produced No Response": the backstop 500.
             self.respond_error(500, "Internal Server Error", "server_error")
-            return
-        Task(coro, self.loop, on_exit=exchange.app_exited)
+            exchange.app_phase = APPLICATION_MOVES[exchange.app_phase]["returned"]
 
     def _hand_over(self, upgrade, head):
         """RFC 9110 §7.8: the socket now speaks another protocol; its new
@@ -5482,13 +5786,12 @@ class HTTPConnection(Connection):
         self.requests += 1
         if not head.chunked and not head.content_length:
             self.parser.next_event()      # the EndOfMessage of the handshake
-        self.closed = True                # this object is done with the socket
+        self.phase = HTTP_CONNECTION_MOVES[self.phase]["upgrade"]   # done with the socket
         self.reading = False
         self.loop.remove_reader(self.fd)
-        self.server.connections.discard(self)
+        self.server.connection_closed(self)   # the new owner takes the slot
         leftover = self.parser.take_buffered()
-        upgrade(self.server, self.stream, self.client, self.server_address,
-                self.transport, head, leftover)
+        upgrade(self.server, self.stream, self.transport, head, leftover)
 
     def check_timeouts(self, now, config):
         """The server's sweep: which timeout, if any, has this connection hit?"""
@@ -5514,7 +5817,7 @@ class HTTPConnection(Connection):
                     self.respond_error(408, "Request Timeout", None)
             elif now - self.last_activity > config.keepalive_timeout:
                 self.close()
-        elif exchange.body_complete:
+        elif exchange.request_phase is BODY_DONE:
             pass
         elif self.reading and now - max(
                 self.last_activity, transport.last_progress) > config.client_timeout:
@@ -5566,41 +5869,42 @@ class HTTPConnection(Connection):
     def _body_error(self, exchange, err):
         """The request body broke a rule while the application runs."""
         reason = _HTTP_ERROR_REASONS.get(err.status, "protocol_error")
-        if exchange.head_sent or exchange.response_done:
+        if exchange.response_phase in _HEAD_OUT:
             self.abort(reason)
         else:
-            exchange.state._started = True
             self.respond_error(err.status, err.message, reason)
 
     # -- the end of an exchange ----------------------------------------------------
 
-    def exchange_progress(self, exchange):
-        """Called when the response is delivered, the application returns, or a
-        discarded body ends: once all are done, go on to the next request."""
-        if exchange is not self.exchange or self.closed:
+    def exchange_over(self, exchange):
+        """The exchange is over (Exchange._settle decides): its response
+        delivered and its application returned.  Go on to the next request
+        -- after dropping what is left of its body -- or close."""
+        if exchange is not self.exchange or self.phase is not BUSY:
             return
-        if not (exchange.app_done and exchange.delivered):
-            return
-        if not exchange.keep_alive or self.peer_eof or self.server.shutting_down:
+        if not exchange.may_persist():
             self.close_after_flush()
             return
-        if not exchange.body_complete:
-            # The application did not read the whole body: drop the rest
-            # before the next request can be read (RFC 9112 §9.3).
-            exchange.discarding = True
-            exchange.queue.clear()
-            self.resume_reading()
-            if not self.advancing:
-                self.loop.call_soon(self._advance)
+        if exchange.request_phase is not BODY_DONE:
+            if exchange.request_phase is BODY:
+                # The application did not read the whole body: drop the rest
+                # before the next request can be read (RFC 9112 §9.3); its
+                # end enters BODY_DONE, and this runs again.
+                exchange.request_phase = REQUEST_MOVES[BODY]["discard"]
+                exchange.queue.clear()
+                self.resume_reading()
+                if not self.advancing:
+                    self.loop.call_soon(self._advance)
             return
         self.exchange = None
+        self.phase = HTTP_CONNECTION_MOVES[self.phase]["keep_alive"]
         self.transport.forget_callbacks()   # they belonged to that request
         self.last_activity = self.head_started = self.loop.now
         self.resume_reading()
         buffered = self.parser.buffered
         if not buffered:
             # Idle: a candidate for eviction at max_connections (section 10).
-            # The next head's first bytes set head_base (_on_readable).
+            # The next head's first bytes set head_base (_received).
             self.idle_set[self] = None
         else:
             self.head_base = self.bytes_in - buffered   # pipelined: already here
@@ -5618,24 +5922,23 @@ class HTTPConnection(Connection):
         self.transport.write(response)
         exchange = self.exchange
         if exchange is not None and reason is not None:
+            exchange.response_phase = RESPONSE_MOVES[exchange.response_phase]["server_answer"]
+            exchange.state._started = True
             exchange.status = status
             exchange.headers = None
             exchange.disconnected(reason)
         elif self.server.access_log is not None:
-            self.server.access_log.record(
+            self.server.log_access(AccessEntry(
                 self.client, time.time(), 0.0, head.request_line() if head is not None else "-",
                 status, len(response) - response.index(b"\r\n\r\n") - 4,
-                head.headers if head is not None else (), (),
-                bytes_in=self.bytes_in - self.head_base, bytes_out=len(response))
+                head.headers if head is not None else (),
+                bytes_in=self.bytes_in - self.head_base, bytes_out=len(response)))
         self.log.debug("%s: answered %d %s", self.client, status, message)
         self.close_after_flush()
 
     def abort_after_flush(self, exchange, reason):
         exchange.disconnected(reason)
         self.close_after_flush()
-
-    def _write_failed(self, exc):
-        self.abort(_write_failure_reason(exc, self.peer_eof))
 
     def abort(self, reason):
         """An abnormal end: the socket closes now and queued bytes are dropped."""
@@ -5861,8 +6164,16 @@ class _H2Response:
     """The HTTP/2 framing of a response, for Exchange and SSEExchange
     (section 6, 8): a HEADERS frame with :status instead of a status line,
     DATA frames instead of chunks, a HEADERS frame for trailers, END_STREAM
-    instead of a last chunk or a close.  RFC 9113 §8.2.2: no
+    instead of a last chunk or a close.  The response's phases move through
+    RESPONSE_MACHINE as section 6's do.  RFC 9113 §8.2.2: no
     connection-specific fields go out."""
+
+    def __init__(self, conn, head, end_stream=True):
+        super().__init__(conn, head)
+        if not end_stream:
+            # REQUEST_MACHINE's initial phase: a body follows (DATA frames),
+            # with or without a content-length.
+            self.request_phase = BODY
 
     def receive(self):
         queue = self.queue
@@ -5881,20 +6192,26 @@ class _H2Response:
             if name not in _H2_CONNECTION_FIELDS:
                 headers.append((name, value))
         self.conn.server.stamp.add_to(headers, self.has_server, self.has_date)
-        if self.length is None and final_size is not None and (
+        if self.status == 204:
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
+        elif self.length is None and final_size is not None and (
                 not self.no_body or (self.head.method == "HEAD" and final_size)):
             headers.append((b"content-length", b"%d" % final_size))
             if not self.no_body:
                 self.length = final_size
-        self.head_pending = False
-        self.head_sent = True
+        self.headers = headers[1:]          # what went out, for the access log
         return headers
 
+    def _short(self):
+        """Fewer body bytes than the declared content-length."""
+        return self.length is not None and not self.no_body and self.sent < self.length
+
     def _send_body(self, event):
-        if not self.state._started:
+        phase = self.response_phase
+        if phase is NOT_STARTED:
             raise EventError("http.response.body: the response has not started "
                              "(send http.response.start first)")
-        if self.body_ended:
+        if phase in _BODY_ENDED:
             raise EventError("http.response.body: the response body is already complete")
         if "file" in event or "fh" in event:
             sources = [k for k in ("body", "file", "fh") if event.get(k) is not None]
@@ -5917,27 +6234,26 @@ class _H2Response:
         transport = conn.transport
         if self.no_body:
             body = b""
-        ends = not more and not self.trailers
-        if ends and self._short():
-            ends = False        # no END_STREAM: _response_end resets the stream
-        if self.head_pending:
+        # END_STREAM with the last body, unless trailers follow or the body
+        # is short of its content-length (then _response_end resets it).
+        ends = not more and not self.trailers and not self._short()
+        if phase is START_PENDING:
             conn.send_headers(self._h2_head(None if more else size), ends and not body)
             if ends and not body:
                 transport.ended = True
         if body:
             self.bytes_out += size
             transport.write(body, ends)      # END_STREAM rides on its last frame
-        if not more:
-            self.body_ended = True
-            if not self.trailers:
-                if ends and not body and not transport.ended:
-                    transport.end()
-                self._response_end()
+        if more:
+            if phase is START_PENDING:
+                self.response_phase = RESPONSE_MOVES[phase]["head"]
+        elif self.trailers:
+            self.response_phase = RESPONSE_MOVES[phase]["last_body"]
+        else:
+            if ends and not transport.ended and not body:
+                transport.end()
+            self._response_end()
         return transport.suspend()
-
-    def _short(self):
-        """Fewer body bytes than the declared content-length."""
-        return self.length is not None and not self.no_body and self.sent < self.length
 
     def _send_file(self, event, source):
         offset = event.get("offset") or 0
@@ -5973,13 +6289,14 @@ class _H2Response:
         self.sent += count
         conn = self.conn
         transport = conn.transport
-        self.body_ended = True
         empty = self.no_body or count == 0
         ends = not self.trailers and not self._short()
-        if self.head_pending:
+        if self.response_phase is START_PENDING:
             conn.send_headers(self._h2_head(count), empty and ends)
             if empty and ends:
                 transport.ended = True
+        if self.trailers:     # a file is the last body
+            self.response_phase = RESPONSE_MOVES[self.response_phase]["last_body"]
         if empty:
             if owned:
                 file.close()
@@ -6000,10 +6317,10 @@ class _H2Response:
         if not self.trailers:
             raise EventError("http.response.trailers: the start event did not "
                              "announce trailers (trailers=1)")
-        if not self.body_ended:
-            raise EventError("http.response.trailers: the body is not complete yet")
-        if self.response_done:
+        if self.response_phase in _RESPONSE_DONE:
             raise EventError("http.response.trailers: trailers were already sent")
+        if self.response_phase is not TRAILERS_DUE:
+            raise EventError("http.response.trailers: the body is not complete yet")
         transport = self.conn.transport
         # RFC 9113 §8.1: trailers are a HEADERS frame with END_STREAM.
         fields = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()
@@ -6013,26 +6330,33 @@ class _H2Response:
         return transport.suspend()
 
     def _send_fullflush(self):
-        if not self.state._started:
+        if self.response_phase is NOT_STARTED:
             raise EventError("http.fullflush: the response has not started")
         conn = self.conn
-        if self.head_pending:
+        if self.response_phase is START_PENDING:
             conn.send_headers(self._h2_head(None), False)
+            self.response_phase = RESPONSE_MOVES[self.response_phase]["head"]
         future = Future(conn.loop)
         conn.transport.when_flushed(lambda: future.done() or future.set_result(None))
         return future
 
     def _response_end(self):
-        self.response_done = True
+        self.response_phase = RESPONSE_MOVES[self.response_phase]["complete"]
         self.state._complete = True
         if self._short():
             # Fewer bytes than declared: RST_STREAM, so the client can tell.
-            self.conn.log.warning("%s %s: response ended after %d of %d declared bytes; "
-                                  "resetting the stream", self.head.method,
-                                  self.head.target.decode("latin-1"), self.sent, self.length)
+            self.conn.log.warning("%s: response ended after %d of %d declared bytes; "
+                                  "resetting the stream", self.what(), self.sent, self.length)
             self.conn.abort_after_flush(self, "server_error")
             return
         self.conn.transport.when_flushed(self._delivered)
+
+    def app_exited(self, task):
+        super().app_exited(task)
+        # A stream that ended abnormally is never delivered (section 6's
+        # _settle does not come): it is over once its application is.
+        if self.state._reason is not None:
+            self.conn.release()
 
 
 class H2Exchange(_H2Response, Exchange):
@@ -6048,6 +6372,16 @@ class H2Stream:
     peer_eof = False        # a stream ends with END_STREAM, not a FIN
     head_base = 0           # the access log's %I counts from the stream's start
     start_body_clock = resume_reading = close_after_flush = staticmethod(lambda: None)
+    # The scope's common keys and the words for an application that cannot
+    # start are a Connection's (section 6), with this stream's transport.
+    base_scope = Connection.base_scope
+    cannot_start = Connection.cannot_start
+
+    @property
+    def phase(self):
+        """As a Connection's phase: CLOSED once the stream is over for the
+        application (Exchange.send and app_exited ask)."""
+        return CLOSED if self.closed else OPEN
 
     def __init__(self, h2, stream_id):
         self.h2 = h2
@@ -6081,8 +6415,13 @@ class H2Stream:
             self.h2.engine.consumed(self.stream_id, size)
             self.h2.flush()
 
-    def exchange_progress(self, exchange):
-        if exchange.app_done and (exchange.delivered or exchange.state._reason is not None):
+    def exchange_over(self, exchange):
+        """Section 6's Exchange._settle: delivered, and the application returned."""
+        self.release()
+
+    def _over_if_returned(self, exchange):
+        """An abnormal end is never delivered: over once the application is."""
+        if exchange.app_phase is RETURNED:
             self.release()
 
     def abort_after_flush(self, exchange, reason):
@@ -6094,7 +6433,7 @@ class H2Stream:
         self.reset(H2_INTERNAL_ERROR)
         if self.exchange is not None:
             self.exchange.disconnected(reason)
-            self.exchange_progress(self.exchange)
+            self._over_if_returned(self.exchange)
 
     def respond_error(self, status, message, reason, head=None):
         """A server-generated response on this stream (section 4's words)."""
@@ -6110,10 +6449,12 @@ class H2Stream:
         self.transport.end()
         exchange = self.exchange
         if exchange is not None and reason is not None:
+            exchange.response_phase = RESPONSE_MOVES[exchange.response_phase]["server_answer"]
+            exchange.state._started = True
             exchange.status = status
             exchange.headers = None
             exchange.disconnected(reason)
-            self.exchange_progress(exchange)
+            self._over_if_returned(exchange)
         elif exchange is None:
             self.transport.when_flushed(self.release)
         self.closed = True          # the application's sends are no-ops now
@@ -6127,7 +6468,7 @@ class H2Stream:
         DATA -> http.request with more 1, or 0 with END_STREAM)."""
         exchange = self.exchange
         self.bytes_in += len(data)
-        if exchange.discarding or self.closed:
+        if self.closed:
             self.consumed(len(data))
             return
         if exchange.waiter is not None:
@@ -6167,7 +6508,7 @@ class H2Stream:
             self.release()
             return
         exchange.disconnected(reason)
-        self.exchange_progress(exchange)
+        self._over_if_returned(exchange)
 
     def release(self):
         """The stream is done for us: forget it.  A stream cut short is
@@ -6196,32 +6537,22 @@ class H2Connection(Connection):
     """One HTTP/2 client socket: frames in, streams as scopes, frames out."""
 
     def __init__(self, server, stream):
-        self.server = server
-        self.loop = server.loop
-        self.log = server.log
-        self.config = config = server.config
-        self.app = server.app
-        self.stream = stream
-        self.fd = stream.fd
-        self.client = stream.peer_address
-        self.server_address = stream.local_address
+        config = server.config
         # No hard limit on the connection's buffer: only the pump (never past
         # the high mark) and the protocol's own frames write to it; each
         # stream's transport holds the limit for its application's bytes.
-        self.transport = Transport(stream, self.loop, config.write_high_watermark,
-                                   config.write_low_watermark, self._write_failed)
-        self.transport.on_drain(self._on_drain)
+        transport = Transport(stream, server.loop, config.write_high_watermark,
+                              config.write_low_watermark, None)
+        Connection.__init__(self, server, stream, transport)
+        self.app = server.app
+        transport.on_drain(self._on_drain)
         self.engine = H2Protocol(max_concurrent_streams=config.h2_max_concurrent_streams,
                                  max_header_list_size=h2_header_list_limit(config))
         self.streams = {}             # stream id -> H2Stream, until released
         self.socket_open = [True]     # shared by every stream's pagi.connection
-        self.peer_eof = False
         self.requests = 0             # streams begun
         self.goaway_received = False  # the client said it opens no more streams
-        now = self.loop.now
-        self.started = now            # the preface is due within header_timeout
-        self.last_activity = now      # last byte received
-        self.bytes_in = 0
+        self.started = self.loop.now  # the preface is due within header_timeout
         self.idle_set = server.idle   # admission's idle connections (section 10)
         self.corked = False           # inside _on_readable: frames go out at its end
 
@@ -6258,23 +6589,14 @@ class H2Connection(Connection):
 
     # -- reading ------------------------------------------------------------------
 
-    def _on_readable(self):
-        try:
-            data = self.stream.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (ConnectionResetError, ConnectionAbortedError):
-            self.abort("client_closed")
-            return
-        except OSError as exc:
-            self.log.debug("%s: read failed: %s", self.client, exc)
-            self.abort("read_error")
-            return
-        if not data:
-            self.peer_eof = True
-            self.abort("client_closed")
-            return
-        self.last_activity = self.loop.now
+    def _on_eof(self):
+        self.abort("client_closed")     # an HTTP/2 client does not half-close
+
+    def _advance(self):
+        pass                            # nothing waits in a parser: feed() took it all
+
+    def _received(self, data):
+        """Section 6's Connection read ``data``: frames in, events handled."""
         self.bytes_in += len(data)
         if self.closing:
             return
@@ -6312,10 +6634,16 @@ class H2Connection(Connection):
         # PAGI SSE "Connection Detection", decided as for HTTP/1.1.
         kind = H2Exchange if head.accept is None else \
             server.h2_exchanges.get(server.exchange_kind(head), H2Exchange)
-        exchange = h2stream.exchange = kind(h2stream, head)
-        if event.end_stream:
-            exchange.body_complete = True
-        start_stream_application(self.app, exchange, self.log)
+        exchange = h2stream.exchange = kind(h2stream, head, event.end_stream)
+        try:
+            start_application(self.app, exchange.scope(), exchange.receive, exchange.send,
+                              self.loop, exchange.app_exited)
+        except CannotStart as exc:
+            h2stream.cannot_start(exc, exchange.what())
+            # PAGI HTTP "Application Produced No Response": the backstop 500.
+            h2stream.respond_error(500, "Internal Server Error", "server_error")
+            exchange.app_phase = APPLICATION_MOVES[exchange.app_phase]["returned"]
+            h2stream.release()
 
     def _on_too_large(self, event):
         h2stream = self.streams[event.stream_id] = H2Stream(self, event.stream_id)
@@ -6329,10 +6657,9 @@ class H2Connection(Connection):
         limit = self.config.max_body_size
         if limit and h2stream.bytes_in + len(event.data) > limit:
             exchange = h2stream.exchange
-            if exchange.head_sent or exchange.response_done:
+            if exchange.response_phase in _HEAD_OUT:
                 h2stream.abort("body_too_large")
             else:
-                exchange.state._started = True
                 h2stream.respond_error(413, "request body too large", "body_too_large")
             return
         h2stream.push(event.data, event.end_stream)
@@ -6465,9 +6792,6 @@ class H2Connection(Connection):
             if h2stream.exchange is not None:
                 h2stream.exchange.disconnected(reason)
 
-    def _write_failed(self, exc):
-        self.abort(_write_failure_reason(exc, self.peer_eof))
-
     def abort(self, reason):
         if self.closed:
             return
@@ -6524,7 +6848,7 @@ class H2Connection(Connection):
                 self.goaway()
         elif now - max(self.last_activity, self.transport.last_progress) > \
                 config.client_timeout and any(
-                    s.exchange is not None and not s.exchange.body_complete
+                    s.exchange is not None and s.exchange.request_phase is not BODY_DONE
                     for s in self.streams.values()):
             self.abort("client_timeout")
 
@@ -6538,28 +6862,6 @@ _H2_EVENT_HANDLERS = {
     H2WindowOpened: H2Connection._on_window,
     H2GoAway: H2Connection._on_goaway,
 }
-
-
-def start_stream_application(app, exchange, log):
-    """Call the application for an exchange and drive it as a Task; a call
-    that raises, or returns neither a generator nor a coroutine, is a 500."""
-    head = exchange.head
-    try:
-        coro = app(exchange.scope(), exchange.receive, exchange.send)
-    except Exception:
-        log.error("application raised when called: %s %s\n%s", head.method,
-                  head.target.decode("latin-1"), traceback.format_exc().rstrip())
-        coro = None
-    if not (hasattr(coro, "send") and hasattr(coro, "throw")):
-        if coro is not None:
-            log.error("TypeError: the application must return a generator or a coroutine, "
-                      "it returned %s (is it missing a 'yield' or 'async def'?)",
-                      type(coro).__name__)
-        exchange.app_done = True
-        exchange.state._started = True
-        exchange.conn.respond_error(500, "Internal Server Error", "server_error")
-        return
-    Task(coro, exchange.conn.loop, on_exit=exchange.app_exited)
 
 
 class ProtocolChoice:
@@ -6632,9 +6934,9 @@ class ProtocolChoice:
         self.closed = True
         self.loop.remove_reader(self.fd)
         server = self.server
-        server.connections.discard(self)
         conn = kind(server, self.stream)
-        server.connections.add(conn)
+        server.connection_opened(conn)      # the new owner takes the slot ...
+        server.connection_closed(self)      # ... this one held until now
         conn.start()
         if self.stream.scheme_secure and self.stream.sock.pending():
             self.loop.call_soon(conn._on_readable)   # decrypted bytes wait in ssl
@@ -6686,6 +6988,20 @@ _OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
 _WS_CLOSE_TIMEOUT = 5.0    # seconds to wait for the client's close frame
 _PERMESSAGE_DEFLATE = "websocket.permessage-deflate"   # its scope["extensions"] key
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = "connecting", "open", "closing", "closed"
+
+# RFC 6455's phases of one session, as WebSocketConnection keeps them in
+# ``state`` (its socket's phase is Connection's SOCKET_MACHINE).
+WEBSOCKET_MACHINE = Machine("websocket", "state", (_CONNECTING,), [
+    (_CONNECTING, "accept", _OPEN),         # websocket.accept: the 101 is written
+    (_CONNECTING, "refuse", _CLOSED),       # a bad handshake, websocket.close, 403/500/503
+    (_CONNECTING, "denied", _CLOSED),       # the application's denial response ended
+    (_CONNECTING, "ended", _CLOSED),        # the client left before an answer
+    (_OPEN, "close", _CLOSING),             # our close frame is sent (§7.1.2)
+    (_OPEN, "ended", _CLOSED),              # websocket.disconnect decided
+    (_CLOSING, "ended", _CLOSED),
+    (_CLOSED, "ended", _CLOSED),            # the disconnect event decided after a refusal
+])
+WEBSOCKET_MOVES = WEBSOCKET_MACHINE.moves
 
 
 class FrameError(Exception):
@@ -7160,23 +7476,16 @@ def _websocket_handshake_error(head):
 class WebSocketConnection(Connection):
     """One upgraded socket: the ``websocket`` scope, frames in and out."""
 
-    def __init__(self, server, stream, client, server_address, transport, head, leftover):
-        self.server = server
-        self.loop = loop = server.loop
-        self.log = server.log
-        self.config = server.config
-        self.stream = stream
-        self.fd = stream.fd
-        self.client = client
-        self.access_client = client   # %h: the scope's client (--proxy-headers)
+    def __init__(self, server, stream, transport, head, leftover):
+        Connection.__init__(self, server, stream, transport)
+        server.connection_opened(self)   # the slot the HTTPConnection held
+        loop = self.loop
+        self.access_client = self.client   # %h: the scope's client (--proxy-headers)
         self.head = head
-        self.transport = transport
-        transport.on_error = self._write_failed
-        self.state = _CONNECTING
+        self.state = _CONNECTING      # WEBSOCKET_MACHINE
         self.queue = collections.deque([{"type": "websocket.connect"}])
         self.waiter = None            # a pending receive()
         self.disconnect = None        # the websocket.disconnect event, once decided
-        self.peer_eof = False
         self.parser = FrameParser(self.config.ws_max_message_size)
         self.parser.feed(leftover)
         self.denial = None            # a denial's headers, once its start was sent
@@ -7190,7 +7499,6 @@ class WebSocketConnection(Connection):
         self.ping_due = loop.now + self.keepalive[0] if self.keepalive[0] > 0 else None
         self.pong_due = None          # when the pong to the last ping is late
         self.close_due = None         # when the client's close frame is late
-        self.last_activity = loop.now
         # For the access log's one line per session, written when it ends.
         self.status = None            # 101, or the status of the refusal or denial
         self.bytes_in = len(leftover)  # bytes received after the handshake's head
@@ -7202,10 +7510,9 @@ class WebSocketConnection(Connection):
             status, message, headers = error
             self.status = status
             transport.write(error_response(status, message, headers, server.stamp))
-            self.state = _CLOSED
+            self.state = WEBSOCKET_MOVES[self.state]["refuse"]
             self.close_after_flush()
             return
-        server.connections.add(self)
         subprotocols = []
         for name, value in head.headers:
             if name == b"sec-websocket-protocol":
@@ -7219,52 +7526,32 @@ class WebSocketConnection(Connection):
             if self.deflate is not None:
                 self.parser.deflate = self.deflate
                 extensions[_PERMESSAGE_DEFLATE] = self.deflate.scope_entry()
-        scope = {
-            "type": "websocket",
-            "pagi": {"version": PAGI_VERSION, "spec_version": PAGI_SPEC_VERSION},
-            "http_version": "1.1",
-            "scheme": "wss" if stream.scheme_secure else "ws",
-            "path": decode_path(head.path),
-            "raw_path": head.path,
-            "query_string": head.query_string,
-            "root_path": self.config.root_path,
-            "headers": head.headers,
-            "client": list(client) if client else None,
-            "server": list(server_address),
-            "subprotocols": subprotocols,
-            "state": dict(server.state),
-            "extensions": _with_tls(extensions, stream),
-            "pagi.transport": transport,
-        }
-        if server.trusted_peers is not None:
-            apply_proxy_headers(scope, client, server.trusted_peers)
-            self.access_client = scope["client"]
+        scope = self.base_scope("websocket", head, "wss" if stream.scheme_secure else "ws",
+                                extensions)
+        scope["subprotocols"] = subprotocols
+        self.access_client = scope["client"]
+        self.resume_reading()
         try:
-            coro = server.app(scope, self.receive, self.send)
-            if not (hasattr(coro, "send") and hasattr(coro, "throw")):
-                raise TypeError("the application must return a generator or a coroutine, "
-                                "it returned %s" % type(coro).__name__)
-        except Exception:
-            self.log.error("application failed on a websocket scope\n%s",
-                           traceback.format_exc().rstrip())
+            start_application(server.app, scope, self.receive, self.send, loop,
+                              self._app_exited, "websocket")
+        except CannotStart as exc:
+            self.cannot_start(exc, "websocket %s" % head.target.decode("latin-1"))
+            # Not accepted: the handshake's answer is the backstop 500.
             self._refuse(500, "Internal Server Error")
-            return
-        self._resume_reading()
-        Task(coro, loop, name="websocket", on_exit=self._app_exited)
 
     def __repr__(self):
         return "<WebSocketConnection fd=%d %s>" % (self.fd, self.state)
 
     def _release(self):
         """The session is over: its one access-log line, then the socket."""
-        access_log = self.server.access_log
-        if access_log is not None:
+        if self.server.access_log is not None:
             code = self.disconnect["code"] if self.disconnect is not None else None
-            access_log.record(self.access_client, self.received, time.monotonic() - self.t0,
-                              self.head.request_line(), self.status, 0, self.head.headers, (),
-                              bytes_in=self.bytes_in,
-                              bytes_out=self.transport.bytes_written - self.wire_start,
-                              end="close:%d" % code if code is not None else "done")
+            self.server.log_access(AccessEntry(
+                self.access_client, self.received, time.monotonic() - self.t0,
+                self.head.request_line(), self.status, 0, self.head.headers,
+                bytes_in=self.bytes_in,
+                bytes_out=self.transport.bytes_written - self.wire_start,
+                end="close:%d" % code if code is not None else "done"))
         Connection._release(self)
 
     def loop_context(self):
@@ -7277,8 +7564,7 @@ class WebSocketConnection(Connection):
             self._fail(*self.failure)     # the messages before the bad frame are had
         if self.queue:
             if not self.reading and self.state in (_OPEN, _CLOSING) and self.failure is None:
-                self._resume_reading()
-                self.loop.call_soon(self._advance)    # frames parked in the parser
+                self.resume_reading()     # and _advance, for frames parked in the parser
             return _resolved(self.queue.popleft())
         if self.disconnect is not None:
             return _resolved(dict(self.disconnect))
@@ -7300,7 +7586,7 @@ class WebSocketConnection(Connection):
         """Decide the websocket.disconnect event (once) and deliver it."""
         if self.disconnect is not None:
             return
-        self.state = _CLOSED
+        self.state = WEBSOCKET_MOVES[self.state]["ended"]
         self.ping_due = self.pong_due = self.close_due = None
         self.disconnect = {"type": "websocket.disconnect", "code": code, "reason": reason}
         self._deliver(dict(self.disconnect))
@@ -7344,8 +7630,8 @@ class WebSocketConnection(Connection):
                                  "sec-websocket-extensions: the server negotiates extensions")
         self.transport.write(frame_response(101, fields + headers,
                                             stamp=self.server.stamp)[0])
-        self.state = _OPEN
-        self._resume_reading()
+        self.state = WEBSOCKET_MOVES[self.state]["accept"]
+        self.resume_reading()
         self.loop.call_soon(self._advance)   # frames that came early
         return self.transport.suspend()
 
@@ -7465,48 +7751,26 @@ class WebSocketConnection(Connection):
         if not more:
             # The WebSocket never opened: no websocket.disconnect is owed,
             # but a receive() still gets one rather than waiting forever.
-            self.state = _CLOSED
+            self.state = WEBSOCKET_MOVES[self.state]["denied"]
             self.disconnect = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
             self.close_after_flush()
         return self.transport.suspend()
 
     # -- frames in ----------------------------------------------------------------
 
-    def _resume_reading(self):
-        if not self.reading and not self.closed and not self.peer_eof:
-            self.reading = True
-            self.loop.add_reader(self.fd, self._on_readable)
-
-    def _on_readable(self):
-        try:
-            data = self.stream.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (ConnectionResetError, ConnectionAbortedError):
-            self.abort("client_closed")
-            return
-        except OSError:
-            self.abort("read_error")
-            return
-        self.last_activity = self.loop.now
-        if not data:
-            self.peer_eof = True
-            if self.state == _CLOSED:
-                self.close()
-            else:
-                self.abort("client_closed")
-            return
+    def _received(self, data):
         self.bytes_in += len(data)
         self.parser.feed(data)
         if self.state == _CONNECTING and len(self.parser._buf) > _PIPELINE_BUFFER:
-            self._pause_reading()     # a client talking before the 101: wait
+            self.pause_reading()     # a client talking before the 101: wait
             return
         self._advance()
 
-    def _pause_reading(self):
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.fd)
+    def _on_eof(self):
+        if self.state == _CLOSED:
+            self.close()
+        else:
+            self.abort("client_closed")
 
     def _advance(self):
         if self.state not in (_OPEN, _CLOSING) or self.closed or self.failure is not None:
@@ -7515,12 +7779,12 @@ class WebSocketConnection(Connection):
         while self.state in (_OPEN, _CLOSING):
             if len(self.queue) >= limit:
                 # Inbound backpressure: stop reading until the app catches up.
-                self._pause_reading()
+                self.pause_reading()
                 return
             if self.transport.buffered_amount() >= self.transport.high_water_mark():
                 # What we answer (pongs) is not being read: stop reading
                 # until the client drains its side.
-                self._pause_reading()
+                self.pause_reading()
                 self.transport.suspend().add_done_callback(self._drained)
                 return
             try:
@@ -7557,12 +7821,12 @@ class WebSocketConnection(Connection):
 
     def _drained(self, _future):
         if self.state in (_OPEN, _CLOSING) and not self.closed and self.failure is None:
-            self._resume_reading()
+            self.resume_reading()
             self._advance()
 
     def _start_close(self, code, reason):
         self.transport.write(ws_frame(_OP_CLOSE, ws_close_payload(code, reason)))
-        self.state = _CLOSING
+        self.state = WEBSOCKET_MOVES[self.state]["close"]
         self.close_due = self.loop.now + _WS_CLOSE_TIMEOUT
 
     def _protocol_error(self, code, message):
@@ -7577,7 +7841,7 @@ class WebSocketConnection(Connection):
             self._fail(code, message)
             return
         self.failure = (code, message)
-        self._pause_reading()
+        self.pause_reading()
 
     def _fail(self, code, message):
         """RFC 6455 §7.1.7: fail the connection with a close frame."""
@@ -7592,7 +7856,7 @@ class WebSocketConnection(Connection):
     def _refuse(self, status, message):
         self.status = status
         self.transport.write(error_response(status, message, stamp=self.server.stamp))
-        self.state = _CLOSED
+        self.state = WEBSOCKET_MOVES[self.state]["refuse"]
         self.close_after_flush()
 
     def _app_exited(self, task):
@@ -7626,9 +7890,6 @@ class WebSocketConnection(Connection):
             # An application that ends its session closes it: 1000 normally,
             # 1011 (internal error) when it raised.
             self._start_close(1011 if exc is not None else 1000, "")
-
-    def _write_failed(self, exc):
-        self.abort(_write_failure_reason(exc, self.peer_eof))
 
     def abort(self, reason):
         """The connection ends without a close handshake: code 1006."""
@@ -7835,7 +8096,7 @@ class SSEExchange(Exchange):
         if self.keepalive_timer is not None:
             self.keepalive_timer.cancel()
             self.keepalive_timer = None
-        if not self.body_ended:
+        if self.response_phase not in _BODY_ENDED:
             self._send_body({"body": b"", "more": 0})
 
     def disconnected(self, reason):
@@ -7852,7 +8113,7 @@ class SSEExchange(Exchange):
             return
         self.disconnected("server_shutdown")
         self.stream_closed = True
-        if not self.body_ended:
+        if self.response_phase not in _BODY_ENDED:
             self._send_body({"body": b"", "more": 0})
         self.conn.close_after_flush()
 
@@ -7915,14 +8176,10 @@ class Lifespan:
         """Call the application; run this on the running loop (its first
         step may use sleep, to_thread...)."""
         try:
-            coro = self.app(self.scope, self.receive, self.send)
-            if not (hasattr(coro, "send") and hasattr(coro, "throw")):
-                raise TypeError("the application returned %s, not a generator or a "
-                                "coroutine" % type(coro).__name__)
-        except Exception as exc:
-            self._decline(exc)
-            return
-        self.task = Task(coro, self.loop, name="lifespan", on_exit=self._exited)
+            self.task = start_application(self.app, self.scope, self.receive, self.send,
+                                          self.loop, self._exited, "lifespan")
+        except CannotStart as exc:
+            self._decline(exc.__cause__ or exc)   # a lifespan that cannot start is declined
 
     def receive(self):
         if self.queue:
@@ -8000,6 +8257,11 @@ class Lifespan:
 # allows) the listener is unwatched for a short back-off instead of
 # spinning.  Timeouts are a periodic sweep over last-activity times and
 # byte counts, so a busy connection pays nothing per read or write for them.
+#
+# Connections (sections 6 and 7) use only what Connection's docstring lists
+# ("what a connection may call", below).  What must not go in here:
+# anything about supervisors and workers (section 11 installs its own hooks
+# on a worker's loop), or about a protocol's framing.
 # ============================================================================
 
 # -- the access log ------------------------------------------------------------
@@ -8098,21 +8360,21 @@ class AccessLog:
             parts.append(fmt[pos:])
         return parts
 
-    def record(self, client, received, duration, request_line, status, size,
-               request_headers=(), response_headers=(), bytes_in=0, bytes_out=0, end="done"):
-        """Format and queue one line; never blocks."""
+    def record(self, entry):
+        """Format one AccessEntry (section 6) and queue the line; never blocks."""
         if len(self._queue) >= _ACCESS_LOG_QUEUE:
             self.dropped += 1
             self.dropped_total += 1
             return
+        status, size, duration = entry.status, entry.size, entry.duration
         out = []
         for part in self._render:
             if part.__class__ is tuple:
                 where, name = part
                 if where == "x":
-                    out.append(_log_escape(end) if name == b"end" else "-")
+                    out.append(_log_escape(entry.end) if name == b"end" else "-")
                     continue
-                headers = request_headers if where == "i" else response_headers
+                headers = entry.request_headers if where == "i" else entry.response_headers
                 value = "-"
                 for k, v in headers or ():
                     if k == name:
@@ -8121,13 +8383,13 @@ class AccessLog:
                 out.append(value)
             elif len(part) == 1 and part in "hlutrsbDTIO":
                 if part == "h":
-                    out.append(client[0] if client else "-")
+                    out.append(entry.client[0] if entry.client else "-")
                 elif part in "lu":
                     out.append("-")
                 elif part == "t":
-                    out.append(_clf_time(received))
+                    out.append(_clf_time(entry.received))
                 elif part == "r":
-                    out.append(_log_escape(request_line))
+                    out.append(_log_escape(entry.request_line))
                 elif part == "s":
                     out.append(str(status) if status else "-")
                 elif part == "b":
@@ -8135,9 +8397,9 @@ class AccessLog:
                 elif part == "D":
                     out.append(str(int(duration * 1e6)))
                 elif part == "I":
-                    out.append(str(bytes_in))
+                    out.append(str(entry.bytes_in))
                 elif part == "O":
-                    out.append(str(bytes_out))
+                    out.append(str(entry.bytes_out))
                 else:
                     out.append(str(int(duration)))
             else:
@@ -8429,7 +8691,6 @@ class Server:
                  clock=time.monotonic):
         self.app = app
         self.worker_num = worker_num  # 1..N under a Supervisor, else None
-        self.supervisor_pid = None    # a worker's parent: if it dies, shut down
         self.config = config or Config()
         self.log = logger or logging.getLogger("pagi_ref")
         # The loop (or the clock of the one made here) can be injected, so
@@ -8675,13 +8936,25 @@ class Server:
             # closes (a disconnect event, say) get to see it.
             self.loop.call_soon(self.loop.call_soon, self.loop.stop)
 
+    # -- what a connection may call (section 6, Connection's docstring) ----------
+
+    def connection_opened(self, conn):
+        """A connection made by an upgrade (section 7) takes a slot."""
+        self.connections.add(conn)
+
     def connection_closed(self, conn):
+        """The connection's descriptor is closed, lingering, or handed on."""
         self.connections.discard(conn)
         self.idle.pop(conn, None)
         if self._backoff_timer is not None:
             self._end_backoff()    # a descriptor was freed: try again now
         if self.shutting_down:
             self._maybe_finished()
+
+    def log_access(self, entry):
+        """One access-log line (an AccessEntry), if an access log is kept."""
+        if self.access_log is not None:
+            self.access_log.record(entry)
 
     def linger(self, stream):
         """A closed connection's stream drains (RFC 9112 §9.6) in its slot."""
@@ -8827,13 +9100,6 @@ class Server:
         for conn in list(self.connections):
             if not conn.closed:
                 conn.check_timeouts(now, config)
-        if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
-            # The supervisor is gone (even SIGKILL): a worker must not go on
-            # alone, holding the port.
-            self.log.warning("the supervisor (pid %d) is gone; shutting down",
-                             self.supervisor_pid)
-            self.supervisor_pid = None
-            self._shutdown(None)
         if self.access_log is not None:
             self.access_log.report_drops()
         loop.call_later(_SWEEP_INTERVAL, self._sweep)
@@ -9050,7 +9316,7 @@ class Supervisor:
                          + b"\n")
                 return _WORKER_CANNOT_LOAD
         server = Server(app, self.config, logger=self.log, worker_num=slot)
-        server.supervisor_pid = os.getppid()
+        supervisor = os.getppid()
         for listener in self.listeners:
             server.use_listener(listener)     # a fork's copy: the file stays the supervisor's
         # Ctrl-C reaches the whole process group, and a terminal hang-up
@@ -9072,6 +9338,15 @@ class Supervisor:
         interval = _watch_interval(self.config)
 
         def heartbeat():
+            # The supervisor's watch, both ways: it hears the beat, and the
+            # beat checks that it is still there.  When it is gone (even by
+            # SIGKILL) the worker has been re-parented: it must not go on
+            # alone, holding the port, so it shuts down as a signal would.
+            if os.getppid() != supervisor:
+                server.log.warning("the supervisor (pid %d) is gone; shutting down",
+                                   supervisor)
+                server.stop()
+                return
             _tell(pipe, b".")
             server.loop.call_later(interval, heartbeat)
         server.loop.call_soon(heartbeat)
@@ -9364,7 +9639,7 @@ def _tell(fd, message):
     except (BlockingIOError, InterruptedError):
         pass
     except OSError:
-        pass    # the supervisor is gone: the sweep notices
+        pass    # the supervisor is gone: the heartbeat notices
 
 
 def _kill(pid, signum):

@@ -14,7 +14,7 @@ import pytest
 import pagi_ref
 from conftest import serve
 from spec_wire import Reader, connect
-from apputil import SCRIPT, ServerProcess, body, read_body, req, respond, start
+from apputil import SCRIPT, ServerProcess, body, read_body, req, respond, start, wait_until
 
 
 def echo_path(scope, receive, send):
@@ -437,3 +437,132 @@ def test_keep_alive_requests_leave_no_cyclic_garbage():
             gc.enable()
         client.close()
     assert garbage < 50, "%d objects in reference cycles after 500 requests" % garbage
+
+
+# -- an application that cannot start (start_application, CannotStart) ---------------------
+#
+# One helper starts every application (start_application, section 3); what
+# the client sees when the call raises or returns neither a generator nor
+# a coroutine is decided per scope (docs/spec.md, CORE-APP-4): http and sse
+# get the 500 backstop and the connection closes; a WebSocket handshake,
+# not accepted yet, gets the same 500 (a 1011 needs an open session).
+
+def _not_an_app(scope, receive, send):
+    return None
+
+
+def _raises_when_called(scope, receive, send):
+    raise RuntimeError("cannot start")
+
+
+@pytest.mark.parametrize("app,logged", [(_not_an_app, "TypeError: the application must "
+                                         "return a generator or a coroutine"),
+                                        (_raises_when_called, "application raised when called")])
+@pytest.mark.parametrize("kind", ["http", "sse", "websocket"])
+def test_an_application_that_cannot_start_gets_a_500_and_a_close(app, logged, kind):
+    from spec_wire import Client, ws_handshake
+    with serve(app) as srv:
+        addr = ("127.0.0.1", srv.port)
+        if kind == "websocket":
+            c, resp = ws_handshake(addr, "/x?y=1")
+            c.reader.read_exact(int(resp.header("content-length")))
+        else:
+            c = Client(addr)
+            accept = [("Accept", "text/event-stream")] if kind == "sse" else []
+            resp = c.request("GET", "/x?y=1", headers=accept)
+        with c:
+            assert resp.status == 500
+            assert (resp.header("connection") or b"").lower() == b"close"
+            assert c.closed()
+        what = "websocket /x?y=1" if kind == "websocket" else "GET /x?y=1"
+        assert any(logged in l and what in l for l in srv.errors), srv.errors
+
+
+def test_a_lifespan_that_cannot_start_is_declined_and_the_server_serves():
+    def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            return 42
+        return echo_path(scope, receive, send)
+
+    with serve(app, lifespan="auto") as srv, connect(srv.port) as s:
+        s.sendall(req("/after"))
+        assert Reader(s).read_response().body == b"/after"
+    assert any("declined lifespan (CannotStart: the application must return" in l for l in srv.log), srv.log
+
+
+# -- the state machines (section 6) ------------------------------------------------------
+
+def test_a_move_the_table_lacks_raises_a_state_error_naming_machine_phase_and_event():
+    moves = pagi_ref.RESPONSE_MACHINE.moves
+    with pytest.raises(pagi_ref.StateError) as info:
+        moves[pagi_ref.DELIVERED]["start"]
+    message = str(info.value)
+    assert "response machine" in message and "DELIVERED" in message and "'start'" in message
+    assert "final" in message
+    with pytest.raises(pagi_ref.StateError, match=r"from HEAD_SENT: complete, last_body"):
+        moves[pagi_ref.HEAD_SENT]["head"]
+
+
+def test_a_table_with_two_moves_for_one_event_is_refused():
+    with pytest.raises(ValueError, match="two moves from A on 'go'"):
+        pagi_ref.Machine("t", "phase", ("A",), [("A", "go", "B"), ("A", "go", "C")])
+
+
+@pytest.mark.parametrize("machine", [v for v in vars(pagi_ref).values()
+                                     if isinstance(v, pagi_ref.Machine)], ids=repr)
+def test_every_phase_of_a_machine_is_reachable_from_where_it_starts(machine):
+    reached, todo = set(machine.initial), list(machine.initial)
+    while todo:
+        phase = todo.pop()
+        for new in machine.moves[phase].values():
+            if new not in reached:
+                reached.add(new)
+                todo.append(new)
+    assert reached == set(machine.phases())
+
+
+def test_every_phase_change_in_the_module_is_a_lookup_in_its_table():
+    """No phase attribute is assigned but through its machine's moves (the
+    class defaults and the initial phases aside), so the tables are the
+    whole truth about what may follow what."""
+    import re
+    with open(pagi_ref.__file__, encoding="utf-8") as f:
+        source = f.read()
+    # Sections 6 to 8 (connections, WebSocket, SSE) keep the phases.
+    source = source[source.index("\n# 6. Connections"):source.index("\n# 9. Lifespan")]
+    attrs = {m.attr for m in vars(pagi_ref).values() if isinstance(m, pagi_ref.Machine)}
+    initial = {"self.request_phase = BODY", "self.state = _CONNECTING"}
+    wrong = []
+    for line in source.splitlines():
+        m = re.match(r"\s+((?:self|exchange)\.(\w+)) = (.*)", line)
+        if m is None or m.group(2) not in attrs:
+            continue
+        if m.group(2) == "state" and "ConnectionState(" in m.group(3):
+            continue          # Exchange.state is pagi.connection, not a phase
+        if line.split("#")[0].strip() in initial:
+            continue
+        if not re.match(r"(?:[A-Z_]+_MOVES|self\.MACHINE\.moves)\[[^\]]+\]\[\"\w+\"\]",
+                        m.group(3)):
+            wrong.append(line.strip())
+    assert not wrong, "phases assigned outside their tables:\n" + "\n".join(wrong)
+
+
+def test_the_keep_alive_loop_is_idle_busy_idle_and_the_exchange_ends_delivered_returned():
+    seen = []
+
+    def app(scope, receive, send):
+        yield from respond(send, 200, b"x")
+        conn = [c for c in list(server.connections)][0]
+        seen.append((conn.phase, conn.exchange.response_phase, conn.exchange.app_phase))
+
+    with serve(app) as srv, connect(srv.port) as s:
+        server = srv.server
+        r = Reader(s)
+        for _ in range(2):
+            s.sendall(req("/"))
+            assert r.read_response().status == 200
+        assert wait_until(lambda: [c.phase for c in list(server.connections)] == ["IDLE"])
+    # The application still runs when it looks: BUSY, its response done (or
+    # delivered already, when the kernel took it at once), itself RUNNING.
+    assert [(c, a) for c, _r, a in seen] == [("BUSY", "RUNNING")] * 2, seen
+    assert {r for _c, r, _a in seen} <= {"DONE", "DELIVERED"}, seen

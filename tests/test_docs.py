@@ -265,9 +265,70 @@ def fix_reading_path():
         f.write(text)
 
 
+# -- architecture.md's state machines ----------------------------------------------------
+
+MACHINES_BEGIN = ("<!-- state-machines: generated from pagi_ref's transition tables by "
+                  "python3 tests/test_docs.py --fix-state-machines; tests/test_docs.py "
+                  "checks it -->\n")
+MACHINES_END = "<!-- /state-machines -->\n"
+
+
+def machines():
+    """Every Machine of pagi_ref, in the order the module defines them."""
+    return [v for v in vars(pagi_ref).values() if isinstance(v, pagi_ref.Machine)]
+
+
+def state_machine_diagrams():
+    """The plain-text diagrams of every transition table: one block per
+    machine, one line per move, phases in the order the machine lists them."""
+    out = []
+    for machine in machines():
+        out.append("```text")
+        out.append("%s machine (.%s), starts in %s" % (
+            machine.name, machine.attr, " or ".join(map(str, machine.initial))))
+        order = machine.phases()
+        width = max(len(str(p)) for p in order)
+        ev_width = max(len(e) for _p, e, _n in machine.rows)
+        for phase in order:
+            rows = [r for r in machine.rows if r[0] == phase]
+            if not rows:
+                out.append("  %-*s  (final)" % (width, phase))
+            for _p, event, new in rows:
+                out.append("  %-*s --%s%s--> %s" % (width, phase, event,
+                                                   "-" * (ev_width - len(event)), new))
+        out.append("```")
+        out.append("")
+    return "\n".join(out)
+
+
+def machines_block(text):
+    start = text.index(MACHINES_BEGIN) + len(MACHINES_BEGIN)
+    return start, text.index(MACHINES_END, start)
+
+
+def test_architecture_state_machine_diagrams_match_the_tables():
+    text = read(DOCS, "architecture.md")
+    assert MACHINES_BEGIN in text, "docs/architecture.md has no generated state machines"
+    start, end = machines_block(text)
+    assert text[start:end] == state_machine_diagrams(), (
+        "docs/architecture.md's state machines differ from pagi_ref's transition tables: "
+        "run python3 tests/test_docs.py --fix-state-machines")
+
+
+def fix_state_machines():
+    """Rewrite architecture.md's state-machine diagrams from the tables."""
+    path = os.path.join(DOCS, "architecture.md")
+    text = read(path)
+    start, end = machines_block(text)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:start] + state_machine_diagrams() + text[end:])
+
+
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:] == ["--fix-reading-path"]:
-        fix_reading_path()
-    else:
-        sys.exit("usage: python3 tests/test_docs.py --fix-reading-path")
+    fixes = {"--fix-reading-path": fix_reading_path,
+             "--fix-state-machines": fix_state_machines}
+    if not sys.argv[1:] or any(a not in fixes for a in sys.argv[1:]):
+        sys.exit("usage: python3 tests/test_docs.py [--fix-reading-path] [--fix-state-machines]")
+    for arg in sys.argv[1:]:
+        fixes[arg]()

@@ -297,6 +297,25 @@ def test_application_error_before_the_response_is_a_500_on_its_stream():
         assert any("boom" in line for line in srv.errors)
 
 
+def test_an_application_that_cannot_start_is_a_500_on_its_stream():
+    def app(scope, receive, send):
+        if scope["path"] == "/plain":
+            return None            # not a generator: it cannot start
+        raise RuntimeError("refused at the call")
+
+    with serve(app, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            plain = client.response(client.request(path="/plain"))
+            raising = client.response(client.request(path="/raise"))
+        finally:
+            client.close()
+        assert plain.status == 500 and raising.status == 500
+        assert client.goaway is None
+        assert any("TypeError" in line for line in srv.errors)
+        assert any("refused at the call" in line for line in srv.errors)
+
+
 def test_application_error_after_the_head_resets_the_stream():
     def app(scope, receive, send):
         yield send({"type": "http.response.start", "status": 200})

@@ -195,9 +195,12 @@ def test_hup_whose_new_generation_fails_to_start_leaves_the_old_one_serving(appd
         proc.p.send_signal(signal.SIGHUP)
         wait_for(lambda: log_has(proc, "reload failed"), what="the reload to fail")
         assert any("refused to start" in l for l in proc.stderr if "reload failed" in l)
-        os.remove(str(appdir / "refuse"))
+        # The refusal stays until the old generation has answered: another
+        # worker of the failed generation may still be starting, and without
+        # it would start (and, stopping, answer a request it accepted).
         for _ in range(6):
             assert pid_version(port) in {(p, "v1") for p in pids}
+        os.remove(str(appdir / "refuse"))
         # 2. The new code does not even import.
         (appdir / "sigapp.py").write_text("raise RuntimeError('broken deploy')\n")
         proc.p.send_signal(signal.SIGHUP)

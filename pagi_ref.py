@@ -6371,6 +6371,8 @@ class H2Stream:
     reading = True          # Exchange.receive never has to resume reading
     peer_eof = False        # a stream ends with END_STREAM, not a FIN
     head_base = 0           # the access log's %I counts from the stream's start
+    body_clock = None       # --body-min-rate: the last sweep that saw the body due
+    body_waited = 0.0       # seconds its window was open while the body was due
     start_body_clock = resume_reading = close_after_flush = staticmethod(lambda: None)
     # The scope's common keys and the words for an application that cannot
     # start are a Connection's (section 6), with this stream's transport.
@@ -6827,6 +6829,29 @@ class H2Connection(Connection):
         self.goaway()
         return True
 
+    def _check_body_rate(self, h2stream, now, config):
+        """--body-min-rate per stream (section 6's _below_min_rate): the time
+        counted is the time the client could have sent -- its stream window
+        open -- measured from sweep to sweep, so an application that does not
+        read (the window shut) never makes its client slow.  Too slow: 408 on
+        the stream, or RST_STREAM once the response has begun (client_timeout)."""
+        exchange = h2stream.exchange
+        state = self.engine.streams.get(h2stream.stream_id)
+        if exchange is None or h2stream.closed or exchange.request_phase is not BODY \
+                or state is None:
+            h2stream.body_clock = None
+            return
+        if h2stream.body_clock is not None and state.recv_window > 0:
+            h2stream.body_waited += now - h2stream.body_clock
+        h2stream.body_clock = now
+        if _below_min_rate(h2stream.body_waited, h2stream.bytes_in, config.body_grace,
+                           config.body_min_rate):
+            if exchange.response_phase in _HEAD_OUT:
+                h2stream.abort("client_timeout")
+            else:
+                h2stream.respond_error(408, "Request Timeout: the request body arrives too "
+                                       "slowly", "client_timeout")
+
     def check_timeouts(self, now, config):
         if self.write_timed_out(now, config):
             self.abort("write_timeout")
@@ -6838,6 +6863,8 @@ class H2Connection(Connection):
             st = h2stream.transport
             if st._pending and not st.closed and now - st.last_progress > config.write_timeout:
                 h2stream.abort("write_timeout")
+            elif config.body_min_rate:
+                self._check_body_rate(h2stream, now, config)
         if self.closing:
             pass
         elif not self.engine.settings_seen:

@@ -576,6 +576,67 @@ def test_a_window_never_opened_resets_the_stream_after_write_timeout():
             client.close()
 
 
+def test_a_body_below_body_min_rate_is_408_on_its_stream():
+    reasons = queue.Queue()
+
+    def app(scope, receive, send):
+        conn = scope["pagi.connection"]
+        while True:
+            event = yield receive()
+            if event["type"] != "http.request" or not event["more"]:
+                break
+        reasons.put((event["type"], conn.disconnect_reason()))
+
+    with serve(app, body_grace=0.1, body_min_rate=100000, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            sid = client.next_stream
+            client.next_stream += 2
+            client.responses[sid] = h2util.Response()
+            client.send(headers(sid, request_fields("POST"), end_stream=False,
+                                encoder=client.encoder) + h2util.data(sid, b"ten bytes!"))
+            resp = client.response(sid)         # then nothing more: too slow
+            assert resp.status == 408
+            assert reasons.get(timeout=10) == ("http.disconnect", "client_timeout")
+            assert client.goaway is None
+        finally:
+            client.close()
+
+
+def test_a_stream_the_application_does_not_read_is_not_slow():
+    """Its window shut, the client cannot send: the body's clock stops."""
+    release = threading.Event()
+
+    def app(scope, receive, send):
+        yield pagi_ref.to_thread(release.wait, 10)
+        body = yield from body_of(receive)
+        yield send({"type": "http.response.start", "status": 200})
+        yield send({"type": "http.response.body", "body": b"%d" % len(body)})
+
+    with serve(app, body_grace=0.1, body_min_rate=100000, **H2) as srv:
+        client = H2Client(srv.port)
+        try:
+            sid = client.next_stream
+            client.next_stream += 2
+            client.responses[sid] = h2util.Response()
+            client.send(headers(sid, request_fields("POST"), end_stream=False,
+                                encoder=client.encoder)
+                        + b"".join(h2util.data(sid, b"y" * 16384) for _ in range(3))
+                        + h2util.data(sid, b"y" * 16383))        # the whole window
+            # At 100,000 bytes/s the 64 KiB were due within 0.76 s; let the
+            # server's sweeps (every 0.5 s) pass that with the window shut.
+            start = srv.server.loop.now
+            wait_until(lambda: srv.server.loop.now - start > 1.5, timeout=10)
+            release.set()
+            assert client.read_until(lambda f: f[0] == WINDOW_UPDATE and f[2] == sid)
+            client.send(h2util.data(sid, b"z", end_stream=True))
+            resp = client.response(sid)
+            assert (resp.status, resp.body) == (200, b"65536")
+        finally:
+            release.set()
+            client.close()
+
+
 def test_inbound_window_is_granted_as_the_application_reads():
     release = threading.Event()
 

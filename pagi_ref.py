@@ -2478,7 +2478,24 @@ def _encode_string(data):
 _ENTRY_OVERHEAD = 32
 
 
-class HPACKDecoder:
+class _DynamicTable:
+    """What both ends of a connection show of their dynamic table (RFC
+    7541 §2.3.2): its entries (``_entries``) and their size (``_size``)."""
+
+    __slots__ = ()
+
+    @property
+    def table_size(self):
+        """The dynamic table's size in octets (RFC 7541 §4.1)."""
+        return self._size
+
+    @property
+    def dynamic_table(self):
+        """The dynamic table's entries, newest (index 62) first."""
+        return list(self._entries)
+
+
+class HPACKDecoder(_DynamicTable):
     """The decoding context of the header blocks one peer sends on one
     HTTP/2 connection.
 
@@ -2513,16 +2530,6 @@ class HPACKDecoder:
         self._max_table_size = size
         if size < self._limit:
             self._reduced_to = size if self._reduced_to is None else min(self._reduced_to, size)
-
-    @property
-    def table_size(self):
-        """The dynamic table's size in octets (RFC 7541 §4.1)."""
-        return self._size
-
-    @property
-    def dynamic_table(self):
-        """The dynamic table's entries, newest (index 62) first."""
-        return list(self._entries)
 
     def decode(self, block):
         """The header list in ``block``, one whole field block, as a list of
@@ -2673,7 +2680,7 @@ _UNINDEXED_NAMES = frozenset((b":path", b"content-length", b"content-range"))
 _ENCODER_TABLE_CAP = 4096
 
 
-class HPACKEncoder:
+class HPACKEncoder(_DynamicTable):
     """The encoding context of the header blocks we send on one HTTP/2
     connection.  Blocks must be sent in the order encode() made them.
 
@@ -2698,16 +2705,6 @@ class HPACKEncoder:
         self._by_name = {}                      # name -> number of its newest entry
         self._update = None                     # (smallest, final) sizes to signal at the
                                                 # start of the next block, or None
-
-    @property
-    def table_size(self):
-        """The dynamic table's size in octets (RFC 7541 §4.1)."""
-        return self._size
-
-    @property
-    def dynamic_table(self):
-        """The dynamic table's entries, newest (index 62) first."""
-        return list(self._entries)
 
     def set_max_table_size(self, size):
         """The peer's SETTINGS_HEADER_TABLE_SIZE changed to ``size``: the

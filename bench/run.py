@@ -295,7 +295,8 @@ class ServerSpec:
             return [sys.executable, os.path.join(BENCH, "ceiling.py"), "--host", HOST, "--port", str(port)]
         if self.kind == "hypercorn":      # HTTP/2 (h2c with prior knowledge, or ALPN h2) and 1.1
             argv = [VENV_PY, "-m", "hypercorn", "bench.asgi_apps:app", "--bind",
-                    "%s:%d" % (HOST, port), "--workers", str(workers)]
+                    "%s:%d" % (HOST, port), "--workers", str(workers),
+                    "--config", os.path.join(BENCH, "hypercorn.toml")]
             if tls:
                 argv += ["--certfile", tls[0], "--keyfile", tls[1]]
             if keepalive:
@@ -1322,7 +1323,8 @@ def _display_argv(spec):
     if spec.kind == "ceiling":
         return ["python", "bench/ceiling.py", "--port", "P"]
     if spec.kind == "hypercorn":
-        return ["hypercorn", "bench.asgi_apps:app", "--bind", "127.0.0.1:P"]
+        return ["hypercorn", "bench.asgi_apps:app", "--bind", "127.0.0.1:P",
+                "--config", "bench/hypercorn.toml"]
     a = spec.argv(0)
     return ["uvicorn", "asgi_apps:app", "--app-dir", "bench"] + a[a.index("--http"):]
 

@@ -529,3 +529,41 @@ def test_goaway_names_the_last_stream():
     assert frames[-1][0] == GOAWAY and struct.unpack(">II", frames[-1][3][:8]) == (7, 0)
     # Streams after our GOAWAY are ignored (§6.8).
     assert h2.feed(req(sid=9)) == []
+
+
+# -- hostile input: random frames (seeded, bounded) -------------------------------------
+
+def _random_frame(rng, encoder):
+    """A frame a fuzzer would send: any type (and unknown ones), any flags,
+    a few stream ids, short payloads; now and then a real request's HEADERS."""
+    if rng.random() < 0.2:
+        sid = rng.choice((1, 3, 5, 7, 2, 0))
+        return headers(sid, request_fields(), end_stream=rng.random() < 0.5, encoder=encoder,
+                       end_headers=rng.random() < 0.8)
+    ftype = rng.choice((DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING,
+                        GOAWAY, WINDOW_UPDATE, CONTINUATION, 0x0b, 0xfa))
+    flags = rng.choice((0, ACK, END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG, 0xff,
+                        rng.randrange(256)))
+    sid = rng.choice((0, 1, 2, 3, 5, 0x7fffffff, 0x80000001))
+    size = rng.choice((0, 1, 4, 5, 6, 8, 9, rng.randrange(64)))
+    return frame(ftype, flags, sid, bytes(rng.randrange(256) for _ in range(size)))
+
+
+def test_random_frames_never_raise_and_do_not_depend_on_segmentation():
+    """The engine's only answers to hostile frames are events, RST_STREAM and
+    GOAWAY (RFC 9113 §5.4): no exception escapes feed(), and the same bytes
+    cut at any point give the same frames out.  600 seeded sequences."""
+    import random
+    rng = random.Random(20261127)
+    for case in range(600):
+        encoder = P.HPACKEncoder()
+        wire = client_start() + b"".join(_random_frame(rng, encoder)
+                                         for _ in range(rng.randrange(1, 8)))
+        cut = rng.randrange(len(wire) + 1)
+        try:
+            whole_events, whole_out, _ = run([wire])
+            split_events, split_out, _ = run([wire[:cut], wire[cut:]])
+        except Exception as exc:       # pragma: no cover - the failure's report
+            raise AssertionError("case %d raised %r on %r" % (case, exc, wire)) from exc
+        assert _shape(whole_events) == _shape(split_events), (case, wire, cut)
+        assert whole_out == split_out, (case, wire, cut)

@@ -614,6 +614,8 @@ def r_slow(scope, receive, send):
             summary["types_ok"] = False
         summary["max_buffered"] = max(summary["max_buffered"], amount)
         if not future.done():
+            if not summary["suspended"]:
+                record(token, {"at": "suspended"})
             summary["suspended"] += 1
             if high is not None and amount >= high and summary["immediate_high"] is None:
                 fired = []
@@ -628,6 +630,7 @@ def r_slow(scope, receive, send):
     if conn is not None and not conn.is_connected() and summary["disconnected"] is None:
         summary["disconnected"] = conn.disconnect_reason()
     summary["callbacks"] = callbacks
+    summary["at"] = "summary"
     record(token, summary)
 
 

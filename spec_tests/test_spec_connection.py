@@ -1,9 +1,8 @@
 """pagi.connection (docs/spec.md section 3), observed through the journal."""
-import time
 
 import pytest
 
-from spec_wire import Client, json_body, new_token, request, wait_journal
+from spec_wire import Client, get_journal, json_body, new_token, request, wait_journal
 
 clause = pytest.mark.clause
 
@@ -23,12 +22,15 @@ def labels(entries):
 
 def completed(addr):
     token = new_token()
-    resp = request(addr, "POST", "/conn?mode=complete&token=" + token, body=b"x")
-    assert resp.status == 200 and resp.body == b"ab"
-    entries = wait_journal(addr, token, lambda es: len(at(es, "on_complete:2")) > 0
-                           or len(at(es, "on_disconnect:2")) > 0)
-    time.sleep(0.2)   # let a wrong second callback show up
-    return wait_journal(addr, token, lambda es: True)
+    with Client(addr) as c:
+        resp = c.request("POST", "/conn?mode=complete&token=" + token, body=b"x", close=True)
+        assert resp.status == 200 and resp.body == b"ab"
+        # Barrier: the server has closed the connection (Connection: close), so
+        # whatever it runs when a connection ends -- a wrong on_disconnect, a
+        # second on_complete -- has been triggered before this journal read.
+        assert c.closed()
+    return wait_journal(addr, token, lambda es: len(at(es, "on_complete:2")) > 0
+                        or len(at(es, "on_disconnect:2")) > 0)
 
 
 def disconnected_mid_body(addr):
@@ -36,11 +38,14 @@ def disconnected_mid_body(addr):
     c = Client(addr)
     c.send(b"POST /conn?mode=body&token=%s HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
            % token.encode() + b"0123456789")
-    time.sleep(0.2)
+    # Barrier: the application runs, its callbacks are registered, before the close.
+    wait_journal(addr, token, lambda es: len(at(es, "begin")) > 0)
     c.close()
-    entries = wait_journal(addr, token, lambda es: len(at(es, "end")) > 0)
-    time.sleep(0.2)
-    return wait_journal(addr, token, lambda es: True)
+    wait_journal(addr, token, lambda es: len(at(es, "end")) > 0)
+    # "end" is the application's last step before it returns; this read is a
+    # request the server takes after that return, so a callback the server
+    # wrongly runs when the application ends (on_complete) is in it.
+    return get_journal(addr, token)
 
 
 @clause("CONN-1")
@@ -182,7 +187,8 @@ def test_protocol_error_reason(addr):
     with Client(addr, timeout=5) as c:
         c.send(b"POST /conn?mode=body&token=%s HTTP/1.1\r\nHost: x\r\n"
                b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n" % token.encode())
-        time.sleep(0.2)
+        # Barrier: the application has the first chunk before the bad one comes.
+        wait_journal(addr, token, lambda es: len(at(es, "event")) > 0)
         c.send(b"zz\r\n")
         resp = c.read()
     assert resp.status == 400

@@ -1,10 +1,9 @@
 """HTTP: the request body events (docs/spec.md section 2.2)."""
 import os
-import time
 
 import pytest
 
-from spec_wire import Client, json_body, new_token, request, wait_journal
+from spec_wire import Client, get_journal, json_body, new_token, request, wait_journal
 
 clause = pytest.mark.clause
 
@@ -56,13 +55,23 @@ def test_zero_content_length_gives_one_empty_event(addr):
 
 
 def body_in_pieces(addr):
+    """Send a chunked body in three pieces, each only after the application
+    has recorded an event for the one before (APP.md /conn mode=body journals
+    every event), so the server gets them apart; return the recorded events."""
+    token = new_token()
+
+    def events(entries):
+        return [e for e in entries if isinstance(e, dict) and e.get("at") == "event"]
+
     with Client(addr) as c:
-        c.send(chunked_head("/events") + b"3\r\nabc\r\n")
-        time.sleep(0.15)
+        c.send(chunked_head("/conn?mode=body&token=" + token) + b"3\r\nabc\r\n")
+        wait_journal(addr, token, lambda es: len(events(es)) >= 1)
         c.send(b"3\r\ndef\r\n")
-        time.sleep(0.15)
+        wait_journal(addr, token, lambda es: len(events(es)) >= 2)
         c.send(b"3\r\nghi\r\n0\r\n\r\n")
-        return json_body(c.read())
+        resp = c.read()
+    assert resp.status == 200 and resp.body == b"complete", resp
+    return events(get_journal(addr, token))
 
 
 @clause("HTTP-REQ-1", "HTTP-REQ-3")

@@ -29,11 +29,13 @@ def slow_run(addr):
     try:
         c.send(b"GET /slow?token=%s&n=%d&size=%d HTTP/1.1\r\nHost: x\r\nConnection: close"
                b"\r\n\r\n" % (token.encode(), CHUNKS, CHUNK))
-        time.sleep(1.0)   # let the server's buffer fill up
         head = c.reader.read_until(b"\r\n\r\n")
         if head.startswith(b"HTTP/1.1 501"):
             pytest.skip("not observable: the server provides no pagi.transport (TRANSPORT-1)")
         assert head.startswith(b"HTTP/1.1 200"), head
+        # Barrier: the server's buffer is full (the application is suspended
+        # in send) before the reader starts draining.
+        wait_journal(addr, token, lambda es: len(at(es, "suspended")) > 0, timeout=10)
         h = hashlib.sha256()
         total = len(c.reader.buf)
         h.update(c.reader.buf)
@@ -47,12 +49,16 @@ def slow_run(addr):
             total += len(data)
             if paced < 40:        # read slowly for a while: several high/drain cycles
                 paced += 1
-                time.sleep(0.01)
+                time.sleep(0.01)  # pacing: a slow reader, not a wait for anything
     finally:
         c.close()
-    entries = wait_journal(addr, token, lambda es: len(es) > 0, timeout=10)
-    assert entries, "the /slow application recorded nothing"
-    return entries[0], h.hexdigest(), total
+    entries = wait_journal(addr, token, lambda es: len(at(es, "summary")) > 0, timeout=10)
+    assert at(entries, "summary"), "the /slow application recorded no summary: %r" % entries
+    return at(entries, "summary")[0], h.hexdigest(), total
+
+
+def at(entries, label):
+    return [e for e in entries if isinstance(e, dict) and e.get("at") == label]
 
 
 def transport_of(addr):
@@ -151,12 +157,14 @@ def test_disconnect_while_suspended(addr):
     c = Client(addr, timeout=10, rcvbuf=4096)
     c.send(b"GET /slow?token=%s&n=%d&size=%d HTTP/1.1\r\nHost: x\r\n\r\n"
            % (token.encode(), CHUNKS, CHUNK))
-    time.sleep(0.5)          # the application is now suspended in send
+    # Barrier: the application is now suspended in send.
+    entries = wait_journal(addr, token, lambda es: len(at(es, "suspended")) > 0, timeout=10)
+    assert at(entries, "suspended"), "the application never waited in send: %r" % entries
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()                # a reset: the server's writes fail
-    entries = wait_journal(addr, token, lambda es: len(es) > 0, timeout=10)
-    assert entries, "the application never finished after the client left"
-    summary = entries[0]
+    entries = wait_journal(addr, token, lambda es: len(at(es, "summary")) > 0, timeout=10)
+    assert at(entries, "summary"), "the application never finished after the client left"
+    summary = at(entries, "summary")[0]
     assert "send_error" not in summary, summary
     assert summary["sent"] < CHUNKS, summary
     assert summary["disconnected"] in ("client_closed", "write_error", "read_error"), summary

@@ -145,7 +145,7 @@ class ServerUnderTest:
             text = "\n".join(self.log_since(mark))
             if predicate(text) or time.monotonic() > end:
                 return text
-            time.sleep(0.05)
+            time.sleep(0.05)   # poll interval of a bounded wait, not a proof
 
     def stop(self):
         """SIGTERM the server we started; returns its exit status."""
@@ -264,7 +264,7 @@ def _server_listening(request):
         except OSError:
             if time.monotonic() > end:
                 raise
-            time.sleep(0.05)
+            time.sleep(0.05)   # poll: retry connecting until the server listens
 
 
 @pytest.fixture(scope="session")

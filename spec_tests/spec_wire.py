@@ -476,7 +476,7 @@ def wait_journal(addr, token, predicate, timeout=5.0):
         entries = get_journal(addr, token)
         if predicate(entries) or time.monotonic() > end:
             return entries
-        time.sleep(0.05)
+        time.sleep(0.05)   # poll interval of a bounded wait, not a proof
 
 
 # APP.md kinds of values.  A language with one string type for text and bytes

@@ -299,6 +299,6 @@ def test_request_one_byte_at_a_time(addr):
         for i in range(len(raw)):
             c.send(raw[i:i + 1])
             if i % 16 == 0:
-                time.sleep(0.001)
+                time.sleep(0.001)   # pacing: lets the bytes reach the server in several reads
         resp = c.read()
     assert resp.status == 200 and resp.body == b"hello world"

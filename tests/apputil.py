@@ -60,7 +60,7 @@ def wait_until(predicate, timeout=5.0):
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.002)
+        time.sleep(0.002)   # poll interval of a bounded wait, not a proof
     return bool(predicate())
 
 

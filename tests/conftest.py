@@ -54,8 +54,20 @@ class Running:
 _counter = [0]
 
 
+class FakeClock:
+    """A loop clock the test moves (``serve(app, clock=FakeClock())``): the
+    server's timers and timeout sweeps see time pass only when told, so a
+    test drives a timeout instead of waiting for it."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
 @contextlib.contextmanager
-def serve(app, **config):
+def serve(app, clock=None, **config):
     _counter[0] += 1
     logger = logging.getLogger("pagi_ref.test.%d" % _counter[0])
     logger.propagate = False
@@ -69,7 +81,8 @@ def serve(app, **config):
     config.setdefault("lifespan", "off")
     # The access log (on by default, to stdout) only where a test asks for it.
     config.setdefault("access_log", None)
-    server = pagi_ref.Server(app, pagi_ref.Config(**config), logger=logger)
+    server = pagi_ref.Server(app, pagi_ref.Config(**config), logger=logger,
+                             **({} if clock is None else {"clock": clock}))
     server.bind()
     thread = threading.Thread(target=server.serve, name="pagi_ref-test-server", daemon=True)
     thread.start()

@@ -150,7 +150,7 @@ def test_slow_reader_of_50_mib_bounded_buffer_suspended_send_alternating_edges()
                     burst += n
                 if not n:
                     break
-                time.sleep(0.002)
+                time.sleep(0.002)   # pacing: the reader must be slow so send() suspends
         finally:
             s.close()
         assert done.wait(10)

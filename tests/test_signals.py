@@ -101,7 +101,7 @@ def wait_for(predicate, timeout=60.0, what="condition"):
             return value
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.02)
+        time.sleep(0.02)   # poll interval of a bounded wait, not a proof
 
 
 def log_has(proc, text, count=1):

@@ -60,7 +60,7 @@ def wait_for(predicate, timeout=10.0):
         value = predicate()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(0.05)   # poll interval of a bounded wait, not a proof
     return predicate()
 
 

@@ -221,6 +221,9 @@ _CONFIG_FIELDS = [
     ("worker_timeout", 30.0, float,
      "seconds a worker's loop may go without turning before the supervisor kills "
      "and replaces it (0: never)"),
+    ("worker_boot_timeout", 300.0, float,
+     "seconds a new worker may take to load the application and run its lifespan "
+     "startup before the supervisor kills it (0: never)"),
     ("max_requests", 0, int,
      "requests a worker serves before it is replaced gracefully (0: no limit)"),
     ("max_requests_jitter", 0, int,
@@ -9330,6 +9333,13 @@ class Supervisor:
         for worker in self.workers.values():
             os.close(worker.pipe)
         self.loop.abandon_after_fork()
+        # The watchdog's question "where are you stuck?" (SIGUSR2) is answered
+        # by faulthandler from C, even while Python code holds the loop -- or
+        # while the application is still being imported: so it is answered
+        # from here on, before the load (the other signals stay blocked).
+        os.set_blocking(pipe, False)
+        faulthandler.register(signal.SIGUSR2, file=pipe, all_threads=True)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR2,))
         app = self.app
         if self.load is not None:
             try:
@@ -9353,10 +9363,6 @@ class Supervisor:
         server.install_signal_handlers(escalate=False)
         for signum in supervised:
             signal.signal(signum, signal.SIG_IGN)
-        # The watchdog's question "where are you stuck?" (SIGUSR2) is answered
-        # by faulthandler from C, even while Python code holds the loop.
-        os.set_blocking(pipe, False)
-        faulthandler.register(signal.SIGUSR2, file=pipe, all_threads=True)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         server.on_retire = lambda: _tell(pipe, b"M")
         interval = _watch_interval(self.config)
@@ -9518,23 +9524,43 @@ class Supervisor:
         self._reap()
         timeout = self.config.worker_timeout
         now = self.loop.time()
+        boot = self.config.worker_boot_timeout
         for worker in list(self.workers.values()):
-            if timeout and worker.ready and not worker.stuck \
-                    and now - worker.last_beat > timeout:
-                worker.stuck = True
-                worker.stack = bytearray()
-                _kill(worker.pid, signal.SIGUSR2)
-                self.loop.call_later(_STACK_GRACE, self._kill_stuck, worker, now - worker.last_beat)
+            if worker.stuck:
+                continue
+            if worker.ready:
+                silent = now - worker.last_beat
+                if timeout and silent > timeout:
+                    self._ask_stack(worker, silent)
+            # Not yet ready: loading the application (no beats: the loop has
+            # not started) or in its lifespan startup (which may rightly
+            # hold the loop, loading a model).  A worker that never gets
+            # there -- an import that hangs -- would hold a reload forever.
+            elif boot and now - worker.started > boot:
+                self._ask_stack(worker, now - worker.started)
         self.loop.call_later(_watch_interval(self.config), self._tick)
 
-    def _kill_stuck(self, worker, silent):
+    def _ask_stack(self, worker, waited):
+        """Ask a stuck worker where it is (SIGUSR2), kill it a moment later."""
+        worker.stuck = True
+        worker.stack = bytearray()
+        _kill(worker.pid, signal.SIGUSR2)
+        self.loop.call_later(_STACK_GRACE, self._kill_stuck, worker, waited)
+
+    def _kill_stuck(self, worker, waited):
         if self.workers.get(worker.pid) is not worker:
             return
         stack = bytes(worker.stack).decode("utf-8", "replace").rstrip()
-        self.log.error("worker %d (pid %d): its loop has not turned for %.1f s "
-                       "(worker_timeout %.1f s); killing it.  Where it was stuck:\n%s",
-                       worker.slot, worker.pid, silent, self.config.worker_timeout,
-                       stack or "(no stack received)")
+        if worker.ready:
+            what = "its loop has not turned for %.1f s (worker_timeout %.1f s)" % (
+                waited, self.config.worker_timeout)
+        else:
+            what = ("it has not started (loading the application, its lifespan "
+                    "startup) %.1f s after its fork (worker_boot_timeout %.1f s)"
+                    % (waited, self.config.worker_boot_timeout))
+        self.log.error("worker %d (pid %d) of generation %d: %s; killing it.  "
+                       "Where it was stuck:\n%s", worker.slot, worker.pid,
+                       worker.generation, what, stack or "(no stack received)")
         _kill(worker.pid, signal.SIGKILL)
         was_retiring, worker.retiring = worker.retiring, True
         if not was_retiring and not self.stopping:

@@ -321,6 +321,45 @@ def test_a_worker_whose_loop_is_stuck_is_killed_with_its_stack_and_replaced(appd
         assert proc.stop(signal.SIGTERM) == 0
 
 
+def test_a_new_worker_that_hangs_while_loading_is_killed_and_the_reload_fails(appdir):
+    """A worker that is not ready --worker-boot-timeout after its fork (an
+    import that hangs) is killed with its stack, and the reload it belonged
+    to fails while the old generation serves, instead of waiting forever."""
+    proc, port = start(appdir, "--workers", "2", "--worker-boot-timeout", "1")
+    with proc:
+        pids = {int(l[2]) for l in journal(appdir, "start")}
+        (appdir / "sigapp.py").write_text("import time\ntime.sleep(3600)\n" + APP)
+        proc.p.send_signal(signal.SIGHUP)
+        wait_for(lambda: log_has(proc, "reload failed"), what="the reload to fail")
+        text = "\n".join(proc.stderr)
+        assert "worker_boot_timeout 1.0 s" in text, text[-2000:]
+        stack = text[text.index("killing it"):]
+        assert "sigapp.py" in stack, stack[:2000]
+        for _ in range(4):
+            assert pid_version(port) in {(p, "v1") for p in pids}
+        (appdir / "sigapp.py").write_text(APP)
+        (appdir / "version").write_text("v2")
+        proc.p.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(journal(appdir, "stop")) == 2, what="the old generation to stop")
+        assert pid_version(port)[1] == "v2"
+        assert proc.stop(signal.SIGTERM) == 0
+
+
+def test_a_first_worker_that_hangs_while_loading_stops_the_start(appdir):
+    """At the first start there is no generation to fall back on: a worker
+    that hangs while loading ends the start with an error, as a worker that
+    cannot load does, instead of a supervisor waiting forever.  (With one
+    process, --workers 1, there is no supervisor: the import is the
+    server's own, as in uvicorn.)"""
+    (appdir / "sigapp.py").write_text("import time\ntime.sleep(3600)\n" + APP)
+    proc = ServerProcess([SCRIPT, spec(appdir), "--port", "0", "--workers", "2",
+                          "--worker-boot-timeout", "1"])
+    with proc:
+        assert proc.p.wait(60) != 0
+    assert any("killing it" in l for l in proc.stderr), proc.stderr
+    assert not any("listening on" in l for l in proc.stderr)
+
+
 def _swallow(fn, *args):
     try:
         fn(*args)

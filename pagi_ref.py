@@ -87,7 +87,6 @@ import os
 import random
 import re
 import resource
-import select
 import selectors
 import signal
 import socket
@@ -5093,6 +5092,11 @@ class Exchange:
                              "content-length (%d bytes, %d already sent)"
                              % (self.length, self.sent))
         self.sent += size
+        return self._write_body(body, more, size, phase)
+
+    def _write_body(self, body, more, size, phase):
+        """HTTP/1.1's framing of one accepted body event: the head with the
+        first, chunks when chunked, the last chunk with the last."""
         transport = self.conn.transport
         out = self._build_head(None if more else size) if phase is START_PENDING else b""
         if self.no_body:
@@ -5152,6 +5156,10 @@ class Exchange:
             raise EventError("http.response.body: the file would exceed the declared "
                              "content-length (%d bytes)" % self.length)
         self.sent += count
+        return self._write_file(file, offset, count, owned)
+
+    def _write_file(self, file, offset, count, owned):
+        """HTTP/1.1's framing of an accepted file body (always the last)."""
         transport = self.conn.transport
         if self.response_phase is START_PENDING:
             transport.write(self._build_head(count))
@@ -5185,9 +5193,12 @@ class Exchange:
             raise EventError("http.response.trailers: trailers were already sent")
         if self.response_phase is not TRAILERS_DUE:
             raise EventError("http.response.trailers: the body is not complete yet")
+        return self._write_trailers(event.get("headers") or ())
+
+    def _write_trailers(self, fields):
         transport = self.conn.transport
         if self.chunked:
-            transport.write(trailer_section(event.get("headers") or ()))
+            transport.write(trailer_section(fields))
         # Without chunked framing (a Content-Length, or HTTP/1.0) there is no
         # place for trailer fields: they are dropped (docs/deviations.md).
         self._response_end()
@@ -6206,30 +6217,9 @@ class _H2Response:
         """Fewer body bytes than the declared content-length."""
         return self.length is not None and not self.no_body and self.sent < self.length
 
-    def _send_body(self, event):
-        phase = self.response_phase
-        if phase is NOT_STARTED:
-            raise EventError("http.response.body: the response has not started "
-                             "(send http.response.start first)")
-        if phase in _BODY_ENDED:
-            raise EventError("http.response.body: the response body is already complete")
-        if "file" in event or "fh" in event:
-            sources = [k for k in ("body", "file", "fh") if event.get(k) is not None]
-            if len(sources) > 1:
-                raise EventError("http.response.body: %s are mutually exclusive"
-                                 % " and ".join(repr(s) for s in sources))
-            if sources and sources[0] != "body":
-                return self._send_file(event, sources[0])
-        body = event.get("body") or b""
-        if body.__class__ is not bytes:
-            body = bytes(body)
-        more = bool(event.get("more"))
-        size = len(body)
-        if self.length is not None and not self.no_body and self.sent + size > self.length:
-            raise EventError("http.response.body: 'body' would exceed the declared "
-                             "content-length (%d bytes, %d already sent)"
-                             % (self.length, self.sent))
-        self.sent += size
+    def _write_body(self, body, more, size, phase):
+        """HTTP/2's framing of one accepted body event (section 6 checked
+        it): HEADERS with the first, DATA frames, END_STREAM with the last."""
         conn = self.conn
         transport = conn.transport
         if self.no_body:
@@ -6255,38 +6245,8 @@ class _H2Response:
             self._response_end()
         return transport.suspend()
 
-    def _send_file(self, event, source):
-        offset = event.get("offset") or 0
-        length = event.get("length")
-        if source == "file":
-            file = open(event["file"], "rb")   # FileNotFoundError, PermissionError
-            owned = True
-        else:
-            file = event["fh"]
-            if getattr(file, "closed", False):
-                raise EventError("http.response.body: 'fh' is closed")
-            owned = False
-        try:
-            info = os.fstat(file.fileno())
-        except (AttributeError, OSError, ValueError):
-            position = file.tell()
-            size = file.seek(0, os.SEEK_END)
-            file.seek(position)
-        else:
-            if not stat.S_ISREG(info.st_mode):
-                if owned:
-                    file.close()
-                raise EventError("http.response.body: %r is not a regular file "
-                                 "(stream pipes and sockets with 'body' events)" % source)
-            size = info.st_size
-        available = max(0, size - offset)
-        count = available if length is None else min(length, available)
-        if self.length is not None and not self.no_body and self.sent + count > self.length:
-            if owned:
-                file.close()
-            raise EventError("http.response.body: the file would exceed the declared "
-                             "content-length (%d bytes)" % self.length)
-        self.sent += count
+    def _write_file(self, file, offset, count, owned):
+        """A file body in DATA frames, read as the windows allow."""
         conn = self.conn
         transport = conn.transport
         empty = self.no_body or count == 0
@@ -6313,17 +6273,10 @@ class _H2Response:
             self._response_end()
         return done
 
-    def _send_trailers(self, event):
-        if not self.trailers:
-            raise EventError("http.response.trailers: the start event did not "
-                             "announce trailers (trailers=1)")
-        if self.response_phase in _RESPONSE_DONE:
-            raise EventError("http.response.trailers: trailers were already sent")
-        if self.response_phase is not TRAILERS_DUE:
-            raise EventError("http.response.trailers: the body is not complete yet")
+    def _write_trailers(self, fields):
         transport = self.conn.transport
         # RFC 9113 §8.1: trailers are a HEADERS frame with END_STREAM.
-        fields = [(bytes(n), bytes(v)) for n, v in event.get("headers") or ()
+        fields = [(bytes(n), bytes(v)) for n, v in fields
                   if bytes(n) not in _H2_CONNECTION_FIELDS]
         transport.end(fields)
         self._response_end()

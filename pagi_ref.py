@@ -6848,7 +6848,8 @@ class ProtocolChoice:
     """A new connection before it is known to speak HTTP/1.1 or HTTP/2.
 
     On TLS, the handshake's ALPN result decides (RFC 7301, RFC 9113 §3.2);
-    on cleartext, the first bytes, read without taking them (MSG_PEEK):
+    on cleartext, the first bytes, read without taking them (MSG_PEEK;
+    only a first "P" or "PR" is taken, and handed to the chosen connection):
     the client preface is HTTP/2 with prior knowledge (RFC 9113 §3.3),
     anything else HTTP/1.1.  The chosen connection then reads the socket
     from the start.  Until then this holds the slot, under header_timeout.
@@ -6857,6 +6858,7 @@ class ProtocolChoice:
 
     closed = False          # decided (handed over) or closed
     closing = False
+    taken = b""             # "P" or "PR", read while the choice waits for a third byte
 
     def __init__(self, server, stream):
         self.server = server
@@ -6880,15 +6882,16 @@ class ProtocolChoice:
         stream = self.stream
         try:
             if not stream.scheme_secure:
-                first = stream.peek(len(H2_PREFACE))
-                if not first:
+                first = self.taken + stream.peek(len(H2_PREFACE))
+                if len(first) == len(self.taken):
                     self.close()          # the client left without a word
                     return
                 if H2_PREFACE.startswith(first) and len(first) < 3:
-                    # "P" or "PR": PUT, POST or the preface?  Look again soon
-                    # (a readable socket would wake us at once, forever).
-                    self.loop.remove_reader(self.fd)
-                    self.loop.call_later(0.01, self._look_again)
+                    # "P" or "PR": PUT, POST or the preface?  Take them, so
+                    # that the socket is readable again only when more
+                    # arrives (a peeked byte would wake us at once, forever);
+                    # the chosen connection gets them first.
+                    self.taken += stream.recv(len(first) - len(self.taken))
                     return
                 http2 = first[:3] == b"PRI"
             else:
@@ -6906,10 +6909,6 @@ class ProtocolChoice:
             return
         self._hand_over(H2Connection if http2 else HTTPConnection)
 
-    def _look_again(self):
-        if not self.closed:
-            self.loop.add_reader(self.fd, self._on_readable)
-
     def _hand_over(self, kind):
         self.closed = True
         self.loop.remove_reader(self.fd)
@@ -6918,6 +6917,8 @@ class ProtocolChoice:
         server.connection_opened(conn)      # the new owner takes the slot ...
         server.connection_closed(self)      # ... this one held until now
         conn.start()
+        if self.taken:
+            conn._received(self.taken)       # before any byte still in the socket
         if self.stream.scheme_secure and self.stream.sock.pending():
             self.loop.call_soon(conn._on_readable)   # decrypted bytes wait in ssl
 

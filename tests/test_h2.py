@@ -931,6 +931,55 @@ def curl(*args):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
 
 
+def _choice_took(srv, prefix):
+    """The connection is still being chosen and has taken ``prefix``."""
+    return any(getattr(c, "taken", None) == prefix for c in list(srv.server.connections))
+
+
+def test_a_first_P_alone_is_taken_and_given_to_http11():
+    """"P" could be POST, PUT or the preface: the choice takes it (a peeked
+    byte would keep the socket readable, a loop spinning on it) and waits
+    for the next bytes; HTTP/1.1 then reads the whole request."""
+    with serve(scope_app, **H2) as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.settimeout(10)
+        s.sendall(b"P")
+        assert wait_until(lambda: _choice_took(srv, b"P"))
+        s.sendall(b"OST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
+                  b"Connection: close\r\n\r\nok")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    info = json.loads(body)
+    assert info["method"] == "POST" and info["body"] == "ok" and info["http_version"] == "1.1"
+
+
+def test_a_first_PR_alone_is_taken_and_given_to_http2():
+    with serve(scope_app, **H2) as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.settimeout(10)
+        s.sendall(h2util.PREFACE[:2])
+        assert wait_until(lambda: _choice_took(srv, b"PR"))
+        encoder = pagi_ref.HPACKEncoder()
+        s.sendall(h2util.PREFACE[2:] + h2util.settings()
+                  + h2util.headers(1, h2util.request_fields(path="/pr"), encoder=encoder))
+        buffer = bytearray()
+        frames = []
+        while not any(f[0] == DATA and f[2] == 1 and f[1] & 0x1 for f in frames):
+            chunk = s.recv(65536)
+            assert chunk, frames
+            buffer += chunk
+            frames += h2util.parse_frames(buffer)
+    body = b"".join(f[3] for f in frames if f[0] == DATA and f[2] == 1)
+    info = json.loads(body)
+    assert info["http_version"] == "2" and info["path"] == "/pr"
+
+
 @needs_curl
 def test_curl_prior_knowledge():
     with serve(scope_app, **H2) as srv:

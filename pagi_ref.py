@@ -1212,6 +1212,9 @@ class HTTPError(Exception):
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TCHARS = bytes(c for c in range(256) if re.fullmatch(rb"[%s]" % _TCHAR, bytes([c])))
 _TOKEN = re.compile(rb"[%s]+" % _TCHAR)
+# A field name as it is sent in HTTP/2 (RFC 9113 §8.2.1) and as PAGI hands
+# headers over: a token in lower case.
+_LOWER_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 # RFC 9110 §5.5: field-value = *field-content, made of VCHAR, obs-text, SP
 # and HTAB.  CR, LF, NUL and the other controls are invalid (RFC 9110 §5.5
 # lets a recipient reject them, and we do).
@@ -2860,8 +2863,6 @@ _H2_CONNECTION_FIELDS = frozenset((b"connection", b"keep-alive", b"proxy-connect
                                    b"transfer-encoding", b"upgrade"))
 # RFC 9113 §8.3.1: the request pseudo-header fields.
 _H2_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
-# RFC 9110 §5.1 field names, lower-case only in HTTP/2 (§8.2.1).
-_H2_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 # RFC 9113 §8.2.1: a value MUST NOT contain NUL, LF or CR, nor start or end
 # with SP or HTAB.
 _H2_FIELD_VALUE_BAD = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
@@ -3619,7 +3620,7 @@ _H2_FRAME_HANDLERS = {
 
 def _h2_check_field(name, value):
     """RFC 9113 §8.2.1, §8.2.2: what makes a field malformed in HTTP/2."""
-    if _H2_FIELD_NAME.fullmatch(name) is None:
+    if _LOWER_TOKEN.fullmatch(name) is None:
         raise H2StreamError(0, H2_PROTOCOL_ERROR, "invalid field name %r" % name)
     if value and _H2_FIELD_VALUE_BAD.search(value):
         raise H2StreamError(0, H2_PROTOCOL_ERROR, "invalid value for %r" % name)
@@ -4091,7 +4092,84 @@ class _FileSlice:
         return self.file.read(size)
 
 
-class Transport:
+class _Watermarks:
+    """The spec's half of a ``pagi.transport`` (PAGI "Transport Flow
+    Control"): the two marks, the callbacks on their edges, and the Future
+    send() returns while the count is above the high one.  A subclass
+    counts the bytes (buffered_amount), holds ``_loop``, and calls _rose()
+    and _fell() when its count crosses a mark: Transport for a socket,
+    H2StreamTransport (section 6a) for an HTTP/2 stream."""
+
+    def __init__(self, loop, high, low):
+        self._loop = loop
+        self._high = high                 # bytes: the high-water mark
+        self._low = low                   # bytes: the low-water mark
+        self._above = False               # high edge seen, drain edge not yet
+        self._high_callbacks = []         # on_high_water registrations
+        self._drain_callbacks = []        # on_drain registrations
+        self._drain_waiters = []          # send() Futures waiting for the drain
+        self.high_water_events = 0        # times the high edge was crossed
+
+    # -- the spec's interface --------------------------------------------------
+
+    def high_water_mark(self):
+        return self._high
+
+    def low_water_mark(self):
+        return self._low
+
+    def on_high_water(self, callback):
+        self._high_callbacks.append(callback)
+        if self.buffered_amount() >= self._high:
+            self._call(callback)
+
+    def on_drain(self, callback):
+        self._drain_callbacks.append(callback)
+
+    def forget_callbacks(self):
+        """Between requests: callbacks are registered per request."""
+        self._high_callbacks = []
+        self._drain_callbacks = []
+
+    # -- the edges ----------------------------------------------------------------
+
+    def suspend(self):
+        """What send() returns: done, or pending until the drain edge."""
+        if not self._above or self.closed:
+            return _NO_WAIT
+        waiter = Future(self._loop)
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def _rose(self):
+        """The count reached the high mark."""
+        self._above = True
+        self.high_water_events += 1
+        for callback in list(self._high_callbacks):
+            self._call(callback)
+
+    def _fell(self):
+        """The count went below the low mark: callbacks, then suspended sends."""
+        self._above = False
+        for callback in list(self._drain_callbacks):
+            self._call(callback)
+        self._wake_waiters()
+
+    def _wake_waiters(self):
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _call(self, callback):
+        try:
+            callback()
+        except Exception:
+            self._loop.log.error("error in a pagi.transport callback %r\n%s",
+                                 callback, traceback.format_exc().rstrip())
+
+
+class Transport(_Watermarks):
     """``scope["pagi.transport"]``: the counted outgoing buffer of a socket.
 
     The spec's methods are buffered_amount, high_water_mark, low_water_mark,
@@ -4099,24 +4177,17 @@ class Transport:
     """
 
     def __init__(self, stream, loop, high, low, on_error, limit=0):
+        _Watermarks.__init__(self, loop, high, low)
         self._stream = stream             # the byte stream (SocketStream, TLSStream)
         self._fd = stream.fd
-        self._loop = loop
-        self._high = high                 # bytes: the high-water mark
-        self._low = low                   # bytes: the low-water mark
         self._limit = limit               # bytes: the hard limit (0: none)
         self._queue = collections.deque()  # bytes, memoryview or _FileSlice
         self._buffered = 0                # bytes in _queue
-        self._above = False               # high edge seen, drain edge not yet
-        self._high_callbacks = []         # on_high_water registrations
-        self._drain_callbacks = []        # on_drain registrations
-        self._drain_waiters = []          # send() Futures waiting for the drain
         self._flush_waiters = []          # callbacks for "buffer empty"
         self.on_error = on_error          # on_error(OSError) when a write fails
         self._sendfile = stream.sendfile  # None: file bodies go by reads
         self.closed = False               # nothing more will be written
         self.last_progress = loop.now     # when bytes last left the buffer
-        self.high_water_events = 0        # times the high edge was crossed
         self.bytes_queued = 0             # bytes ever given to write/write_file
         self.bytes_written = 0            # bytes ever taken by the kernel
 
@@ -4129,25 +4200,6 @@ class Transport:
 
     def buffered_amount(self):
         return self._buffered
-
-    def high_water_mark(self):
-        return self._high
-
-    def low_water_mark(self):
-        return self._low
-
-    def on_high_water(self, callback):
-        self._high_callbacks.append(callback)
-        if self._buffered >= self._high:
-            self._call(callback)
-
-    def on_drain(self, callback):
-        self._drain_callbacks.append(callback)
-
-    def forget_callbacks(self):
-        """Between requests: callbacks are registered per request."""
-        self._high_callbacks = []
-        self._drain_callbacks = []
 
     # -- writing ----------------------------------------------------------------
 
@@ -4197,14 +4249,6 @@ class Transport:
             self._on_writable()
         return item.future
 
-    def suspend(self):
-        """What send() returns: done, or pending until the drain edge."""
-        if not self._above or self.closed:
-            return _NO_WAIT
-        waiter = Future(self._loop)
-        self._drain_waiters.append(waiter)
-        return waiter
-
     def when_flushed(self, callback):
         """callback() once every queued byte has been written (now, if so)."""
         if not self._queue:
@@ -4215,31 +4259,12 @@ class Transport:
     def _grew(self, size):
         self._buffered += size
         if not self._above and self._buffered >= self._high:
-            self._above = True
-            self.high_water_events += 1
-            for callback in list(self._high_callbacks):
-                self._call(callback)
+            self._rose()
 
     def _shrank(self, size):
         self._buffered -= size
         if self._above and self._buffered < self._low:
-            self._above = False
-            for callback in list(self._drain_callbacks):
-                self._call(callback)
-            self._wake_waiters()
-
-    def _wake_waiters(self):
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _call(self, callback):
-        try:
-            callback()
-        except Exception:
-            self._loop.log.error("error in a pagi.transport callback %r\n%s",
-                                 callback, traceback.format_exc().rstrip())
+            self._fell()
 
     def _on_writable(self):
         queue = self._queue
@@ -4399,7 +4424,6 @@ HTTP_SEND_EVENTS = {
     "http.fullflush": {},
 }
 
-_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")   # a lower-case token
 _HEADER_VALUE_BAD = re.compile(rb"[\r\n\x00]")              # PAGI "header byte safety"
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 
@@ -4411,7 +4435,7 @@ def _kind_name(value):
 def _check_headers(etype, field, headers):
     try:
         for name, value in headers:
-            if _HEADER_NAME.fullmatch(name) is None or _HEADER_VALUE_BAD.search(value):
+            if _LOWER_TOKEN.fullmatch(name) is None or _HEADER_VALUE_BAD.search(value):
                 break
         else:
             return            # the common case: every pair is good
@@ -4436,7 +4460,7 @@ def _diagnose_headers(etype, field, headers):
         # RFC 9110 §5.1 (field names are tokens) and PAGI "Header byte
         # safety": CR, LF, NUL anywhere, or any control in a name, would let
         # the application split the response; we refuse, never rewrite.
-        if not _HEADER_NAME.fullmatch(name):
+        if not _LOWER_TOKEN.fullmatch(name):
             raise EventError("%s: %r[%d] name %r is not a lower-case token"
                              % (etype, field, i, bytes(name)))
         if _HEADER_VALUE_BAD.search(value):
@@ -6011,7 +6035,7 @@ class _H2End:
         return 0
 
 
-class H2StreamTransport:
+class H2StreamTransport(_Watermarks):
     """``scope["pagi.transport"]`` of one HTTP/2 stream.
 
     buffered_amount() is the stream's bytes that wait for the client's
@@ -6020,20 +6044,15 @@ class H2StreamTransport:
     or the socket.  The watermarks are the connection's (section 1)."""
 
     def __init__(self, conn, stream_id):
+        _Watermarks.__init__(self, conn.loop, conn.config.write_high_watermark,
+                             conn.config.write_low_watermark)
         self._conn = conn                 # the H2Connection
         self.stream_id = stream_id
-        self._high = conn.config.write_high_watermark
-        self._low = conn.config.write_low_watermark
         self._pending = collections.deque()   # bytes, memoryview, _FileSlice, _H2End
         self._pending_size = 0            # bytes in _pending
-        self._above = False               # high edge seen, drain edge not yet
-        self._high_callbacks = []
-        self._drain_callbacks = []
-        self._drain_waiters = []          # send() Futures waiting for the drain
         self._flush_waiters = []          # callbacks once _pending is empty
         self.closed = False               # reset or ended: nothing more is sent
         self.ended = False                # END_STREAM went out
-        self.high_water_events = 0
         self.bytes_queued = 0             # bytes ever given by the application
         self.bytes_written = 0            # bytes ever framed into the connection buffer
         self.last_progress = conn.loop.now
@@ -6047,24 +6066,6 @@ class H2StreamTransport:
     def buffered_amount(self):
         conn = self._conn
         return self._pending_size + conn.transport.buffered_amount() + conn.engine.data_queued
-
-    def high_water_mark(self):
-        return self._high
-
-    def low_water_mark(self):
-        return self._low
-
-    def on_high_water(self, callback):
-        self._high_callbacks.append(callback)
-        if self.buffered_amount() >= self._high:
-            self._call(callback)
-
-    def on_drain(self, callback):
-        self._drain_callbacks.append(callback)
-
-    def forget_callbacks(self):
-        self._high_callbacks = []
-        self._drain_callbacks = []
 
     # -- the stream's side ---------------------------------------------------------
 
@@ -6082,7 +6083,7 @@ class H2StreamTransport:
                 h2stream.abort("queue_overflow")
             return
         if not self._pending:
-            self.last_progress = self._conn.loop.now   # the wait for the window starts
+            self.last_progress = self._loop.now   # the wait for the window starts
         self._pending.append(data)
         self._pending_size += len(data)
         if end:
@@ -6091,13 +6092,13 @@ class H2StreamTransport:
 
     def write_file(self, file, offset, length, owned):
         item = _FileSlice(file, offset, length, owned)
-        item.future = Future(self._conn.loop)
+        item.future = Future(self._loop)
         if self.closed or length == 0:
             item.finish()
             return item.future
         self.bytes_queued += length
         if not self._pending:
-            self.last_progress = self._conn.loop.now
+            self.last_progress = self._loop.now
         self._pending.append(item)
         self._pending_size += length
         self._conn.pump(self)
@@ -6108,13 +6109,6 @@ class H2StreamTransport:
         if not self.closed:
             self._pending.append(_H2End(trailers))
             self._conn.pump(self)
-
-    def suspend(self):
-        if not self._above or self.closed:
-            return _NO_WAIT
-        waiter = Future(self._conn.loop)
-        self._drain_waiters.append(waiter)
-        return waiter
 
     def when_flushed(self, callback):
         """callback() once every byte of the stream has left the socket."""
@@ -6128,32 +6122,13 @@ class H2StreamTransport:
         flush waiters once the stream's queue is empty."""
         amount = self.buffered_amount()
         if not self._above and amount >= self._high:
-            self._above = True
-            self.high_water_events += 1
-            for callback in list(self._high_callbacks):
-                self._call(callback)
+            self._rose()
         elif self._above and amount < self._low:
-            self._above = False
-            for callback in list(self._drain_callbacks):
-                self._call(callback)
-            self._wake()
+            self._fell()
         if not self._pending and self._flush_waiters:
             waiters, self._flush_waiters = self._flush_waiters, []
             for callback in waiters:
                 self._conn.transport.when_flushed(callback)
-
-    def _wake(self):
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _call(self, callback):
-        try:
-            callback()
-        except Exception:
-            self._conn.log.error("error in a pagi.transport callback %r\n%s",
-                                 callback, traceback.format_exc().rstrip())
 
     def close(self):
         """The stream is over (reset, or the connection went): drop what is
@@ -6168,7 +6143,7 @@ class H2StreamTransport:
         self._pending_size = 0
         self._above = False
         self._flush_waiters = []
-        self._wake()
+        self._wake_waiters()
 
 
 class _H2Response:
